@@ -1,0 +1,301 @@
+"""The ``vaelab`` command line: train, eval, plot, sample, audit.
+
+Thin by design: each subcommand parses flags, calls the library and prints.
+Heavy modules (torch, matplotlib) are imported inside the handlers so that
+``vaelab --help`` stays fast. Bad input exits with status 2 and one line
+``vaelab: error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .errors import VaelabError
+
+__all__ = ["main", "build_parser"]
+
+_D = config_mod.RunConfig()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a VAE into a run directory",
+        description="Train a VAE. Precedence: defaults < --preset < --config FILE < named "
+        "flags < --set. The resolved config is saved as RUN_DIR/config.toml.",
+    )
+    p.add_argument("--preset", help="default | pytorch-example | keras-example | iwae-paper")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
+                   f"(default: {_D.data.dataset})")
+    p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
+    p.add_argument("--binarize", choices=("none", "dynamic", "static"),
+                   help=f"(default: {_D.data.binarize})")
+    p.add_argument("--likelihood", help=f"p(x|z) family (default: {_D.likelihood.name})")
+    p.add_argument("--scale", help="gaussian/laplace scale: a number, learned or per-pixel")
+    p.add_argument("--model", help=f"mlp | conv (default: {_D.model.kind})")
+    p.add_argument("--latent-dim", type=int, help=f"(default: {_D.model.latent_dim})")
+    p.add_argument("--objective", choices=("elbo", "iwae"), help=f"(default: {_D.objective.kind})")
+    p.add_argument("--samples", type=int,
+                   help=f"z samples per example: L for elbo, k for iwae "
+                   f"(default: {_D.objective.samples})")
+    p.add_argument("--beta", type=float, help=f"KL weight in the objective (default: "
+                   f"{_D.objective.beta}); reports always use beta = 1")
+    p.add_argument("--epochs", type=int, help=f"(default: {_D.train.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"(default: {_D.train.batch_size})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {_D.train.lr})")
+    p.add_argument("--seed", type=int, help=f"(default: {_D.train.seed})")
+    p.add_argument("--device", help=f"auto | cpu | cuda[:N] (default: {_D.train.device})")
+    p.add_argument("--iw-samples", type=int, help="importance samples for the final test NLL "
+                   f"(default: {_D.eval.iw_samples})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set model.hidden=400 (repeatable)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="RUN_DIR",
+                       help="new run directory (default: runs/<dataset>-<time>)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the final test evaluation, report and figures")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run the way papers do (NELBO, IW NLL, ...)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                   help="(default: test)")
+    p.add_argument("--iw-samples", type=int, default=_D.eval.iw_samples,
+                   help="importance samples per example; 5000 is the IWAE paper protocol "
+                   "(default: %(default)s)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=_D.eval.batch_size,
+                   help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=_D.eval.seed, help="(default: %(default)s)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
+    p.add_argument("--device", default="auto", help="(default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw the figures of a run (PNG)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="(default: RUN_DIR/figures)")
+    p.set_defaults(handler=_cmd_plot)
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="draw samples from a trained model into a PNG grid")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--mean", action="store_true",
+                   help="show the decoder mean instead of a sample of p(x|z)")
+    p.add_argument("--out", metavar="FILE", help="(default: RUN_DIR/figures/samples.png)")
+    p.set_defaults(handler=_cmd_sample)
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="explain what a hand-written VAE loss really optimises",
+        description="Relate a loss written as recon + KL to the per-example negative ELBO: "
+        "overall scale, effective beta, implied Gaussian sigma and the missing constant.",
+    )
+    p.add_argument("--recon", default="bce", choices=("bce", "mse", "sse"),
+                   help="(default: %(default)s)")
+    p.add_argument("--recon-reduction", default="mean", choices=("sum", "mean"),
+                   help="reduction over data dimensions (default: %(default)s)")
+    p.add_argument("--recon-multiplier", type=float, default=1.0,
+                   help="factor on the reconstruction term, e.g. 784 (default: %(default)s)")
+    p.add_argument("--kl-reduction", default="sum", choices=("sum", "mean"),
+                   help="reduction over latent dimensions (default: %(default)s)")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="factor on the KL, e.g. M_N = batch/N (default: %(default)s)")
+    p.add_argument("--batch-reduction", default="mean", choices=("mean", "sum"),
+                   help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum")
+    p.add_argument("--data-shape", default="784",
+                   help="comma-separated data shape, e.g. 28,28,1 (default: %(default)s)")
+    p.add_argument("--latent-dim", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--data", default=None, choices=("binary", "grey", "continuous"),
+                   help="what the data is (default: binary for bce, continuous for mse/sse)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=_cmd_audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vaelab",
+        description="Train, evaluate and visualise VAEs with numbers you can trust "
+        "(nats per example, exact likelihoods, importance-sampled log p(x)).",
+    )
+    parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log data resolution steps")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_eval, _add_plot, _add_sample, _add_audit):
+        add(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Named flags as a config layer (only those given)."""
+    mapping = {
+        ("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
+        ("data", "binarize"): args.binarize, ("likelihood", "name"): args.likelihood,
+        ("likelihood", "scale"): args.scale, ("model", "kind"): args.model,
+        ("model", "latent_dim"): args.latent_dim, ("objective", "kind"): args.objective,
+        ("objective", "samples"): args.samples, ("objective", "beta"): args.beta,
+        ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
+        ("train", "lr"): args.lr, ("train", "seed"): args.seed,
+        ("train", "device"): args.device, ("eval", "iw_samples"): args.iw_samples,
+    }
+    layer: dict[str, Any] = {}
+    for (section, key), value in mapping.items():
+        if value is not None:
+            layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import train
+
+    flags = _train_flags(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise VaelabError(f"nothing to resume in {run_dir}: no config.toml (check the path)")
+        if args.preset or args.config:
+            raise VaelabError("--resume takes its config from the run: drop --preset/--config")
+        cfg = config_mod.from_dict(
+            config_mod.merge(*[config_mod.load_toml(saved), flags],
+                             *[config_mod.parse_override(o) for o in args.set])
+        )
+        train.train(cfg, run_dir, resume=True, report=not args.no_report)
+        return 0
+    cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
+                             extra=flags)
+    if args.out:
+        run_dir = Path(args.out)
+    else:
+        import time
+
+        stem = Path(cfg.data.dataset).stem
+        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"run directory: {run_dir}")
+    train.train(cfg, run_dir, report=not args.no_report)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import evaluate, runs
+    from .train import load_split, select_device
+
+    device = select_device(args.device)
+    run = runs.open_run(args.run_dir, args.checkpoint, device)
+    cfg = run.config
+    data = dataclasses.replace(cfg.data, data_dir=args.data_dir or cfg.data.data_dir,
+                               train_limit=None, test_limit=None)
+    cfg = dataclasses.replace(cfg, data=data)
+    images = load_split(cfg, args.split)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise VaelabError(f"--limit must be positive, got {args.limit}")
+        images = images.subset(__import__("torch").arange(min(args.limit, len(images))))
+    if args.iw_samples <= 0 or args.batch_size <= 0:
+        raise VaelabError("--iw-samples and --batch-size must be positive")
+    result = evaluate.evaluate(run.model, images.to(device), cfg, checkpoint_name=args.checkpoint,
+                               iw_samples=args.iw_samples, batch_size=args.batch_size,
+                               seed=args.seed)
+    print(evaluate.format_table(result))
+    if args.json:
+        from ._io import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from . import plots
+
+    written = plots.plot_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from . import plots
+
+    if args.n <= 0:
+        raise VaelabError(f"--n must be positive, got {args.n}")
+    path = plots.sample_figure(args.run_dir, n=args.n, seed=args.seed,
+                               checkpoint=args.checkpoint, mean=args.mean, out=args.out)
+    print(path)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    try:
+        shape = tuple(int(v) for v in args.data_shape.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise VaelabError(
+            f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
+        ) from None
+    kwargs: dict[str, Any] = dict(
+        recon=args.recon, recon_reduction=args.recon_reduction,
+        recon_multiplier=args.recon_multiplier, kl_reduction=args.kl_reduction,
+        kl_weight=args.kl_weight, batch_reduction=args.batch_reduction,
+        data_shape=shape, latent_dim=args.latent_dim,
+    )
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    if args.data is not None:
+        kwargs["data"] = args.data
+    result = audit.explain(**kwargs)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vaelab`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except VaelabError as exc:
+        print(f"vaelab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"vaelab: error: {exc.strerror or exc} ({exc.filename or 'no file'}): check "
+              "free space and permissions; saved checkpoints are untouched", file=sys.stderr)
+        return 1

@@ -1,0 +1,415 @@
+"""Run configuration: one frozen dataclass per component, TOML in and out, presets.
+
+A run is described by a :class:`RunConfig`. It is built from defaults, then a
+preset, then a TOML file, then ``--set section.key=value`` overrides, each
+layer validated: an unknown section or key is a :class:`~vaelab.errors.ConfigError`
+that lists the valid ones. The resolved config is saved with every run and
+checkpoint (``config.toml``), so a run can always be rebuilt.
+
+Example::
+
+    cfg = resolve(preset="pytorch-example", overrides=["train.epochs=3"])
+    cfg.model.latent_dim  # 20
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "DataConfig",
+    "LikelihoodConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "PRESETS",
+    "resolve",
+    "from_dict",
+    "to_dict",
+    "to_toml",
+    "load_toml",
+    "parse_override",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and how they are turned into model inputs."""
+
+    dataset: str = "fashion-mnist"
+    """A registered name (mnist, fashion-mnist, kmnist, binarized-mnist), a .npz/.npy file or a PNG folder."""
+    data_dir: str | None = None
+    binarize: str = "dynamic"
+    """none | dynamic (fresh Bernoulli draw per example per epoch) | static (one fixed draw)."""
+    validation_size: int = 5000
+    train_limit: int | None = None
+    """Use only the first N training examples (quick runs and tests); None = all."""
+    test_limit: int | None = None
+    """Evaluate on only the first N test examples; None = all."""
+
+
+@dataclass(frozen=True)
+class LikelihoodConfig:
+    """The decoder's output distribution p(x|z); see :mod:`vaelab.likelihoods`."""
+
+    name: str = "bernoulli"
+    scale: float | str | None = None
+    """gaussian/laplace: a positive number (fixed sigma), "learned" or "per-pixel"."""
+    unnormalized: bool = False
+    """bernoulli only: accept grey levels (BCE on grey levels, not a likelihood)."""
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.scale is not None:
+            opts["scale"] = self.scale
+        if self.unnormalized:
+            opts["unnormalized"] = True
+        return opts
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder/decoder architecture; see :mod:`vaelab.models`."""
+
+    kind: str = "mlp"
+    latent_dim: int = 16
+    hidden: tuple[int, ...] = (512, 256)
+    """MLP hidden sizes of the encoder (the decoder mirrors them)."""
+    activation: str = "relu"
+    channels: tuple[int, ...] = (32, 64)
+    """Conv channels of the encoder (the decoder mirrors them)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training objective. The *reported* ELBO always has beta = 1."""
+
+    kind: str = "elbo"
+    """elbo (with beta, warm-up, free bits, `samples` Monte-Carlo samples) | iwae (k = `samples`)."""
+    samples: int = 1
+    beta: float = 1.0
+    warmup_steps: int = 0
+    """Linear KL warm-up from 0 to beta over this many optimizer steps."""
+    free_bits: float = 0.0
+    """Nats per latent dimension below which the KL is not penalised (Kingma et al. 2016)."""
+    kl: str = "auto"
+    """auto | analytic | mc."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    """constant | iwae (Burda et al.: 3^i epochs at lr * 10^(-i/7)) | cosine."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None = no clipping."""
+    patience: int | None = None
+    """Early stopping: stop after this many epochs without a better validation ELBO."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N."""
+    threads: int | None = None
+    """torch CPU threads; None = torch's default."""
+    eval_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The final report written by `vaelab train` (and defaults of `vaelab eval`)."""
+
+    iw_samples: int = 1000
+    """Importance samples for the log-likelihood estimate (5000 = the IWAE paper protocol)."""
+    batch_size: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str | None = None
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "likelihood": LikelihoodConfig,
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default run: Fashion-MNIST, Bernoulli likelihood on dynamically binarised images.
+    "default": {},
+    # The PyTorch examples repository's VAE (examples/vae/main.py): 784-400-20 ReLU MLP,
+    # Adam 1e-3, batch 128, BCE summed over pixels on grey levels (not a likelihood).
+    "pytorch-example": {
+        "data": {"binarize": "none"},
+        "likelihood": {"name": "bernoulli", "unnormalized": True},
+        "model": {"kind": "mlp", "latent_dim": 20, "hidden": [400], "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 10},
+    },
+    # The Keras VAE example (keras.io variational_autoencoder, MLP version): 784-512-2 ReLU,
+    # 784 * mean-BCE + summed KL (= the negative ELBO), Adam, batch 128, grey levels.
+    "keras-example": {
+        "data": {"binarize": "none"},
+        "likelihood": {"name": "bernoulli", "unnormalized": True},
+        "model": {"kind": "mlp", "latent_dim": 2, "hidden": [512], "activation": "relu"},
+        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 50},
+    },
+    # Burda, Grosse & Salakhutdinov 2016 (IWAE): 784-200-200-50 tanh, dynamic binarisation,
+    # batch 20, Adam(1e-3, eps 1e-4) with 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7
+    # (3280 epochs). `objective.kind` elbo (VAE) or iwae with k = objective.samples.
+    "iwae-paper": {
+        "data": {"binarize": "dynamic"},
+        "likelihood": {"name": "bernoulli"},
+        "model": {"kind": "mlp", "latent_dim": 50, "hidden": [200, 200], "activation": "tanh"},
+        "objective": {"kind": "iwae", "samples": 5},
+        "train": {"batch_size": 20, "lr": 1e-3, "lr_schedule": "iwae", "epochs": 3280},
+        "eval": {"iw_samples": 5000},
+    },
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """Convert a TOML/CLI value to the field's declared type, or raise ConfigError."""
+    where = f"{section}.{key}"
+    optional = "None" in annotation
+    textual = annotation.startswith(("str", "float | str"))
+    if value is None or (
+        not textual and isinstance(value, str) and value.lower() in ("none", "null", "")
+    ):
+        if optional:
+            return None
+        raise ConfigError(f"{where} cannot be empty: give a value of type {annotation}")
+    try:
+        if annotation.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(int(v) for v in value)
+        if annotation == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation.startswith("float | str"):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return str(value)
+        if annotation.startswith("float"):
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        if annotation.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where} = {value!r} is not a valid {annotation}: give e.g. "
+            f"{section}.{key}={_example(annotation)}"
+        ) from None
+    return value
+
+
+def _example(annotation: str) -> str:
+    if annotation.startswith("tuple"):
+        return "512,256"
+    return {"bool": "true", "int": "10", "float": "0.5"}.get(annotation.split(" ")[0], "name")
+
+
+def _check_keys(section: str, given: dict[str, Any], cls: type) -> None:
+    valid = [f.name for f in fields(cls)]
+    for key in given:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key {section}.{key}: valid keys in [{section}] are "
+                + ", ".join(valid)
+            )
+
+
+def from_dict(raw: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Overlay a nested dict (TOML layout) on ``base`` and validate the result."""
+    base = base or RunConfig()
+    updates: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section == "preset":
+            updates["preset"] = values
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section [{section}]: valid sections are "
+                + ", ".join(SECTIONS)
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value pairs")
+        cls = SECTIONS[section]
+        _check_keys(section, values, cls)
+        annotations = {f.name: str(f.type) for f in fields(cls)}
+        coerced = {k: _coerce(section, k, v, annotations[k]) for k, v in values.items()}
+        updates[section] = dataclasses.replace(getattr(base, section), **coerced)
+    cfg = dataclasses.replace(base, **updates)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists, None values dropped) for TOML/JSON."""
+    out: dict[str, Any] = {}
+    if cfg.preset is not None:
+        out["preset"] = cfg.preset
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        out[section] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None
+        }
+    return out
+
+
+def to_toml(cfg: RunConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the path given to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix the syntax") from None
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"model.latent_dim=32"`` -> ``{"model": {"latent_dim": "32"}}`` (coerced later)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(
+            f"override {text!r} is not of the form section.key=value: e.g. model.latent_dim=32"
+        )
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return {section: {name: value.strip()}}
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out[key] = value
+    return out
+
+
+def resolve(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Defaults, then ``preset``, then the TOML ``file``, then ``extra`` (named CLI flags),
+    then ``section.key=value`` ``overrides``. Later layers win."""
+    file_layer = load_toml(file) if file is not None else {}
+    preset = preset or file_layer.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    layers = [PRESETS[preset] if preset else {}, file_layer, extra or {}]
+    layers += [parse_override(o) for o in overrides]
+    raw = merge(*layers)
+    raw["preset"] = preset
+    return from_dict(raw)
+
+
+_CHOICES = {
+    ("data", "binarize"): ("none", "dynamic", "static"),
+    ("objective", "kind"): ("elbo", "iwae"),
+    ("objective", "kl"): ("auto", "analytic", "mc"),
+    ("train", "lr_schedule"): ("constant", "iwae", "cosine"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError for impossible values (names are checked by their registries)."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}")
+    positive = {
+        "model.latent_dim": cfg.model.latent_dim,
+        "objective.samples": cfg.objective.samples,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "eval.iw_samples": cfg.eval.iw_samples,
+        "eval.batch_size": cfg.eval.batch_size,
+        "train.lr": cfg.train.lr,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}: give a value > 0")
+    for name, value in {
+        "objective.beta": cfg.objective.beta,
+        "objective.free_bits": cfg.objective.free_bits,
+        "objective.warmup_steps": cfg.objective.warmup_steps,
+        "data.validation_size": cfg.data.validation_size,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    for name, value in {
+        "model.hidden": cfg.model.hidden,
+        "model.channels": cfg.model.channels,
+    }.items():
+        if any(v <= 0 for v in value):
+            raise ConfigError(f"{name} sizes must be positive, got {list(value)}")
+    for name, value in {
+        "data.train_limit": cfg.data.train_limit,
+        "data.test_limit": cfg.data.test_limit,
+        "train.patience": cfg.train.patience,
+        "train.grad_clip": cfg.train.grad_clip,
+        "train.threads": cfg.train.threads,
+    }.items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} must be positive (or unset), got {value}")
+    if cfg.objective.kind == "iwae" and (cfg.objective.beta != 1.0 or cfg.objective.free_bits):
+        raise ConfigError(
+            "objective.kind = iwae does not use beta or free bits: leave them at 1 and 0"
+        )
