@@ -57,7 +57,7 @@ __all__ = [
 log = logging.getLogger("vaelab.train")
 
 # Purposes of the seeded generators (kept apart so changing one use never shifts another).
-_PERMUTATION, _BINARIZE, _NOISE, _EVAL = 1, 2, 3, 4
+_PERMUTATION, _BINARIZE, _NOISE, _SAMPLES = 1, 2, 3, 4
 
 # Config keys that may change when resuming a run (everything else must match).
 RESUMABLE_KEYS = {
@@ -368,6 +368,9 @@ def train(
         data_meta = {"train": train_set.metadata,
                      "validation": val_set.metadata if val_set is not None else None}
 
+        # A fixed z, so that the per-epoch sample grids are comparable across epochs.
+        z_fixed = torch.randn(64, cfg.model.latent_dim,
+                              generator=seeded_generator(seed, 0, _SAMPLES)).to(device)
         global_batch = cfg.train.batch_size
         n_train = len(train_set)
         steps_per_epoch = math.ceil(n_train / global_batch)
@@ -475,6 +478,8 @@ def train(
                     checkpoint.save_checkpoint(run_dir / "checkpoints" / "best", model=model,
                                                meta=meta)
                 _write_metrics(run_dir, state["history"])
+                _epoch_samples(model, z_fixed, run_dir / "figures" / "samples"
+                               / f"epoch-{epoch + 1:03d}.png")
             echo(_epoch_line(record, cfg.train.epochs))
             if state["stopped_early"]:
                 echo(f"early stopping: no better validation ELBO for {patience} epochs")
@@ -524,6 +529,15 @@ def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
     text = "".join(json.dumps(r) + "\n" for r in history)
     atomic_write_text(run_dir / "metrics.jsonl", text)
+
+
+def _epoch_samples(model: nn.Module, z: torch.Tensor, path: Path) -> None:
+    from . import plots
+
+    was_training = model.training
+    model.eval()
+    plots.epoch_samples(model, z, path)
+    model.train(was_training)
 
 
 def _make_figures(run_dir: Path, echo: Callable[[str], None]) -> None:
