@@ -306,8 +306,8 @@ def train(
     echo = echo or (print if ctx.is_main else (lambda _line: None))
     seed = cfg.train.seed
 
-    lock = run_lock(run_dir) if ctx.is_main else contextlib.nullcontext()
-    with lock:
+    with contextlib.ExitStack() as stack:
+        # --- checks that write nothing: a bad option or dataset leaves no run directory
         if resume:
             last = run_dir / "checkpoints" / "last"
             if not last.with_suffix(".json").is_file():
@@ -348,6 +348,12 @@ def train(
             model.parameters(), lr=cfg.train.lr,
             eps=1e-4 if cfg.train.lr_schedule == "iwae" else 1e-8,
         )
+
+        # --- from here on we write: lock the run directory (rank 0 writes, others read)
+        if ctx.is_main:
+            stack.enter_context(run_lock(run_dir))
+            if not resume and (run_dir / "checkpoints" / "last.json").exists():
+                raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume")
 
         # --- state: fresh, or restored from the last checkpoint
         state: dict[str, Any] = {
@@ -437,7 +443,7 @@ def train(
                 "lr": lr,
                 "train_objective": float(sums[1]) / n,
                 "train_nelbo": float(sums[2]) / n if terms is not None else None,
-                "train_recon": -float(sums[3]) / n if terms is not None else None,
+                "train_recon": -float(sums[3]) / n if terms is not None else None,  # -E log p
                 "train_kl": float(sums[4]) / n if terms is not None else None,
             }
 
@@ -518,7 +524,7 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     else:
         parts.append(f"train objective {record['train_objective']:.2f}")
     if "val_nelbo" in record:
-        parts.append(f"val nelbo {record['val_nelbo']:.2f} (recon {-record['val_recon']:.2f} "
+        parts.append(f"val nelbo {record['val_nelbo']:.2f} (recon {record['val_recon']:.2f} "
                      f"+ kl {record['val_kl']:.2f})")
     parts.append(f"{record['seconds']:.1f} s ({record['examples_per_second']:.0f} ex/s)")
     return " | ".join(parts)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny real-data configs and a session-wide trained run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Two cores: keep torch from oversubscribing them when pytest runs subprocesses too.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_overrides(**extra: object) -> list[str]:
+    """Overrides for a seconds-long real-data run (Fashion-MNIST subset)."""
+    base = {
+        "data.train_limit": 512,
+        "data.validation_size": 256,
+        "data.test_limit": 200,
+        "train.epochs": 2,
+        "train.batch_size": 64,
+        "train.eval_batch_size": 256,
+        "eval.iw_samples": 20,
+        "eval.batch_size": 100,
+        "model.hidden": "64",
+        "model.latent_dim": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def fashion_available() -> bool:
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return True
