@@ -116,8 +116,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recon", default="bce", choices=("bce", "mse", "sse"),
                    help="(default: %(default)s)")
-    p.add_argument("--recon-reduction", default="mean", choices=("sum", "mean"),
-                   help="reduction over data dimensions (default: %(default)s)")
+    p.add_argument("--recon-reduction", default=None, choices=("sum", "mean"),
+                   help="reduction over data dimensions (default: mean; sum for sse)")
     p.add_argument("--recon-multiplier", type=float, default=1.0,
                    help="factor on the reconstruction term, e.g. 784 (default: %(default)s)")
     p.add_argument("--kl-reduction", default="sum", choices=("sum", "mean"),

@@ -1,0 +1,443 @@
+r"""Variational objectives: ELBO terms, beta / warm-up / free bits, the IWAE bound and
+the importance-sampled log-likelihood with its standard error.
+
+All per-example quantities are ``(B,)`` tensors in nats; ``elbo`` and
+``log_likelihood`` are log-scale (usually negative). The batch is reduced once, in
+:func:`training_loss`. beta, warm-up and free bits change the training objective
+only: :class:`ELBOTerms` always holds the beta = 1 ELBO.
+
+The functions take any ``model`` with this duck-typed interface:
+
+- ``model.encode(x)`` -> ``q(z|x)``: ideally ``Independent(Normal(loc (B, L), scale (B, L)), 1)``;
+  any distribution with ``rsample`` and ``log_prob`` (returning ``(..., B)``) works.
+- ``model.decode(z)`` for ``z`` of shape ``(N, L)`` -> an object whose ``log_prob(x)`` takes
+  ``x`` of shape ``(N, *event_shape)`` and returns ``(N,)``.
+- ``model.prior(device)`` -> ``p(z)``, usually ``Independent(Normal(0, 1), 1)`` over ``L`` dims.
+
+Random draws (one rule for every function here). Importance sample ``s`` (``s = 0, 1, ...``)
+uses the ``s``-th call ``torch.randn((B, L), generator=generator)`` and
+``z_s = loc + scale * eps_s`` (the reparameterisation trick, Kingma & Welling 2014). So the
+same generator state gives the same ``z_s`` in :func:`elbo_terms`, :func:`iwae_bound` and
+:func:`log_likelihood`, whatever the chunk size. When ``q`` is not a diagonal Gaussian,
+each call (each chunk in :func:`log_likelihood`) draws a seed from ``generator`` and runs
+``q.rsample`` under it in a forked RNG: reproducible, but the draws then depend on the
+chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from .errors import ConfigError, DataError
+
+__all__ = [
+    "DECODED_PER_CHUNK",
+    "ELBOTerms",
+    "LogLikelihood",
+    "bits_per_dim",
+    "elbo_terms",
+    "iwae_bound",
+    "kl_weight",
+    "log_likelihood",
+    "mean_and_stderr",
+    "training_loss",
+]
+
+KL_MODES = ("auto", "analytic", "mc")
+
+#: Default bound on ``chunk_size * B`` (decoded examples per chunk) in :func:`log_likelihood`.
+DECODED_PER_CHUNK = 2**14
+
+
+@dataclass(frozen=True)
+class ELBOTerms:
+    r"""Per-example ELBO terms, in nats, with beta = 1.
+
+    Attributes:
+        recon: ``(B,)`` Monte-Carlo estimate of :math:`E_q \log p(x|z)`, averaged over samples.
+        kl: ``(B,)`` :math:`KL(q(z|x) \| p(z))`, analytic or Monte-Carlo.
+        kl_per_dim: ``(B, L)`` per-latent-dimension KL (sums to ``kl``), or ``None`` when
+            ``q`` or ``p`` does not factorise over latent dimensions.
+        elbo: ``(B,)`` ``recon - kl``.
+    """
+
+    recon: torch.Tensor
+    kl: torch.Tensor
+    kl_per_dim: torch.Tensor | None
+    elbo: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    r"""Importance-sampled :math:`\log p(x)` per example, and split-level summaries.
+
+    Attributes:
+        per_example: ``(B,)`` float64 estimates of :math:`\log p(x)` in nats.
+        mean: sum of ``per_example`` / B.
+        stderr: standard error of ``mean`` over examples, ``std(per_example, ddof=1) / sqrt(B)``.
+            It measures how the mean would vary with another sample of examples and does
+            **not** include the Monte-Carlo error of each estimate (see ``mc_stderr``).
+        mc_stderr: ``(B,)`` delta-method estimate of the Monte-Carlo standard error of each
+            ``per_example`` value, :math:`\sqrt{(S \sum w^2 / (\sum w)^2 - 1)/(S - 1)}`
+            (NaN for S = 1). It is unreliable when the weights are heavy-tailed.
+        num_samples: S, the number of importance samples per example.
+    """
+
+    per_example: torch.Tensor
+    mean: float
+    stderr: float
+    mc_stderr: torch.Tensor
+    num_samples: int
+
+    @property
+    def mc_stderr_of_mean(self) -> float:
+        """Monte-Carlo standard error of ``mean`` (estimates are independent across examples)."""
+        return float(self.mc_stderr.pow(2).sum().sqrt() / self.mc_stderr.numel())
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _is_diagonal_normal(dist: Distribution) -> bool:
+    """True for ``Independent(Normal(...), 1)``: a Gaussian factorised over the last dim."""
+    return (
+        isinstance(dist, Independent)
+        and isinstance(dist.base_dist, Normal)
+        and dist.reinterpreted_batch_ndims == 1
+    )
+
+
+def _factorises(dist: Distribution) -> bool:
+    """True when ``dist.base_dist.log_prob`` gives per-latent-dimension terms."""
+    return isinstance(dist, Independent) and dist.reinterpreted_batch_ndims == 1
+
+
+def _standard_normal(num: int, shape: torch.Size, like: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """``(num, *shape)`` noise; block ``s`` is the ``s``-th ``randn(shape)`` call."""
+    device = generator.device if generator is not None else like.device
+    blocks = [
+        torch.randn(shape, generator=generator, dtype=like.dtype, device=device)
+        for _ in range(num)
+    ]
+    return torch.stack(blocks).to(like.device)
+
+
+def _sample(q: Distribution, num: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Reparameterised ``(num, B, L)`` draws from ``q`` (see the module docstring)."""
+    if _is_diagonal_normal(q):
+        loc, scale = q.base_dist.loc, q.base_dist.scale
+        eps = _standard_normal(num, loc.shape, loc, generator)
+        return loc + scale * eps
+    if generator is None:
+        return q.rsample((num,))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    devices = [generator.device] if generator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return q.rsample((num,))
+
+
+def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log p(x|z_s)` for ``z`` of shape ``(S, B, L)`` -> ``(S, B)``.
+
+    ``x`` is expanded to ``(S, B, *event)`` without a copy; the reshape to ``(S*B, *event)``
+    copies only when ``S > 1`` (the decoder's ``log_prob`` needs a flat batch).
+    """
+    num, batch = z.shape[:2]
+    x_rep = x.unsqueeze(0).expand(num, *x.shape).reshape(num * batch, *x.shape[1:])
+    return model.decode(z.reshape(num * batch, z.shape[-1])).log_prob(x_rep).reshape(num, batch)
+
+
+def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
+                 z: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log p(x|z) + \log p(z) - \log q(z|x)` for ``z`` ``(S, B, L)`` -> ``(S, B)``."""
+    return _decoder_log_prob(model, x, z) + prior.log_prob(z) - q.log_prob(z)
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------- ELBO
+
+
+def _analytic_kl(q: Distribution, prior: Distribution) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Closed-form KL ``(B,)`` and, for diagonal Gaussians, its ``(B, L)`` split."""
+    if _is_diagonal_normal(q) and _is_diagonal_normal(prior):
+        per_dim = kl_divergence(q.base_dist, prior.base_dist)
+        per_dim = per_dim.expand(q.base_dist.loc.shape)
+        return per_dim.sum(-1), per_dim
+    try:
+        return kl_divergence(q, prior), None
+    except NotImplementedError:
+        raise ConfigError(
+            f"no analytic KL between {type(q).__name__} and {type(prior).__name__}: "
+            "use kl='mc' or kl='auto'"
+        ) from None
+
+
+def _mc_kl(q: Distribution, prior: Distribution,
+           z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Monte-Carlo KL ``(B,)`` from the draws ``z`` ``(S, B, L)``; per dim when both factorise."""
+    if _factorises(q) and _factorises(prior):
+        per_dim = (q.base_dist.log_prob(z) - prior.base_dist.log_prob(z)).mean(0)
+        return per_dim.sum(-1), per_dim
+    return (q.log_prob(z) - prior.log_prob(z)).mean(0), None
+
+
+def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
+               generator: torch.Generator | None = None) -> ELBOTerms:
+    r"""ELBO terms per example (Kingma & Welling 2014), beta = 1, in nats.
+
+    .. math::
+        \mathrm{ELBO}(x) = E_{q(z|x)}[\log p(x|z)] - KL(q(z|x) \| p(z))
+
+    The expectation is a mean over ``num_samples`` reparameterised draws
+    ``z`` of shape ``(S, B, L)``, decoded as one batch of ``S*B``.
+
+    Args:
+        model: see the module docstring.
+        x: ``(B, *event_shape)`` data.
+        num_samples: S >= 1 draws of ``z`` per example.
+        kl: ``"analytic"`` (closed form; raises when torch has none for ``q, p``), ``"mc"``
+            (``log q(z|x) - log p(z)`` at the same draws, averaged), or ``"auto"``
+            (analytic when ``q`` and ``p`` are both diagonal Gaussians, else Monte Carlo).
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        :class:`ELBOTerms` with ``(B,)`` tensors (``kl_per_dim`` ``(B, L)`` or ``None``).
+
+    Raises:
+        ConfigError: ``num_samples < 1``, an unknown ``kl`` mode, or no analytic KL.
+    """
+    _check_count("num_samples", num_samples)
+    if kl not in KL_MODES:
+        raise ConfigError(f"unknown kl mode {kl!r}: choose one of {', '.join(KL_MODES)}")
+    q = model.encode(x)
+    prior = model.prior(x.device)
+    z = _sample(q, num_samples, generator)
+    recon = _decoder_log_prob(model, x, z).mean(0)
+    analytic = kl == "analytic" or (
+        kl == "auto" and _is_diagonal_normal(q) and _is_diagonal_normal(prior)
+    )
+    kl_value, kl_per_dim = _analytic_kl(q, prior) if analytic else _mc_kl(q, prior, z)
+    return ELBOTerms(recon=recon, kl=kl_value, kl_per_dim=kl_per_dim, elbo=recon - kl_value)
+
+
+# --------------------------------------------------------------------------- training loss
+
+
+def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
+    r"""KL weight at optimizer step ``step``: linear warm-up from 0 to ``beta``.
+
+    ``beta * min(1, step / warmup_steps)``; ``beta`` at every step when ``warmup_steps == 0``
+    (Bowman et al. 2016; Sønderby et al. 2016).
+
+    Raises:
+        ConfigError: negative ``step``, ``beta`` or ``warmup_steps``.
+    """
+    if step < 0:
+        raise ConfigError(f"step must be >= 0, got {step!r}")
+    if beta < 0:
+        raise ConfigError(f"beta must be >= 0, got {beta!r}")
+    if warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0 (0 turns warm-up off), got {warmup_steps!r}")
+    if warmup_steps == 0:
+        return float(beta)
+    return float(beta) * min(1.0, step / warmup_steps)
+
+
+def training_loss(terms: ELBOTerms, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
+    r"""Scalar training loss: the batch mean of the negative beta-weighted ELBO.
+
+    Without free bits: :math:`\frac1B \sum_b -(\mathrm{recon}_b - \beta\,\mathrm{KL}_b)`.
+
+    With free bits :math:`\lambda > 0` (Kingma et al. 2016, "Improved variational
+    inference with inverse autoregressive flow", one group per latent dimension), the KL
+    term is :math:`\sum_j \max(\lambda, \frac1B \sum_b \mathrm{KL}_{bj})`, so the loss is
+    :math:`-\frac1B \sum_b \mathrm{recon}_b + \beta \sum_j \max(\lambda, \overline{\mathrm{KL}}_j)`.
+    Dimensions whose batch-mean KL is below :math:`\lambda` nats get no KL gradient.
+
+    The batch is reduced exactly once, here. Report ``terms.elbo``, not this value.
+
+    Raises:
+        ConfigError: ``beta < 0``, ``free_bits < 0``, or free bits without ``kl_per_dim``.
+    """
+    if beta < 0:
+        raise ConfigError(f"beta must be >= 0, got {beta!r}")
+    if free_bits < 0:
+        raise ConfigError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits!r}")
+    if free_bits == 0:
+        return -(terms.recon - beta * terms.kl).mean()
+    if terms.kl_per_dim is None:
+        raise ConfigError(
+            "free bits need a per-dimension KL, but q(z|x) or p(z) does not factorise: "
+            "set free_bits=0"
+        )
+    kl_term = terms.kl_per_dim.mean(0).clamp(min=free_bits).sum()
+    return -terms.recon.mean() + beta * kl_term
+
+
+# --------------------------------------------------------------------------- IWAE and log p(x)
+
+
+def iwae_bound(model, x: torch.Tensor, k: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The importance-weighted bound (Burda et al. 2016) per example, in nats.
+
+    .. math::
+        \mathcal{L}_k(x) = \log \frac1k \sum_{s=1}^k \frac{p(x, z_s)}{q(z_s|x)},
+        \quad z_s \sim q(z|x)
+
+    The returned value *is* the bound (log it), and it is differentiable through the
+    reparameterised draws: its gradient is the IWAE gradient. ``k = 1`` is the ELBO
+    with a Monte-Carlo KL; :math:`\mathcal{L}_k` is non-decreasing in ``k`` in expectation
+    and at most :math:`\log p(x)`.
+
+    Args:
+        model: see the module docstring.
+        x: ``(B, *event_shape)``.
+        k: number of importance samples, >= 1.
+        generator: optional ``torch.Generator``.
+
+    Returns:
+        ``(B,)`` tensor.
+
+    Raises:
+        ConfigError: ``k < 1``.
+    """
+    _check_count("k", k)
+    q = model.encode(x)
+    prior = model.prior(x.device)
+    log_w = _log_weights(model, x, q, prior, _sample(q, k, generator))
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+def _default_chunk(batch: int, num_samples: int) -> int:
+    return max(1, min(num_samples, DECODED_PER_CHUNK // max(batch, 1)))
+
+
+def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
+                   chunk_size: int | None = None,
+                   generator: torch.Generator | None = None) -> LogLikelihood:
+    r"""Importance-sampled :math:`\log p(x)` with ``q(z|x)`` as proposal (Burda et al. 2016).
+
+    .. math::
+        \log \hat p(x) = \operatorname{logsumexp}_{s=1}^{S}
+            \big[\log p(x|z_s) + \log p(z_s) - \log q(z_s|x)\big] - \log S
+
+    This is :math:`\mathcal{L}_S` of :func:`iwae_bound`: a consistent estimate of
+    :math:`\log p(x)` that is biased low for finite S (Jensen). Runs under ``no_grad``.
+    The S samples are drawn in chunks of ``chunk_size`` (the last one may be smaller) and
+    combined with a running float64 logsumexp, so memory does not grow with S. The draws
+    do not depend on ``chunk_size`` (see the module docstring), so neither does the result.
+    They do depend on the batch: example ``i`` evaluated alone gets different draws than
+    inside a batch (the estimates agree within their Monte-Carlo errors).
+
+    Args:
+        model: see the module docstring.
+        x: ``(B, *event_shape)``.
+        num_samples: S >= 1 importance samples per example, used exactly.
+        chunk_size: samples per chunk; default ``max(1, DECODED_PER_CHUNK // B)``, so a
+            chunk decodes at most ``DECODED_PER_CHUNK`` (2**14) examples.
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        :class:`LogLikelihood`; ``stderr`` is over examples and excludes Monte-Carlo error,
+        which is reported separately per example in ``mc_stderr``.
+
+    Raises:
+        ConfigError: ``num_samples < 1`` or ``chunk_size < 1``.
+    """
+    _check_count("num_samples", num_samples)
+    if chunk_size is None:
+        chunk_size = _default_chunk(x.shape[0], num_samples)
+    _check_count("chunk_size", chunk_size)
+    with torch.no_grad():
+        q = model.encode(x)
+        prior = model.prior(x.device)
+        lse_w = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+        lse_w2 = lse_w.clone()
+        for start in range(0, num_samples, chunk_size):
+            count = min(chunk_size, num_samples - start)
+            log_w = _log_weights(model, x, q, prior, _sample(q, count, generator)).double()
+            lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, dim=0))
+            lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * log_w, dim=0))
+    per_example = lse_w - math.log(num_samples)
+    mean, stderr = mean_and_stderr(per_example)
+    return LogLikelihood(
+        per_example=per_example,
+        mean=mean,
+        stderr=stderr,
+        mc_stderr=_delta_method_stderr(lse_w, lse_w2, num_samples),
+        num_samples=num_samples,
+    )
+
+
+def _delta_method_stderr(lse_w: torch.Tensor, lse_w2: torch.Tensor, num: int) -> torch.Tensor:
+    r"""Standard error of :math:`\log \bar w` from :math:`\log\sum w` and :math:`\log\sum w^2`."""
+    if num < 2:
+        return torch.full_like(lse_w, math.nan)
+    ratio = torch.exp(lse_w2 - 2 * lse_w)  # sum w^2 / (sum w)^2, in [1/S, 1]
+    return ((num * ratio - 1).clamp(min=0) / (num - 1)).sqrt()
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def mean_and_stderr(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Split-level mean (sum over examples / N) and its standard error, in float64.
+
+    ``stderr = std(values, ddof=1) / sqrt(N)``; NaN when N = 1. Pass per-example values,
+    never batch means.
+
+    Raises:
+        DataError: no values.
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().double().flatten().cpu()
+    else:  # never through float32: Python floats keep their precision
+        values = torch.tensor(list(values), dtype=torch.float64)
+    count = values.numel()
+    if count == 0:
+        raise DataError("cannot average zero values: evaluate at least one example")
+    mean = float(values.sum() / count)
+    if count == 1:
+        return mean, math.nan
+    return mean, float(values.std(correction=1) / math.sqrt(count))
+
+
+def bits_per_dim(nats, num_dims: int, eight_bit_density: bool = False):
+    r"""Convert a per-example negative log-likelihood (nats) to bits per dimension.
+
+    ``nats / (D ln 2)``. ``nats`` must be a *negative* log-likelihood (``nll`` or
+    ``nelbo``, usually positive), per example or averaged over examples.
+
+    ``eight_bit_density=True`` is the convention of Theis et al. (2016) and Dinh et al.
+    (2017) for 8-bit images: the model is a *density* on ``y = (x + u) / 256`` in
+    ``[0, 1)^D``, where ``x`` in {0..255} and ``u ~ U[0, 1)^D`` is dequantisation noise.
+    The density of ``x + u`` on ``[0, 256)^D`` is ``p(y) / 256^D``, so ``D ln 256`` nats
+    (8 bits per dimension) are added: ``(nats + D ln 256) / (D ln 2)``. The result is then
+    an upper bound (in expectation) on the discrete model's bits/dim. If the density was
+    fitted to ``x / 255`` instead, the exact correction is ``D ln 255``; do not use this
+    flag then.
+
+    Args:
+        nats: float or tensor, per-example NLL in nats.
+        num_dims: D, the number of data dimensions (e.g. 3*32*32).
+        eight_bit_density: add the ``D ln 256`` change-of-scale correction.
+
+    Raises:
+        ConfigError: ``num_dims < 1``.
+    """
+    _check_count("num_dims", num_dims)
+    if eight_bit_density:
+        nats = nats + num_dims * math.log(256.0)
+    return nats / (num_dims * math.log(2.0))
