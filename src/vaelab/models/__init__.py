@@ -1,0 +1,29 @@
+"""Encoders, decoders and the VAE module (returns q(z|x), p(z) and p(x|z)).
+
+    from vaelab import likelihoods, models
+    model = models.build_model("mlp", (1, 28, 28), 20, likelihoods.get("bernoulli"))
+    qz = model.encode(x)                  # Independent(Normal (B, L)), 1)
+    px = model.decode(qz.rsample())       # the family's distribution, log_prob -> (B,)
+"""
+
+from __future__ import annotations
+
+from .conv import SUPPORTED_SIZES, ConvDecoder, ConvEncoder
+from .mlp import ACTIVATIONS, MLPDecoder, MLPEncoder, make_activation
+from .vae import ENCODER_SCALES, MODELS, VAE, build_model, from_config, num_parameters
+
+__all__ = [
+    "MODELS",
+    "ACTIVATIONS",
+    "ENCODER_SCALES",
+    "SUPPORTED_SIZES",
+    "VAE",
+    "build_model",
+    "from_config",
+    "num_parameters",
+    "make_activation",
+    "MLPEncoder",
+    "MLPDecoder",
+    "ConvEncoder",
+    "ConvDecoder",
+]

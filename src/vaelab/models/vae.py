@@ -1,0 +1,235 @@
+r"""The VAE module: q(z|x) from an encoder, p(z) standard normal, p(x|z) from a family.
+
+The model returns distributions, so the ELBO is one line (Kingma & Welling 2014)::
+
+    qz = model.encode(x); z = qz.rsample()
+    elbo = model.decode(z).log_prob(x) - kl_divergence(qz, model.prior(x.device))
+
+Encoder scale. The encoder outputs ``2 L`` numbers per example: a location and
+a raw scale ``r``. The default parameterisation is
+
+.. math:: \sigma = \operatorname{softplus}(r) + 10^{-6},
+
+which cannot overflow (softplus grows linearly), has a bounded gradient, and
+keeps :math:`\log\sigma \ge \log 10^{-6}` finite. ``encoder_scale="exp"`` gives
+the common log-variance form :math:`\sigma = \exp(r / 2)` with ``r`` clamped to
+[-30, 30], as in PyTorch's ``examples/vae`` (for reproducing it exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Independent, Normal
+
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+from .conv import ConvDecoder, ConvEncoder
+from .mlp import MLPDecoder, MLPEncoder, check_sizes, make_activation
+
+__all__ = ["MODELS", "ENCODER_SCALES", "VAE", "build_model", "from_config", "num_parameters"]
+
+MIN_SCALE = 1e-6
+"""Smallest encoder standard deviation with the softplus parameterisation."""
+
+ENCODER_SCALES: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("encoder scale")
+
+
+@ENCODER_SCALES.register("softplus")
+def _softplus_scale(raw: torch.Tensor) -> torch.Tensor:
+    return F.softplus(raw) + MIN_SCALE
+
+
+@ENCODER_SCALES.register("exp")
+def _exp_scale(raw: torch.Tensor) -> torch.Tensor:
+    return torch.exp(0.5 * raw.clamp(-30.0, 30.0))
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(B, " + ", ".join(str(s) for s in shape) + ")"
+
+
+class VAE(nn.Module):
+    """A VAE whose methods return ``torch.distributions`` objects.
+
+    Args:
+        encoder: module mapping ``x (B, *event_shape)`` floats to ``(B, 2 L)``.
+        decoder: module mapping ``z (N, L)`` to ``(N, P * C, *rest)``, with
+            ``set_output_bias(bias)``.
+        likelihood: the observation family (a registered submodule, so a learned
+            scale is in ``model.parameters()``).
+        latent_dim: ``L``.
+        event_shape: shape of one example, e.g. ``(1, 28, 28)``.
+        encoder_scale: ``"softplus"`` (default) or ``"exp"``; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        event_shape: tuple[int, ...],
+        encoder_scale: str = "softplus",
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = int(latent_dim)
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.encoder_scale = encoder_scale
+        self._scale = ENCODER_SCALES[encoder_scale]
+        self._uint8 = getattr(likelihood, "data_kind", None) == "uint8"
+
+    def _float_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in data units -> floats for the encoder (uint8 data divided by 255)."""
+        if tuple(x.shape[1:]) != self.event_shape or x.dim() != len(self.event_shape) + 1:
+            raise DataError(
+                f"the model expects x shaped {_shape_str(self.event_shape)}, got "
+                f"{tuple(x.shape)}: use data of that shape or build the model for this data"
+            )
+        if self._uint8:
+            return x.to(torch.get_default_dtype()) / 255.0
+        if not x.is_floating_point():
+            return x.to(torch.get_default_dtype())
+        return x
+
+    def encode(self, x: torch.Tensor) -> Independent:
+        """q(z|x): ``Independent(Normal(loc (B, L), scale (B, L)), 1)``.
+
+        Args:
+            x: ``(B, *event_shape)`` in the likelihood's data units.
+
+        Raises:
+            DataError: ``x`` does not have the model's event shape.
+        """
+        loc, raw = self.encoder(self._float_input(x)).chunk(2, dim=-1)
+        normal = Normal(loc, self._scale(raw), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
+
+    def decode(self, z: torch.Tensor) -> Any:
+        """p(x|z): the likelihood family's distribution for ``z (N, L)``."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise DataError(
+                f"decode expects z shaped (N, {self.latent_dim}), got {tuple(z.shape)}: "
+                "flatten sample dimensions into N first"
+            )
+        return self.likelihood(self.decoder(z))
+
+    def prior(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Independent:
+        """p(z) = N(0, I) over ``L`` dimensions, as ``Independent(Normal, 1)``."""
+        dtype = dtype or torch.get_default_dtype()
+        loc = torch.zeros(self.latent_dim, device=device, dtype=dtype)
+        normal = Normal(loc, torch.ones_like(loc), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
+
+    @torch.no_grad()
+    def init_output_bias(self, pixel_mean: torch.Tensor) -> None:
+        """Start the decoder's output at the data mean.
+
+        Args:
+            pixel_mean: ``(C, *rest)`` per-sub-pixel mean of the training data in [0, 1];
+                the family's ``output_bias`` turns it into ``(P * C, *rest)``.
+        """
+        if tuple(pixel_mean.shape) != self.event_shape:
+            raise DataError(
+                f"pixel_mean has shape {tuple(pixel_mean.shape)}, the model's event shape "
+                f"is {self.event_shape}: compute it as images.float().mean(0) / 255"
+            )
+        ref = self.decoder.output_layer.bias
+        bias = self.likelihood.output_bias(pixel_mean.to(device=ref.device, dtype=ref.dtype))
+        self.decoder.set_output_bias(bias.to(device=ref.device, dtype=ref.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"latent_dim={self.latent_dim}, event_shape={self.event_shape}, "
+            f"encoder_scale={self.encoder_scale!r}"
+        )
+
+
+MODELS: Registry[Callable[..., tuple[nn.Module, nn.Module]]] = Registry("model")
+
+
+@MODELS.register("mlp")
+def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels):
+    """Fully connected encoder/decoder; ``channels`` is unused."""
+    encoder = MLPEncoder(event_shape, latent_dim, hidden, activation)
+    decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation)
+    return encoder, decoder
+
+
+@MODELS.register("conv")
+def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels):
+    """Stride-2 conv encoder, transposed-conv decoder; ``hidden`` are dense layers between."""
+    channels = check_sizes("channels", channels, allow_empty=False)
+    encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation)
+    decoder = ConvDecoder(event_shape, latent_dim, params_per_channel, channels, hidden,
+                          activation)
+    return encoder, decoder
+
+
+def build_model(
+    kind: str,
+    event_shape: Sequence[int],
+    latent_dim: int,
+    likelihood: nn.Module,
+    hidden: Sequence[int] = (400,),
+    activation: str = "relu",
+    channels: Sequence[int] = (32, 64),
+    encoder_scale: str = "softplus",
+) -> VAE:
+    """Build a VAE for data of ``event_shape`` whose decoder feeds ``likelihood``.
+
+    Args:
+        kind: ``"mlp"`` or ``"conv"`` (see :data:`MODELS`).
+        event_shape: one example's shape, e.g. ``(1, 28, 28)``.
+        latent_dim: ``L``.
+        likelihood: family with ``params_per_channel`` (``P``) and ``data_kind``.
+        hidden: dense hidden sizes of the encoder; the decoder mirrors them.
+        activation: a name in :data:`~vaelab.models.mlp.ACTIVATIONS`.
+        channels: conv channels of the encoder (conv only); the decoder mirrors them.
+        encoder_scale: ``"softplus"`` or ``"exp"``.
+
+    Raises:
+        ConfigError: unknown kind/activation/scale, bad sizes, or an image size the
+            conv model does not support.
+    """
+    builder = MODELS[kind]
+    make_activation(activation)  # unknown names fail here, listing the valid ones
+    ENCODER_SCALES[encoder_scale]
+    event_shape = check_sizes("event_shape", event_shape, allow_empty=False)
+    hidden = check_sizes("hidden", hidden)
+    (latent_dim,) = check_sizes("latent_dim", (latent_dim,))
+    p = getattr(likelihood, "params_per_channel", None)
+    if not isinstance(p, int) or p < 1:
+        raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
+    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels)
+    return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale)
+
+
+def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module) -> VAE:
+    """Build from a ``ModelConfig``-like object (``kind``, ``latent_dim``, ``hidden``,
+    ``activation``, ``channels`` and optionally ``encoder_scale``)."""
+    return build_model(
+        config.kind,
+        event_shape,
+        config.latent_dim,
+        likelihood,
+        hidden=tuple(config.hidden),
+        activation=config.activation,
+        channels=tuple(config.channels),
+        encoder_scale=getattr(config, "encoder_scale", "softplus"),
+    )
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad)
