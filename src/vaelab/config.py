@@ -92,6 +92,8 @@ class ModelConfig:
     activation: str = "relu"
     channels: tuple[int, ...] = (32, 64)
     """Conv channels of the encoder (the decoder mirrors them)."""
+    encoder_scale: str = "softplus"
+    """How the encoder's raw output becomes sigma: softplus (stable) | exp (sigma = exp(r/2))."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pytorch-example": {
         "data": {"binarize": "none"},
         "likelihood": {"name": "bernoulli", "unnormalized": True},
-        "model": {"kind": "mlp", "latent_dim": 20, "hidden": [400], "activation": "relu"},
+        "model": {"kind": "mlp", "latent_dim": 20, "hidden": [400], "activation": "relu",
+                  "encoder_scale": "exp"},
         "train": {"batch_size": 128, "lr": 1e-3, "epochs": 10},
     },
     # The Keras VAE example (keras.io variational_autoencoder, MLP version): 784-512-2 ReLU,

@@ -146,6 +146,7 @@ def build_from_config(cfg: RunConfig, event_shape: tuple[int, ...]) -> nn.Module
         hidden=cfg.model.hidden,
         activation=cfg.model.activation,
         channels=cfg.model.channels,
+        encoder_scale=cfg.model.encoder_scale,
     )
 
 
@@ -335,7 +336,9 @@ def train(
         model = build_from_config(cfg, event_shape).to(device)
         family = model.likelihood
         model.init_output_bias(train_set.pixel_mean().to(device))
-        family.validate(model_input(train_set, torch.arange(min(len(train_set), 256),
+        # Check the data against the likelihood once, up front (a clear error, not a NaN
+        # later); every batch has the same kind of values, so the loop skips the check.
+        family.validate(model_input(train_set, torch.arange(min(len(train_set), 1024),
                                                             device=device), family,
                                     seeded_generator(seed, 0, _BINARIZE, device=device)))
         objective = TrainingObjective(model, cfg.objective)
@@ -363,7 +366,7 @@ def train(
         if resume:
             meta = checkpoint.load_checkpoint(
                 run_dir / "checkpoints" / "last", model=model, optimizer=optimizer,
-                map_location=device,
+                map_location=device, restore_global_rng=True,
             )
             state.update(meta["train_state"])
             echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
@@ -389,6 +392,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
+            family.validate_data = False
             started = time.perf_counter()
             perm = torch.randperm(n_train, generator=seeded_generator(seed, epoch, _PERMUTATION))
             perm = perm.to(device)
@@ -428,6 +432,7 @@ def train(
                         sums[4] += terms.kl.detach().sum(dtype=torch.float64)
                 if progress and batch % 20 == 0:
                     batches.set_postfix(loss=f"{float(sums[1] / sums[0]):.2f}")
+            family.validate_data = True
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise TrainingDiverged(
                     f"training diverged in epoch {epoch + 1}: a parameter became NaN/Inf after an "

@@ -1,0 +1,684 @@
+r"""Observation models :math:`p(x \mid z)`: the families a decoder's outputs parameterise.
+
+A family is an ``nn.Module`` (a learned scale is one of its parameters) that turns the
+decoder output ``params`` into an :class:`ObservationDistribution`::
+
+    family = likelihoods.get("gaussian", scale="learned")
+    px = family(params)              # params (B, P*C, *rest), parameter-major
+    log_px = px.log_prob(x)          # (B,) nats, summed over all event dims, constants kept
+
+Layout: ``params.unflatten(1, (P, C))[:, p]`` is parameter ``p``, shaped like ``x``; for
+``P == 1`` ``params`` has the shape of ``x``. ``x`` is ``(B, C, *rest)``, e.g.
+``(B, 1, 28, 28)``, or flat ``(B, D)`` (then ``C = D``).
+
+Data units (``data_kind``): ``"binary"`` float 0/1, ``"unit"`` float in [0, 1], ``"uint8"``
+integers 0..255 (a uint8 or int64 tensor). ``log_prob`` checks ``x`` against them and raises
+:class:`~vaelab.errors.DataError` with a one-line fix. The check costs a few passes over
+``x``; a trainer that validated its data once may skip it with ``family(params,
+validate=False)``, ``px.log_prob(x, validate=False)`` or ``family.validate_data = False``.
+Shapes are always checked.
+
+Registered families: ``bernoulli``, ``continuous-bernoulli``, ``gaussian``, ``laplace``,
+``categorical-256``, ``discretized-logistic``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, DataError
+from .registry import Registry
+
+__all__ = [
+    "LIKELIHOODS",
+    "get",
+    "LikelihoodFamily",
+    "ObservationDistribution",
+    "Bernoulli",
+    "ContinuousBernoulli",
+    "Gaussian",
+    "Laplace",
+    "Categorical256",
+    "DiscretizedLogistic",
+    "continuous_bernoulli_log_normalizer",
+    "continuous_bernoulli_mean",
+]
+
+LIKELIHOODS: Registry[type[LikelihoodFamily]] = Registry("likelihood")
+
+#: Means are clamped to [MEAN_CLAMP, 1 - MEAN_CLAMP] before taking logits in ``output_bias``.
+MEAN_CLAMP = 1e-3
+_LOG2 = math.log(2.0)
+
+
+def get(name: str, **options: Any) -> LikelihoodFamily:
+    """Build the registered family ``name`` with ``options`` (e.g. ``scale=0.1``).
+
+    Raises:
+        ConfigError: unknown family, unknown option (the message lists the valid ones)
+            or an invalid option value.
+    """
+    cls = LIKELIHOODS[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        choices = ", ".join(valid) if valid else "none (it takes no options)"
+        raise ConfigError(
+            f"unknown option {unknown[0]!r} for likelihood {name!r}: valid options are {choices}"
+        )
+    return cls(**options)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _example(mask: Tensor, x: Tensor) -> tuple[str, str]:
+    """``("<n> value(s)", "<first offending value>")`` for a boolean ``mask`` over ``x``."""
+    n = int(mask.sum())
+    v = x[mask].flatten()[0].item()
+    return f"{n} value{'s' if n != 1 else ''}", (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _noun(n: str, adjective: str) -> str:
+    """``_noun("3 values", "NaN/Inf")`` -> ``"3 NaN/Inf values"``."""
+    count, noun = n.split()
+    return f"{count} {adjective} {noun}"
+
+
+def _check_unit(name: str, x: Tensor) -> None:
+    """Float data in [0, 1]: finite, and not 0..255 pixels."""
+    if not x.is_floating_point():
+        raise DataError(
+            f"{name} needs floating-point data in [0, 1] but got {x.dtype} data: "
+            "convert 8-bit images with x.float() / 255 (ImageSet.batch() does this)"
+        )
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n, e = _example(bad, x)
+        raise DataError(
+            f"{name} got {_noun(n, 'NaN/Inf')}, e.g. {e}: fix the data pipeline "
+            "(look for a division by zero or a bad normalisation) before computing likelihoods"
+        )
+    outside = (x < 0) | (x > 1)
+    if outside.any():
+        n, e = _example(outside, x)
+        if bool((x >= 0).all()) and float(x.max()) <= 255:
+            raise DataError(
+                f"{name} needs data in [0, 1] but got {n} above 1, e.g. {e}; the data look "
+                "like 0..255 pixel values: divide by 255"
+            )
+        raise DataError(
+            f"{name} needs data in [0, 1] but got {n} outside it, e.g. {e}: "
+            "rescale the data to [0, 1]"
+        )
+
+
+def _check_binary(name: str, x: Tensor) -> None:
+    """Exactly 0/1 (after :func:`_check_unit`)."""
+    grey = (x > 0) & (x < 1)
+    if grey.any():
+        n, e = _example(grey, x)
+        raise DataError(
+            f"{name} needs 0/1 data but got {n} strictly between 0 and 1, e.g. {e}: "
+            "binarise the data (--binarize dynamic) or use the continuous-bernoulli likelihood "
+            "(or pass unnormalized=True to reproduce BCE-on-grey-levels examples; "
+            "it is not a likelihood)"
+        )
+
+
+_INT_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_eight_bit(name: str, x: Tensor) -> None:
+    """Integer pixel values 0..255."""
+    if x.dtype not in _INT_DTYPES:
+        raise DataError(
+            f"{name} needs integer pixel values 0..255 (a uint8 or int64 tensor) but got "
+            f"{x.dtype} data: pass the uint8 images (ImageSet.batch_uint8()), or use a family "
+            "for [0, 1] data such as bernoulli, continuous-bernoulli or gaussian"
+        )
+    if x.dtype != torch.uint8:
+        outside = (x < 0) | (x > 255)
+        if outside.any():
+            n, e = _example(outside, x)
+            raise DataError(
+                f"{name} needs pixel values 0..255 but got {n} outside that range, e.g. {e}: "
+                "pass the uint8 images (ImageSet.batch_uint8())"
+            )
+
+
+# --------------------------------------------------------------------------- base classes
+
+
+class ObservationDistribution:
+    r""":math:`p(x \mid z)` for a batch: the family applied to decoder outputs ``params``.
+
+    Attributes:
+        family: the :class:`LikelihoodFamily`.
+        params: decoder outputs ``(B, P*C, *rest)``.
+        event_shape: ``(C, *rest)``, the shape of one example.
+        validate: whether :meth:`log_prob` checks ``x`` by default.
+    """
+
+    def __init__(self, family: LikelihoodFamily, params: Tensor, validate: bool = True) -> None:
+        p = family.params_per_channel
+        if params.dim() < 2 or params.shape[1] % p:
+            raise ConfigError(
+                f"{family.name} needs {p} decoder outputs per data channel but got params of "
+                f"shape {tuple(params.shape)}, whose dim 1 is not a multiple of {p}: build the "
+                "decoder with likelihood.params_per_channel outputs per channel"
+            )
+        self.family = family
+        self.params = params
+        self.validate = validate
+        self.event_shape = torch.Size((params.shape[1] // p, *params.shape[2:]))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape ``(B, C, *rest)`` of ``x``."""
+        return torch.Size((self.params.shape[0], *self.event_shape))
+
+    def _check_shape(self, x: Tensor) -> None:
+        if x.shape != self.shape:
+            fam = self.family
+            raise DataError(
+                f"{fam.name} params of shape {tuple(self.params.shape)} "
+                f"({fam.params_per_channel} per data channel) fit data of shape "
+                f"{tuple(self.shape)} but x has shape {tuple(x.shape)}: make the decoder output "
+                f"(B, {fam.params_per_channel}*C, *rest) for data (B, C, *rest)"
+            )
+
+    def elementwise_log_prob(self, x: Tensor, validate: bool | None = None) -> Tensor:
+        """Log-probability (nats) of each sub-pixel, shaped like ``x``."""
+        self._check_shape(x)
+        if self.validate if validate is None else validate:
+            self.family.validate(x)
+        return self.family._log_prob(self.params, x)
+
+    def log_prob(self, x: Tensor, validate: bool | None = None) -> Tensor:
+        """Exact per-example log-probability (nats), summed over all event dims: ``(B,)``.
+
+        Args:
+            x: ``(B, C, *rest)`` in the family's data units.
+            validate: check ``x`` (None: use ``self.validate``).
+
+        Raises:
+            DataError: wrong shape, or (when validating) data outside the family's support.
+        """
+        lp = self.elementwise_log_prob(x, validate)
+        return lp.sum(dim=tuple(range(1, lp.dim())))
+
+    @property
+    def mean(self) -> Tensor:
+        """The mean of ``x``, shaped like ``x``, in [0, 1] units (8-bit families divide by 255)."""
+        return self.family._mean(self.params)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One draw per example in data units (uint8 for 8-bit families); no gradient."""
+        with torch.no_grad():
+            return self.family._sample(self.params, generator)
+
+
+class LikelihoodFamily(nn.Module):
+    """Base class: a decoder output family. Subclasses set the class attributes below and
+    implement ``_log_prob(params, x)`` (elementwise, shaped like ``x``), ``_mean``, ``_sample``
+    and :meth:`output_bias`; :class:`ObservationDistribution` does the shape checks,
+    validation and the sum over event dims.
+
+    Attributes:
+        name: registry name.
+        params_per_channel: decoder outputs per data channel, ``P``.
+        data_kind: ``"binary"``, ``"unit"`` or ``"uint8"`` (see the module docstring).
+        normalized: False only for bernoulli with ``unnormalized=True``.
+        validate_data: default for ``validate`` in :meth:`forward` (True).
+    """
+
+    name: ClassVar[str] = ""
+    params_per_channel: int = 1
+    data_kind: str = "unit"
+    normalized: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validate_data = True
+
+    def forward(self, params: Tensor, validate: bool | None = None) -> ObservationDistribution:
+        """Wrap decoder outputs ``(B, P*C, *rest)``; ``validate=False`` skips data checks."""
+        return ObservationDistribution(
+            self, params, self.validate_data if validate is None else validate
+        )
+
+    def validate(self, x: Tensor) -> None:
+        """Raise :class:`DataError` unless ``x`` is in this family's data units and support."""
+        if self.data_kind == "uint8":
+            _check_eight_bit(self.name, x)
+            return
+        _check_unit(self.name, x)
+        if self.data_kind == "binary":
+            _check_binary(self.name, x)
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        """Initial decoder output bias ``(P*C, *rest)`` from the per-sub-pixel data mean
+        ``pixel_mean`` ``(C, *rest)`` in [0, 1]."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Options that rebuild this family: ``get(name, **family.config())``."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+    def _split(self, params: Tensor) -> list[Tensor]:
+        """The ``P`` parameters, each shaped like ``x``."""
+        p = self.params_per_channel
+        if p == 1:
+            return [params]
+        return list(params.unflatten(1, (p, params.shape[1] // p)).unbind(1))
+
+    # Subclass hooks: elementwise log-density (shaped like x), mean, sample.
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _mean(self, params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        raise NotImplementedError
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """Exact ``log(1 + e^x)`` (``F.softplus`` returns ``x`` itself above 20, off by e^-20)."""
+    return -F.logsigmoid(-x)
+
+
+def _rand(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------- 0/1 and [0,1]
+
+
+@LIKELIHOODS.register("bernoulli")
+class Bernoulli(LikelihoodFamily):
+    r"""Bernoulli with logits :math:`l`: :math:`\log p(x) = x l - \mathrm{softplus}(l)`.
+
+    Data must be exactly 0/1 floats. ``unnormalized=True`` also accepts grey levels in
+    [0, 1]: that is binary cross-entropy on grey levels (the classic PyTorch VAE example),
+    which is *not* a likelihood (``normalized`` becomes False, ``data_kind`` "unit").
+    """
+
+    name = "bernoulli"
+    data_kind = "binary"
+
+    def __init__(self, unnormalized: bool = False) -> None:
+        super().__init__()
+        if not isinstance(unnormalized, bool):
+            raise ConfigError(f"bernoulli option unnormalized must be true or false, "
+                              f"got {unnormalized!r}")
+        self.unnormalized = unnormalized
+        self.normalized = not unnormalized
+        self.data_kind = "unit" if unnormalized else "binary"
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        # max(l, 0) - l x + log1p(exp(-|l|)): no cancellation for large |l|.
+        x = x.to(params.dtype)
+        return -F.binary_cross_entropy_with_logits(params, x, reduction="none")
+
+    def _mean(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params)
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        """``logit(clamp(mean, 1e-3, 1 - 1e-3))``."""
+        return torch.logit(pixel_mean.clamp(MEAN_CLAMP, 1 - MEAN_CLAMP))
+
+    def config(self) -> dict[str, Any]:
+        return {"unnormalized": self.unnormalized}
+
+
+#: Taylor coefficients of log C(l) in powers of l^2 (checked against mpmath in the tests).
+_CB_SERIES = (_LOG2, 1 / 12, -7 / 1440, 31 / 90720, -127 / 4838400, 73 / 34214400)
+
+
+def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:
+    r""":math:`\log C(l)` of the continuous Bernoulli, :math:`C(l) = l / \tanh(l/2)`, ``C(0) = 2``.
+
+    Loaiza-Ganem & Cunningham (2019), eq. 7 with :math:`\lambda = \sigma(l)`. Even in ``l``.
+    For :math:`|l| < 0.1` the Taylor series :math:`\log 2 + l^2/12 - 7l^4/1440 + 31l^6/90720
+    - 127l^8/4838400 + 73l^{10}/34214400`; otherwise
+    :math:`\log(|l| / (1 - e^{-|l|})) + \log(1 + e^{-|l|})`.
+    Accurate to a few ulps everywhere, with finite gradients.
+    """
+    a = logits.abs()
+    small = a < 0.1
+    l2 = logits * logits
+    series = torch.zeros_like(l2)
+    for c in reversed(_CB_SERIES):
+        series = series * l2 + c
+    safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch's grad finite
+    large = torch.log(safe / -torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
+    return torch.where(small, series, large)
+
+
+def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
+    r"""Mean of the continuous Bernoulli: :math:`\tfrac12 + \tfrac12 L(l/2)`, with the Langevin
+    function :math:`L(u) = \coth u - 1/u` (Taylor series for :math:`|u| < 0.5`)."""
+    u = logits / 2
+    small = u.abs() < 0.5
+    u2 = u * u
+    coef = (1 / 3, -1 / 45, 2 / 945, -1 / 4725, 2 / 93555, -1382 / 638512875)
+    series = torch.zeros_like(u)
+    for c in reversed(coef):
+        series = series * u2 + c
+    safe = torch.where(small, torch.ones_like(u), u)
+    langevin = torch.where(small, u * series, 1 / torch.tanh(safe) - 1 / safe)
+    return 0.5 + 0.5 * langevin
+
+
+@LIKELIHOODS.register("continuous-bernoulli")
+class ContinuousBernoulli(LikelihoodFamily):
+    r"""Continuous Bernoulli on [0, 1] with logits :math:`l` (Loaiza-Ganem & Cunningham 2019):
+    :math:`\log p(x) = x l - \mathrm{softplus}(l) + \log C(l)`, a normalised density for
+    grey-level data. See :func:`continuous_bernoulli_log_normalizer`.
+    """
+
+    name = "continuous-bernoulli"
+    data_kind = "unit"
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        x = x.to(params.dtype)
+        bce = F.binary_cross_entropy_with_logits(params, x, reduction="none")
+        return continuous_bernoulli_log_normalizer(params) - bce
+
+    def _mean(self, params: Tensor) -> Tensor:
+        return continuous_bernoulli_mean(params)
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        # Inverse CDF: x = log1p(u expm1(l)) / l for l < 0; x(l, u) = 1 - x(-l, 1 - u).
+        u = _rand(params, generator)
+        neg = params < 0
+        a = params.abs().clamp_min(1e-30)
+        v = torch.where(neg, u, 1 - u)
+        t = torch.log1p(v * torch.expm1(-a)) / -a
+        x = torch.where(neg, t, 1 - t)
+        x = torch.where(a < 1e-4, u + 0.5 * params * u * (1 - u), x)  # O(l^2) near l = 0
+        return x.clamp(0, 1)
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        """The logit whose continuous-Bernoulli *mean* equals the data mean (bisection),
+        clipped to the Bernoulli init's range ``|l| <= logit(1 - 1e-3)`` = 6.91: means
+        outside [0.144, 0.856] would otherwise need logits up to ~1000, which saturate."""
+        bound = math.log((1 - MEAN_CLAMP) / MEAN_CLAMP)
+        m = pixel_mean.double()
+        lo, hi = torch.full_like(m, -bound), torch.full_like(m, bound)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = continuous_bernoulli_mean(mid) > m
+            lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+        return ((lo + hi) / 2).to(pixel_mean.dtype)
+
+
+# --------------------------------------------------------------------------- location-scale
+
+
+def _parse_scale(name: str, scale: Any) -> float | str:
+    if scale in ("learned", "per-pixel"):
+        return scale
+    try:
+        value = float(scale) if not isinstance(scale, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{name} scale must be a positive number (a fixed sigma), 'learned' or "
+            f"'per-pixel', got {scale!r}"
+        )
+    return value
+
+
+def _number(name: str, key: str, value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} option {key} must be a number, got {value!r}") from None
+
+
+class _LocationScale(LikelihoodFamily):
+    r"""Shared machinery for :class:`Gaussian` and :class:`Laplace` (location = decoder output).
+
+    ``scale`` is one of
+
+    - a positive number: fixed scale (``P = 1``);
+    - ``"learned"`` (default): one scalar shared by all pixels, as in the optimal
+      sigma-VAE (Rybkin et al. 2021). The parameter ``log_scale`` gives
+      :math:`\sigma = \text{min\_scale} + e^{\text{log\_scale}}`, initialised so that
+      :math:`\sigma = \text{init\_scale}`; the soft floor keeps gradients finite;
+    - ``"per-pixel"``: ``P = 2``, the decoder gives the location then a raw scale ``r``,
+      :math:`\sigma = \mathrm{softplus}(r) + \text{min\_scale}` (linear for large ``r``, so no
+      overflow; finite gradients everywhere; ``min_scale`` must be > 0).
+
+    ``init_scale`` (default 1.0) and ``min_scale`` (default 1e-3) apply to the last two only.
+    Data are [0, 1] floats (``data_kind`` "unit"); samples are not clipped to [0, 1].
+    """
+
+    data_kind = "unit"
+
+    def __init__(self, scale: float | str = "learned", init_scale: float | None = None,
+                 min_scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = _parse_scale(self.name, scale)
+        self.init_scale: float | None = None
+        self.min_scale: float | None = None
+        if isinstance(self.scale, float):
+            if init_scale is not None or min_scale is not None:
+                raise ConfigError(
+                    f"{self.name} options init_scale and min_scale apply only to "
+                    f"scale='learned' or 'per-pixel', not to a fixed scale {self.scale}"
+                )
+            return
+        init_scale = 1.0 if init_scale is None else init_scale
+        min_scale = 1e-3 if min_scale is None else min_scale
+        self.init_scale = _number(self.name, "init_scale", init_scale)
+        self.min_scale = _number(self.name, "min_scale", min_scale)
+        floor = 0.0 if self.scale == "learned" else 1e-12  # per-pixel needs a positive floor
+        if not (math.isfinite(self.init_scale) and self.init_scale > self.min_scale >= floor):
+            raise ConfigError(
+                f"{self.name} needs init_scale > min_scale >= 0 (min_scale > 0 for per-pixel), "
+                f"got init_scale={self.init_scale}, min_scale={self.min_scale}"
+            )
+        if self.scale == "learned":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(self.init_scale - self.min_scale)))
+        else:
+            self.params_per_channel = 2
+
+    def _loc_scale(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(loc, scale, log_scale)``; the last two are scalars unless per-pixel."""
+        if isinstance(self.scale, float):
+            s = torch.tensor(self.scale, dtype=params.dtype, device=params.device)
+            return params, s, s.log()
+        if self.scale == "learned":
+            log_s = self.log_scale
+            if self.min_scale > 0:
+                log_s = torch.logaddexp(log_s, log_s.new_tensor(math.log(self.min_scale)))
+            log_s = log_s.to(params.dtype)
+            return params, log_s.exp(), log_s
+        loc, raw = self._split(params)
+        s = _softplus(raw) + self.min_scale
+        return loc, s, s.log()
+
+    def _mean(self, params: Tensor) -> Tensor:
+        return self._loc_scale(params)[0]
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        """The mean itself; per-pixel: then the raw scale that gives ``init_scale``."""
+        if self.scale != "per-pixel":
+            return pixel_mean.clone()
+        d = self.init_scale - self.min_scale  # inverse softplus: d + log(1 - e^-d)
+        raw = d + math.log(-math.expm1(-d))
+        return torch.cat([pixel_mean, torch.full_like(pixel_mean, raw)])
+
+    def config(self) -> dict[str, Any]:
+        if isinstance(self.scale, float):
+            return {"scale": self.scale}
+        return {"scale": self.scale, "init_scale": self.init_scale, "min_scale": self.min_scale}
+
+
+@LIKELIHOODS.register("gaussian")
+class Gaussian(_LocationScale):
+    r"""Normal: :math:`\log p(x) = -\tfrac12 ((x-\mu)/\sigma)^2 - \log\sigma - \tfrac12\log 2\pi`
+    per sub-pixel (constants kept). Default ``scale="learned"``; see :class:`_LocationScale`.
+    """
+
+    name = "gaussian"
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        loc, s, log_s = self._loc_scale(params)
+        z = (x.to(loc.dtype) - loc) / s
+        return -0.5 * z * z - log_s - 0.5 * math.log(2 * math.pi)
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        loc, s, _ = self._loc_scale(params)
+        eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
+        return loc + s * eps
+
+
+@LIKELIHOODS.register("laplace")
+class Laplace(_LocationScale):
+    r"""Laplace: :math:`\log p(x) = -|x-\mu|/b - \log b - \log 2` per sub-pixel.
+    Default ``scale="learned"``; see :class:`_LocationScale`."""
+
+    name = "laplace"
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        loc, s, log_s = self._loc_scale(params)
+        return -(x.to(loc.dtype) - loc).abs() / s - log_s - _LOG2
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        loc, s, _ = self._loc_scale(params)
+        e1 = -torch.log1p(-_rand(loc, generator))  # Exp(1); rand < 1 keeps it finite
+        e2 = -torch.log1p(-_rand(loc, generator))
+        return loc + s * (e1 - e2)
+
+
+# --------------------------------------------------------------------------- 8-bit
+
+
+@LIKELIHOODS.register("categorical-256")
+class Categorical256(LikelihoodFamily):
+    """A 256-way softmax per sub-pixel (van den Oord et al. 2016, PixelRNN).
+
+    ``params`` ``(B, 256*C, *rest)`` is viewed as ``(B, 256, C, *rest)``; data are integers
+    0..255. Mean in [0, 1] units, samples uint8.
+    """
+
+    name = "categorical-256"
+    params_per_channel = 256
+    data_kind = "uint8"
+    #: Uniform mass mixed into the initial output distribution (see :meth:`output_bias`).
+    BIAS_UNIFORM = 0.01
+
+    def _log_probs(self, params: Tensor) -> Tensor:
+        return params.unflatten(1, (256, params.shape[1] // 256)).log_softmax(1)
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return self._log_probs(params).gather(1, x.long().unsqueeze(1)).squeeze(1)
+
+    def _mean(self, params: Tensor) -> Tensor:
+        probs = self._log_probs(params).exp()
+        k = torch.arange(256, dtype=probs.dtype, device=probs.device) / 255
+        return (probs * k.view(1, 256, *([1] * (probs.dim() - 2)))).sum(1)
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        probs = self._log_probs(params).exp().movedim(1, -1)
+        draws = torch.multinomial(probs.reshape(-1, 256), 1, generator=generator)
+        return draws.reshape(probs.shape[:-1]).to(torch.uint8)
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        r"""Logits of ``(1 - eps) * q + eps * uniform`` with ``eps = 0.01``, where ``q`` is the
+        maximum-entropy distribution on 0..255 with the mean that makes the mixture's mean
+        equal ``pixel_mean`` (:math:`q_k \propto e^{\theta k / 255}`, :math:`\theta` by
+        bisection). Exact for means in about [0.006, 0.994]; the uniform part keeps every
+        initial log-probability >= log(eps / 256) = -10.15."""
+        eps = self.BIAS_UNIFORM
+        m = pixel_mean.double().flatten()
+        target = ((m - eps / 2) / (1 - eps)).clamp(MEAN_CLAMP, 1 - MEAN_CLAMP)
+        k = torch.arange(256, dtype=torch.float64, device=m.device) / 255
+        lo, hi = torch.full_like(m, -3000.0), torch.full_like(m, 3000.0)
+        for _ in range(60):
+            theta = (lo + hi) / 2
+            mean = (torch.softmax(theta[:, None] * k, dim=1) * k).sum(1)
+            lo, hi = torch.where(mean > target, lo, theta), torch.where(mean > target, theta, hi)
+        q = torch.log_softmax(((lo + hi) / 2)[:, None] * k, dim=1)
+        logits = torch.logaddexp(q + math.log1p(-eps), q.new_tensor(math.log(eps / 256)))
+        logits = logits.T.reshape(256, *pixel_mean.shape)  # parameter-major (256, C, *rest)
+        return logits.flatten(0, 1).to(pixel_mean.dtype)
+
+
+@LIKELIHOODS.register("discretized-logistic")
+class DiscretizedLogistic(LikelihoodFamily):
+    r"""Discretised logistic per sub-pixel (Salimans et al. 2017, PixelCNN++), ``P = 2``.
+
+    Parameters: location :math:`\mu` on the [-1, 1] data scale, then :math:`\log s`
+    (clamped to [-7, 7]; -7 as in PixelCNN++, +7 keeps the bin mass above 0 in float32).
+    Pixel :math:`k` maps to :math:`y = 2k/255 - 1` with bin :math:`[y - 1/255, y + 1/255]`;
+    bins 0 and 255 take the tails. With :math:`a, b` the standardised upper/lower bin edges,
+    the interior mass is computed exactly, with no PixelCNN++ mid-bin fallback, as
+    :math:`\log(\sigma(a) - \sigma(b)) = \log\sigma(a) + \log(1-\sigma(b)) +
+    \log(1 - e^{-(a-b)})`, :math:`a - b = 2/(255 s)`, each term stable via log-sigmoid.
+    """
+
+    name = "discretized-logistic"
+    params_per_channel = 2
+    data_kind = "uint8"
+    LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 7.0
+
+    def _loc_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        loc, log_s = self._split(params)
+        return loc, log_s.clamp(self.LOG_SCALE_MIN, self.LOG_SCALE_MAX)
+
+    def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        loc, log_s = self._loc_log_scale(params)
+        inv_s = torch.exp(-log_s)
+        xf = x.to(loc.dtype)
+        # Bin edges from integer numerators, so the upper edge of bin k and the lower edge of
+        # bin k + 1 round identically and the masses telescope (sum to 1) in float32 too.
+        a = inv_s * ((2 * xf - 254) / 255 - loc)
+        b = inv_s * ((2 * xf - 256) / 255 - loc)
+        log_cdf_upper = F.logsigmoid(a)  # log sigma(a): the whole left tail, bin 0
+        log_sf_lower = F.logsigmoid(-b)  # log (1 - sigma(b)): the whole right tail, bin 255
+        log_bin = log_cdf_upper + log_sf_lower + torch.log(-torch.expm1(inv_s * (-2 / 255)))
+        return torch.where(x == 0, log_cdf_upper, torch.where(x == 255, log_sf_lower, log_bin))
+
+    def _mean(self, params: Tensor) -> Tensor:
+        # E[k] = sum_{k=1}^{255} P(K >= k); lower edge of bin k is (2k - 1)/255 - 1.
+        loc, log_s = self._loc_log_scale(params)
+        inv_s = torch.exp(-log_s)
+        total = torch.zeros_like(loc)
+        for k in range(1, 256):
+            total = total + torch.sigmoid(inv_s * (loc - ((2 * k - 1) / 255 - 1)))
+        return total / 255
+
+    def _sample(self, params: Tensor, generator: torch.Generator | None) -> Tensor:
+        loc, log_s = self._loc_log_scale(params)
+        u = _rand(loc, generator).clamp(1e-6, 1 - 1e-6)
+        y = loc + log_s.exp() * (torch.log(u) - torch.log1p(-u))
+        return ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    def output_bias(self, pixel_mean: Tensor) -> Tensor:
+        r"""Location ``2 m - 1``; scale chosen so the logistic variance :math:`s^2\pi^2/3`
+        equals :math:`4 m (1 - m)`, the largest variance of a [0, 1] variable with mean
+        ``m`` (on the [-1, 1] scale), floored at one bin (``s >= 1/255``)."""
+        m = pixel_mean
+        s = (12 * m * (1 - m)).sqrt() / math.pi
+        return torch.cat([2 * m - 1, s.clamp_min(1 / 255).log()])

@@ -1,0 +1,652 @@
+"""Numbers for vaelab.likelihoods: float64 / mpmath / scipy references, torch.distributions,
+normalisation, extremes, validation messages and properties over shapes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, special, stats
+from torch import distributions as td
+
+from vaelab import likelihoods as L
+from vaelab.errors import ConfigError, DataError
+
+# --------------------------------------------------------------------------- float64 references
+
+
+def arr(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def split(params: np.ndarray, p: int) -> np.ndarray:
+    """(B, P*C, *rest) -> (B, P, C, *rest), parameter-major."""
+    return params.reshape(params.shape[0], p, params.shape[1] // p, *params.shape[2:])
+
+
+def ref_scale(fam, raw: np.ndarray | None = None):
+    if isinstance(fam.scale, float):
+        return fam.scale
+    if fam.scale == "learned":
+        return fam.min_scale + math.exp(fam.log_scale.item())
+    return np.logaddexp(0.0, raw) + fam.min_scale
+
+
+def ref_loc_scale(fam, params):
+    if fam.scale == "per-pixel":
+        q = split(params, 2)
+        return q[:, 0], ref_scale(fam, q[:, 1])
+    return params, ref_scale(fam)
+
+
+def ref_bernoulli(fam, params, x):
+    return x * special.log_expit(params) + (1 - x) * special.log_expit(-params)
+
+
+def ref_cb(fam, params, x):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = np.where(params == 0, 2.0, params / np.tanh(params / 2))
+    return ref_bernoulli(fam, params, x) + np.log(c)
+
+
+def ref_gaussian(fam, params, x):
+    loc, scale = ref_loc_scale(fam, params)
+    return stats.norm.logpdf(x, loc, scale)
+
+
+def ref_laplace(fam, params, x):
+    loc, scale = ref_loc_scale(fam, params)  # scipy's logpdf underflows to -inf far out
+    return -np.abs(x - loc) / scale - np.log(2 * scale)
+
+
+def ref_categorical(fam, params, x):
+    logp = special.log_softmax(split(params, 256), axis=1)
+    return np.take_along_axis(logp, x.astype(np.int64)[:, None], axis=1)[:, 0]
+
+
+def ref_logistic(fam, params, x):
+    q = split(params, 2)
+    loc, log_s = q[:, 0], np.clip(q[:, 1], -7, 7)
+    y = 2 * x / 255 - 1
+    a = (y + 1 / 255 - loc) / np.exp(log_s)
+    b = (y - 1 / 255 - loc) / np.exp(log_s)
+    # sigma(a) - sigma(b), taking the complement on the right so nothing cancels
+    mass = np.where(b > 0, special.expit(-b) - special.expit(-a),
+                    special.expit(a) - special.expit(b))
+    mass = np.where(x == 0, special.expit(a), np.where(x == 255, special.expit(-b), mass))
+    return np.log(mass)
+
+
+# --------------------------------------------------------------------------- example table
+
+
+def x_binary(g, shape):
+    return torch.randint(0, 2, shape, generator=g).double()
+
+
+def x_unit(g, shape):
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    x.view(-1)[:2] = torch.tensor([0.0, 1.0])[: x.numel()]
+    return x
+
+
+def x_uint8(g, shape):
+    x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    x.view(-1)[:2] = torch.tensor([0, 255], dtype=torch.uint8)[: x.numel()]
+    return x
+
+
+def p_normal(g, shape):
+    return 3 * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def p_logistic(g, shape):
+    half = (shape[0], shape[1] // 2, *shape[2:])
+    loc = 2.4 * torch.rand(half, generator=g, dtype=torch.float64) - 1.2
+    log_s = 6 * torch.rand(half, generator=g, dtype=torch.float64) - 5
+    return torch.cat([loc, log_s], 1)
+
+
+def td_normal(fam, params):
+    loc, scale = ref_loc_scale(fam, params.numpy())
+    return td.Normal(torch.as_tensor(loc), torch.as_tensor(scale, dtype=torch.float64))
+
+
+def td_laplace(fam, params):
+    loc, scale = ref_loc_scale(fam, params.numpy())
+    return td.Laplace(torch.as_tensor(loc), torch.as_tensor(scale, dtype=torch.float64))
+
+
+def td_categorical(fam, params):
+    logits = params.unflatten(1, (256, params.shape[1] // 256)).movedim(1, -1)
+    return td.Categorical(logits=logits, validate_args=False)
+
+
+class Example(NamedTuple):
+    options: dict[str, Any]
+    make_x: Callable
+    make_params: Callable
+    reference: Callable  # (family, params np float64, x np float64) -> elementwise log p
+    torch_dist: Callable | None = None  # (family, params float64) -> torch Distribution
+
+
+EXAMPLES: dict[str, list[Example]] = {
+    "bernoulli": [
+        Example({}, x_binary, p_normal, ref_bernoulli,
+                lambda f, p: td.Bernoulli(logits=p)),
+        Example({"unnormalized": True}, x_unit, p_normal, ref_bernoulli,
+                lambda f, p: td.Bernoulli(logits=p, validate_args=False)),
+    ],
+    "continuous-bernoulli": [
+        Example({}, x_unit, p_normal, ref_cb, lambda f, p: td.ContinuousBernoulli(logits=p)),
+    ],
+    "gaussian": [
+        Example({"scale": 0.1}, x_unit, p_normal, ref_gaussian, td_normal),
+        Example({"scale": "learned", "init_scale": 0.3}, x_unit, p_normal, ref_gaussian,
+                td_normal),
+        Example({"scale": "per-pixel"}, x_unit, p_normal, ref_gaussian, td_normal),
+    ],
+    "laplace": [
+        Example({"scale": 0.2}, x_unit, p_normal, ref_laplace, td_laplace),
+        Example({}, x_unit, p_normal, ref_laplace, td_laplace),
+        Example({"scale": "per-pixel", "min_scale": 0.01}, x_unit, p_normal, ref_laplace,
+                td_laplace),
+    ],
+    "categorical-256": [Example({}, x_uint8, p_normal, ref_categorical, td_categorical)],
+    "discretized-logistic": [Example({}, x_uint8, p_logistic, ref_logistic)],
+}
+CASES = [(name, i) for name, examples in EXAMPLES.items() for i in range(len(examples))]
+IDS = [f"{name}-{i}" for name, i in CASES]
+EVENT_SHAPES = [(3,), (1, 4, 4), (3, 2, 2)]
+
+
+def make(name: str, i: int, batch: int = 3, event=(2, 3, 3), seed: int = 0,
+         dtype=torch.float64):
+    """(family, params, x) for one example case."""
+    ex = EXAMPLES[name][i]
+    fam = L.get(name, **ex.options).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    p = fam.params_per_channel
+    params = ex.make_params(g, (batch, p * event[0], *event[1:])).to(dtype)
+    x = ex.make_x(g, (batch, *event))
+    if x.is_floating_point():
+        x = x.to(dtype)
+    return fam, params, x
+
+
+def reference(name, i, fam, params, x) -> np.ndarray:
+    lp = EXAMPLES[name][i].reference(fam, params.detach().double().numpy(), x.double().numpy())
+    return lp.reshape(lp.shape[0], -1).sum(1)
+
+
+def test_every_registered_family_has_an_example():
+    assert sorted(L.LIKELIHOODS) == sorted(EXAMPLES)
+    assert len(L.LIKELIHOODS) == 6
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_log_prob_matches_float64_reference(name, i):
+    fam, params, x = make(name, i, dtype=torch.float64)
+    got = fam(params).log_prob(x)
+    assert got.shape == (3,) and got.dtype == torch.float64
+    np.testing.assert_allclose(arr(got), reference(name, i, fam, params, x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_float32_log_prob_within_1e5_of_float64(name, i):
+    fam, params, x = make(name, i, dtype=torch.float32)
+    px = fam(params)
+    ref_elem = EXAMPLES[name][i].reference(fam, params.double().numpy(), x.double().numpy())
+    np.testing.assert_allclose(arr(px.elementwise_log_prob(x)), ref_elem,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(arr(px.log_prob(x)), reference(name, i, fam, params, x),
+                               rtol=1e-5, atol=1e-5 * x[0].numel())
+
+
+@pytest.mark.parametrize("name,i", [c for c in CASES if EXAMPLES[c[0]][c[1]].torch_dist],
+                         ids=[f"{n}-{i}" for n, i in CASES if EXAMPLES[n][i].torch_dist])
+def test_log_prob_matches_torch_distributions(name, i):
+    fam, params, x = make(name, i, dtype=torch.float64)
+    ref = EXAMPLES[name][i].torch_dist(fam, params).log_prob(x if x.is_floating_point()
+                                                             else x.long())
+    torch.testing.assert_close(fam(params).log_prob(x), ref.flatten(1).sum(1),
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_extreme_parameters_give_finite_values_and_gradients(name, i):
+    fam, _, x = make(name, i, batch=4, dtype=torch.float32)
+    p = fam.params_per_channel
+    g = torch.Generator().manual_seed(1)
+    values = torch.tensor([1e4, -1e4, 100.0, -100.0, 0.0, 1e-4])
+    idx = torch.randint(0, len(values), (4, p * 2, 3, 3), generator=g)
+    params = values[idx].requires_grad_()
+    lp = fam(params).log_prob(x)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(params.grad).all()
+    assert all(torch.isfinite(q.grad).all() for q in fam.parameters())
+
+
+@pytest.mark.parametrize("name", ["gaussian", "laplace"])
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+def test_fixed_scales_from_1e6_to_1e6_are_finite_and_exact(name, scale):
+    fam = L.get(name, scale=scale)
+    x = torch.rand(2, 5, generator=torch.Generator().manual_seed(0))
+    params = torch.tensor([[0.5, -1e4, 1e4, 0.0, 1.0]]).repeat(2, 1).requires_grad_()
+    lp = fam(params).log_prob(x)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(params.grad).all()
+    ref = (ref_gaussian if name == "gaussian" else ref_laplace)(
+        fam, params.detach().double().numpy(), x.double().numpy()).sum(1)
+    np.testing.assert_allclose(lp.detach().double().numpy(), ref, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(CASES), batch=st.integers(1, 4),
+       event=st.sampled_from(EVENT_SHAPES), seed=st.integers(0, 2**31 - 1))
+def test_properties_over_shapes_and_values(case, batch, event, seed):
+    name, i = case
+    fam, params, x = make(name, i, batch=batch, event=event, seed=seed)
+    lp = fam(params).log_prob(x)
+    # exact against float64 reference math
+    np.testing.assert_allclose(arr(lp), reference(name, i, fam, params, x), rtol=1e-12)
+    # per-example values do not depend on the rest of the batch (or its order)
+    singles = torch.cat([fam(params[b : b + 1]).log_prob(x[b : b + 1]) for b in range(batch)])
+    torch.testing.assert_close(lp, singles, rtol=1e-12, atol=1e-12)
+    perm = torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(fam(params[perm]).log_prob(x[perm]), lp[perm],
+                               rtol=1e-12, atol=1e-12)
+    # the flat layout (B, D) with params (B, P*D) gives the same numbers
+    p, c = fam.params_per_channel, event[0]
+    flat_params = params.unflatten(1, (p, c)).flatten(2).flatten(1)
+    torch.testing.assert_close(fam(flat_params).log_prob(x.flatten(1)), lp,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_mean_and_samples(name, i):
+    """``mean`` against its definition; sample averages within 4 standard errors of it."""
+    fam, params, x = make(name, i, batch=1, event=(2,), seed=3)
+    px = fam(params)
+    mean = px.mean
+    assert mean.shape == x.shape
+    if fam.data_kind == "uint8":  # sum_k k/255 p(k) over all 256 values
+        k = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 2)
+        probs = fam(params.expand(256, -1)).elementwise_log_prob(k).exp()
+        torch.testing.assert_close(mean[0], (probs * k / 255).sum(0), rtol=1e-9, atol=1e-12)
+    elif name == "bernoulli":
+        torch.testing.assert_close(mean, torch.sigmoid(params))
+    elif name in ("gaussian", "laplace"):
+        torch.testing.assert_close(mean, params[:, :2])
+    n = 20000
+    draws = fam(params.expand(n, -1)).sample(torch.Generator().manual_seed(7))
+    assert draws.dtype == (torch.uint8 if fam.data_kind == "uint8" else torch.float64)
+    if name not in ("gaussian", "laplace"):
+        fam.validate(draws)  # samples are in the support
+    draws = draws.double() / (255 if fam.data_kind == "uint8" else 1)
+    se = draws.std(0) / math.sqrt(n)
+    assert ((draws.mean(0) - mean[0]).abs() <= 4 * se + 1e-12).all()
+
+
+# --------------------------------------------------------------------------- continuous Bernoulli
+
+CB_LOGITS = [0.0, 1e-8, -1e-8, 1e-4, -1e-4, 1e-3, -1e-3, 0.01, -0.01, 0.0999, 0.1, 1.0, -1.0,
+             10.0, -10.0, 100.0, -100.0, 1e4, -1e4]
+
+
+def mp_log_c(lg: float) -> mpmath.mpf:
+    lg = mpmath.mpf(lg)
+    return mpmath.log(2) if lg == 0 else mpmath.log(lg / mpmath.tanh(lg / 2))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 4e-16), (torch.float32, 2.4e-7)])
+def test_cb_log_normalizer_against_mpmath(dtype, rtol):
+    mpmath.mp.dps = 50
+    lg = torch.tensor(CB_LOGITS, dtype=dtype, requires_grad=True)
+    got = L.continuous_bernoulli_log_normalizer(lg)
+    got.sum().backward()
+    ref = [float(mp_log_c(v)) for v in lg.detach().tolist()]
+    np.testing.assert_allclose(got.detach().double().numpy(), ref, rtol=rtol)
+    # d/dl log C(l) = 1/l - 1/sinh(l), 0 at l = 0
+    dref = [0.0 if v == 0 else float(1 / mpmath.mpf(v) - 1 / mpmath.sinh(mpmath.mpf(v)))
+            for v in lg.detach().tolist()]
+    # float32: the gradient is O(1e-2) near |l| = 0.1 and exact to ~1e-7 absolute
+    np.testing.assert_allclose(lg.grad.double().numpy(), dref, rtol=1e-6 if dtype == torch.float32
+                               else 1e-12, atol=2e-7 if dtype == torch.float32 else 1e-15)
+
+
+def test_cb_taylor_coefficients_against_mpmath():
+    mpmath.mp.dps = 40
+    coef = mpmath.taylor(mp_log_c, 0, 10)[::2]
+    np.testing.assert_allclose([float(c) for c in coef], L._CB_SERIES, rtol=1e-15)
+    assert L._CB_SERIES[2] == -7 / 1440  # not -1/360
+
+
+@pytest.mark.parametrize("lg", [-100.0, -10.0, -1.0, -1e-3, 0.0, 1e-4, 0.05, 1.0, 10.0, 100.0])
+def test_cb_density_integrates_to_one_and_mean_matches(lg):
+    fam = L.get("continuous-bernoulli").double()
+    px = fam(torch.tensor([[lg]], dtype=torch.float64))
+
+    def density(x: float) -> float:
+        return math.exp(px.log_prob(torch.tensor([[x]], dtype=torch.float64)).item())
+
+    points = [1e-3, 1e-2, 0.1, 0.9, 0.99, 0.999]
+    total, _ = integrate.quad(density, 0, 1, points=points, epsabs=1e-13, epsrel=1e-12)
+    first, _ = integrate.quad(lambda x: x * density(x), 0, 1, points=points, epsabs=1e-13,
+                              epsrel=1e-12)
+    assert abs(total - 1) < 1e-10
+    assert abs(first - px.mean.item()) < 1e-10
+
+
+def test_cb_matches_torch_over_its_well_conditioned_range():
+    lg = torch.cat([torch.linspace(-20, -0.05, 60), torch.linspace(0.05, 20, 60)]).double()
+    x = torch.rand(120, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fam = L.get("continuous-bernoulli")
+    ref = td.ContinuousBernoulli(logits=lg).log_prob(x)
+    torch.testing.assert_close(fam(lg[:, None]).log_prob(x[:, None]), ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fam(lg[:, None]).mean[:, 0], td.ContinuousBernoulli(logits=lg).mean,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("lg", [-30.0, -5.0, -0.5, 0.0, 5e-5, 2.0, 30.0])
+def test_cb_samples_follow_the_cdf(lg):
+    """Empirical CDF at 0.1, 0.5, 0.9 within 4 standard errors of expm1(l x) / expm1(l)."""
+    n = 20000
+    fam = L.get("continuous-bernoulli").double()
+    draws = fam(torch.full((n, 1), lg, dtype=torch.float64)).sample(
+        torch.Generator().manual_seed(11))
+    for q in (0.1, 0.5, 0.9):
+        cdf = q if lg == 0 else float(mpmath.expm1(lg * q) / mpmath.expm1(lg))
+        emp = (draws <= q).double().mean().item()
+        assert abs(emp - cdf) <= 4 * math.sqrt(max(cdf * (1 - cdf), 1e-12) / n) + 1e-12
+
+
+def test_cb_output_bias_inverts_the_mean_then_clips():
+    fam = L.get("continuous-bernoulli")
+    m = torch.tensor([0.2, 0.35, 0.5, 0.7, 0.85, 0.01, 0.999], dtype=torch.float64)
+    bias = fam.output_bias(m)
+    torch.testing.assert_close(L.continuous_bernoulli_mean(bias[:5]), m[:5], rtol=0, atol=1e-12)
+    bound = math.log(999)
+    torch.testing.assert_close(bias[5:], torch.tensor([-bound, bound], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- 8-bit families
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+def test_discretized_logistic_sums_to_one(dtype, tol):
+    fam = L.get("discretized-logistic")
+    locs = [-1e4, -1.5, -1.0, -0.99, -0.3, 0.0, 0.5, 1.0, 1.5, 1e4]
+    log_scales = [-1e4, -7.0, -5.0, -2.0, 0.0, 3.0, 7.0, 1e4]
+    grid = torch.tensor([[a, b] for a in locs for b in log_scales], dtype=dtype)  # (N, 2)
+    k = torch.arange(256)[:, None, None].expand(256, len(grid), 1)
+    params = grid.expand(256, -1, -1)
+    lp = fam(params.reshape(-1, 2)).log_prob(k.reshape(-1, 1)).reshape(256, -1)
+    assert torch.isfinite(lp).all()
+    assert torch.logsumexp(lp.double(), 0).abs().max().item() < tol
+
+
+def mp_logistic_bin(k: int, loc: float, log_s: float) -> float:
+    mpmath.mp.dps = 60
+    s = mpmath.exp(mpmath.mpf(log_s))
+    y = mpmath.mpf(2 * k) / 255 - 1
+    a, b = (y + mpmath.mpf(1) / 255 - loc) / s, (y - mpmath.mpf(1) / 255 - loc) / s
+    # sigma(a) - sigma(b) = (e^a - e^b) / ((1 + e^a)(1 + e^b)): no cancellation when a - b > 1
+    return float(mpmath.log((mpmath.exp(a) - mpmath.exp(b))
+                            / ((1 + mpmath.exp(a)) * (1 + mpmath.exp(b)))))
+
+
+def test_discretized_logistic_far_tail_bins_against_mpmath():
+    """Where float64 sigmoid differences round to 0 (PixelCNN++ falls back to the pdf),
+    the exact formula still matches mpmath."""
+    fam = L.get("discretized-logistic").double()
+    cases = [(200, -1.0, -5.0), (10, 1.0, -5.0), (128, -0.9, -6.0), (254, -1.0, -7.0),
+             (1, 0.99, -7.0), (100, 0.0, 5.0), (129, 0.0, -7.0)]
+    params = torch.tensor([[loc, ls] for _, loc, ls in cases], dtype=torch.float64)
+    x = torch.tensor([[k] for k, _, _ in cases])
+    got = fam(params).log_prob(x)
+    ref = [mp_logistic_bin(*c) for c in cases]
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+    assert got[0] < -30  # the float64 difference sigma(a) - sigma(b) would be 0 here
+
+
+def test_categorical_output_bias_matches_the_mean_with_a_uniform_floor():
+    fam = L.get("categorical-256")
+    m = torch.tensor([[0.0, 0.01, 0.05, 0.3], [0.5, 0.8, 0.95, 1.0]], dtype=torch.float64)
+    bias = fam.output_bias(m)  # (256*2, 4)
+    assert bias.shape == (512, 4)
+    px = fam(bias[None])
+    torch.testing.assert_close(px.mean[0, :, 1:3], m[:, 1:3], rtol=0, atol=1e-9)
+    logp = bias.unflatten(0, (256, 2)).log_softmax(0)
+    assert logp.min() >= math.log(0.01 / 256) - 1e-12
+    assert torch.logsumexp(logp, 0).abs().max() < 1e-12
+
+
+def test_discretized_logistic_output_bias():
+    fam = L.get("discretized-logistic")
+    m = torch.tensor([[0.0, 0.1, 0.5, 0.9]], dtype=torch.float64)
+    bias = fam.output_bias(m)
+    torch.testing.assert_close(bias[0], 2 * m[0] - 1)
+    s = bias[1].exp()
+    torch.testing.assert_close(s[1:] ** 2 * math.pi**2 / 3, 4 * m[0, 1:] * (1 - m[0, 1:]))
+    assert s[0].item() == pytest.approx(1 / 255)
+
+
+# --------------------------------------------------------------------------- output bias
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+@pytest.mark.parametrize("event", EVENT_SHAPES)
+def test_output_bias_shape_and_mean(name, i, event):
+    """Bias (P*C, *rest); a decoder that outputs only the bias predicts the data mean."""
+    fam = L.get(name, **EXAMPLES[name][i].options).double()
+    m = 0.2 + 0.6 * torch.rand(event, generator=torch.Generator().manual_seed(0),
+                               dtype=torch.float64)
+    bias = fam.output_bias(m)
+    assert bias.shape == (fam.params_per_channel * event[0], *event[1:])
+    if name != "discretized-logistic":  # its tails pull the mean towards 1/2; tested above
+        atol = 1e-9 if name != "bernoulli" else 1e-12
+        torch.testing.assert_close(fam(bias[None]).mean[0], m, rtol=0, atol=atol)
+    if fam.params_per_channel == 2 and name != "discretized-logistic":
+        scale = F.softplus(bias[event[0]:]) + fam.min_scale
+        torch.testing.assert_close(scale, torch.full_like(m, fam.init_scale))
+
+
+def test_bernoulli_output_bias_clamps_means():
+    bias = L.get("bernoulli").output_bias(torch.tensor([0.0, 1e-4, 0.5, 1.0]))
+    torch.testing.assert_close(torch.sigmoid(bias), torch.tensor([1e-3, 1e-3, 0.5, 1 - 1e-3]))
+
+
+# --------------------------------------------------------------------------- learned scales
+
+
+@pytest.mark.parametrize("name", ["gaussian", "laplace"])
+def test_learned_scale_is_a_trained_parameter_with_the_right_gradient(name):
+    fam = L.get(name, scale="learned", init_scale=0.3, min_scale=1e-3).double()
+    (param,) = list(fam.parameters())
+    assert param is fam.log_scale and param.requires_grad and param.shape == ()
+    assert fam.min_scale + param.exp().item() == pytest.approx(0.3, rel=1e-7)  # float32 init
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    loc = torch.rand(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    fam(loc).log_prob(x).sum().backward()
+    # d/dtheta sum log p with sigma = min + e^theta: (e^theta / sigma) * sum(dlogp/dlog sigma)
+    sigma = 1e-3 + math.exp(param.item())
+    r = (x - loc).abs().numpy()
+    dlog = (r**2 / sigma**2 - 1) if name == "gaussian" else (r / sigma - 1)
+    expected = (sigma - 1e-3) / sigma * dlog.sum()
+    assert param.grad.item() == pytest.approx(expected, rel=1e-12)
+    assert not list(L.get(name, scale=0.1).parameters())
+    assert not list(L.get(name, scale="per-pixel").parameters())
+
+
+# --------------------------------------------------------------------------- validation messages
+
+
+def raises_one_line(x, name="bernoulli", **options) -> str:
+    fam = L.get(name, **options)
+    p = fam.params_per_channel
+    params = torch.zeros(x.shape[0], p * x.shape[1], *x.shape[2:])
+    with pytest.raises(DataError) as info:
+        fam(params).log_prob(x)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_grey_levels_to_bernoulli_are_refused_with_the_fix():
+    x = torch.zeros(2, 1, 5, 5)
+    x[0, 0, 0, :3] = torch.tensor([0.3412, 0.5, 0.7])
+    assert raises_one_line(x) == (
+        "bernoulli needs 0/1 data but got 3 values strictly between 0 and 1, e.g. 0.3412: "
+        "binarise the data (--binarize dynamic) or use the continuous-bernoulli likelihood "
+        "(or pass unnormalized=True to reproduce BCE-on-grey-levels examples; "
+        "it is not a likelihood)")
+
+
+def test_unnormalized_bernoulli_accepts_grey_levels_and_says_so():
+    fam = L.get("bernoulli", unnormalized=True)
+    assert not fam.normalized and fam.data_kind == "unit"
+    x = torch.full((1, 4), 0.25)
+    lg = torch.tensor([[-2.0, 0.0, 1.0, 3.0]])
+    torch.testing.assert_close(fam(lg).log_prob(x),
+                               -F.binary_cross_entropy(torch.sigmoid(lg), x, reduction="sum")[None])
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian", "laplace"])
+def test_nan_and_inf_are_counted(name):
+    x = torch.rand(2, 3)
+    x[0, 1], x[1, 2] = float("nan"), float("inf")
+    assert raises_one_line(x, name) == (
+        f"{name} got 2 NaN/Inf values, e.g. nan: fix the data pipeline (look for a division by "
+        "zero or a bad normalisation) before computing likelihoods")
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian"])
+def test_0_to_255_data_to_a_unit_family_suggests_dividing_by_255(name):
+    x = torch.tensor([[0.0, 255.0, 128.0, 1.0]])
+    assert raises_one_line(x, name) == (
+        f"{name} needs data in [0, 1] but got 2 values above 1, e.g. 255; the data look like "
+        "0..255 pixel values: divide by 255")
+
+
+def test_negative_data_to_a_unit_family():
+    msg = raises_one_line(torch.tensor([[-0.5, 0.5]]), "laplace")
+    assert msg == ("laplace needs data in [0, 1] but got 1 value outside it, e.g. -0.5: "
+                   "rescale the data to [0, 1]")
+
+
+def test_integer_data_to_a_unit_family():
+    msg = raises_one_line(torch.tensor([[0, 255]], dtype=torch.uint8), "continuous-bernoulli")
+    assert msg.startswith("continuous-bernoulli needs floating-point data in [0, 1] but got "
+                          "torch.uint8 data: convert 8-bit images with x.float() / 255")
+
+
+@pytest.mark.parametrize("name", ["categorical-256", "discretized-logistic"])
+def test_float_data_to_an_eight_bit_family(name):
+    msg = raises_one_line(torch.tensor([[0.0, 0.5]]), name)
+    assert msg == (
+        f"{name} needs integer pixel values 0..255 (a uint8 or int64 tensor) but got "
+        "torch.float32 data: pass the uint8 images (ImageSet.batch_uint8()), or use a family "
+        "for [0, 1] data such as bernoulli, continuous-bernoulli or gaussian")
+
+
+@pytest.mark.parametrize("name", ["categorical-256", "discretized-logistic"])
+def test_out_of_range_integers_to_an_eight_bit_family(name):
+    msg = raises_one_line(torch.tensor([[3, 300, -1, 255]]), name)
+    assert msg == (f"{name} needs pixel values 0..255 but got 2 values outside that range, "
+                   "e.g. 300: pass the uint8 images (ImageSet.batch_uint8())")
+
+
+def test_shape_mismatch_names_both_shapes():
+    fam = L.get("gaussian", scale="per-pixel")
+    with pytest.raises(DataError) as info:
+        fam(torch.zeros(4, 2, 28, 28)).log_prob(torch.zeros(4, 1, 32, 32))
+    assert str(info.value) == (
+        "gaussian params of shape (4, 2, 28, 28) (2 per data channel) fit data of shape "
+        "(4, 1, 28, 28) but x has shape (4, 1, 32, 32): make the decoder output "
+        "(B, 2*C, *rest) for data (B, C, *rest)")
+    with pytest.raises(ConfigError, match=r"shape \(4, 3, 5\), whose dim 1 is not a multiple"):
+        fam(torch.zeros(4, 3, 5))
+
+
+def test_validation_can_be_skipped_by_the_trainer():
+    fam = L.get("bernoulli")
+    x, lg = torch.full((1, 2), 0.5), torch.zeros(1, 2)
+    expected = torch.tensor([2 * math.log(0.5)])
+    torch.testing.assert_close(fam(lg, validate=False).log_prob(x), expected)
+    torch.testing.assert_close(fam(lg).log_prob(x, validate=False), expected)
+    fam.validate_data = False
+    torch.testing.assert_close(fam(lg).log_prob(x), expected)
+    with pytest.raises(DataError):
+        fam(lg).log_prob(x, validate=True)
+    with pytest.raises(DataError, match="x has shape"):  # shapes are always checked
+        fam(lg).log_prob(x[:, :1])
+
+
+# --------------------------------------------------------------------------- registry and options
+
+ATTRIBUTES = {  # name: (options, P, data_kind, normalized, config())
+    "bernoulli": ({}, 1, "binary", True, {"unnormalized": False}),
+    "continuous-bernoulli": ({}, 1, "unit", True, {}),
+    "gaussian": ({}, 1, "unit", True, {"scale": "learned", "init_scale": 1.0, "min_scale": 1e-3}),
+    "laplace": ({"scale": "0.5"}, 1, "unit", True, {"scale": 0.5}),
+    "categorical-256": ({}, 256, "uint8", True, {}),
+    "discretized-logistic": ({}, 2, "uint8", True, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTES))
+def test_family_attributes_and_config_round_trip(name):
+    options, p, kind, normalized, config = ATTRIBUTES[name]
+    fam = L.get(name, **options)
+    assert (fam.name, fam.params_per_channel, fam.data_kind, fam.normalized) == (
+        name, p, kind, normalized)
+    assert fam.config() == config
+    assert L.get(name, **fam.config()).config() == config
+    assert isinstance(fam, torch.nn.Module)
+
+
+def test_per_pixel_gaussian_has_two_params_and_round_trips():
+    fam = L.get("gaussian", scale="per-pixel", init_scale=0.5, min_scale=0.01)
+    assert fam.params_per_channel == 2
+    assert L.get("gaussian", **fam.config()).config() == {
+        "scale": "per-pixel", "init_scale": 0.5, "min_scale": 0.01}
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("gausian", {}, "unknown likelihood 'gausian': choose one of bernoulli, categorical-256, "
+                    "continuous-bernoulli, discretized-logistic, gaussian, laplace"),
+    ("gaussian", {"sigma": 1}, "unknown option 'sigma' for likelihood 'gaussian': valid options "
+                               "are scale, init_scale, min_scale"),
+    ("categorical-256", {"scale": 1}, "unknown option 'scale' for likelihood 'categorical-256': "
+                                      "valid options are none (it takes no options)"),
+    ("laplace", {"scale": -1.0}, "laplace scale must be a positive number (a fixed sigma), "
+                                 "'learned' or 'per-pixel', got -1.0"),
+    ("gaussian", {"scale": "fixed"}, "gaussian scale must be a positive number (a fixed sigma), "
+                                     "'learned' or 'per-pixel', got 'fixed'"),
+    ("gaussian", {"scale": 0.1, "min_scale": 0.01}, "gaussian options init_scale and min_scale "
+                                                    "apply only to scale='learned' or 'per-pixel'"),
+    ("gaussian", {"scale": "per-pixel", "min_scale": 0.0}, "min_scale > 0 for per-pixel"),
+    ("laplace", {"init_scale": 1e-4}, "needs init_scale > min_scale"),
+    ("bernoulli", {"unnormalized": "yes"}, "unnormalized must be true or false"),
+    ("laplace", {"init_scale": "big"}, "laplace option init_scale must be a number, got 'big'"),
+])
+def test_bad_names_and_options_are_config_errors(name, options, message):
+    with pytest.raises(ConfigError) as info:
+        L.get(name, **options)
+    assert message in str(info.value) and "\n" not in str(info.value)
