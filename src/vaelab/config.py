@@ -71,11 +71,16 @@ class LikelihoodConfig:
     """gaussian/laplace: a positive number (fixed sigma), "learned" or "per-pixel"."""
     unnormalized: bool = False
     """bernoulli only: accept grey levels (BCE on grey levels, not a likelihood)."""
+    init_scale: float | None = None
+    """learned/per-pixel scales: the starting sigma."""
+    min_scale: float | None = None
+    """learned/per-pixel scales: a floor on sigma."""
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        if self.scale is not None:
-            opts["scale"] = self.scale
+        for key in ("scale", "init_scale", "min_scale"):
+            if getattr(self, key) is not None:
+                opts[key] = getattr(self, key)
         if self.unnormalized:
             opts["unnormalized"] = True
         return opts

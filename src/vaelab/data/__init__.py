@@ -1,0 +1,75 @@
+"""Datasets for vaelab: verified MNIST-format files, user arrays and PNG folders, splits, binarisation.
+
+Entry point::
+
+    from vaelab.data import load
+    train = load("fashion-mnist", split="train", binarize="dynamic")   # 55,000 images
+    x = train.batch(torch.arange(128), generator=g)                    # float32 (128, 1, 28, 28)
+
+Where the files come from (data_dir, ``$VAELAB_DATA_DIR``, the user cache, system
+directories such as Debian's ``/usr/share/datasets/fashion-mnist``, then verified downloads)
+is described in :mod:`vaelab.data.sources`; the checksums and their sources in
+:mod:`vaelab.data.registry`.
+"""
+
+from __future__ import annotations
+
+from .files import UserData, read_array_file, read_png_folder
+from .idx import parse_amat, parse_idx, read_amat, read_idx, write_amat, write_idx
+from .imageset import (
+    BINARIZE_MODES,
+    ImageSet,
+    bernoulli_binarize,
+    derive_seed,
+    indices_digest,
+    split_indices,
+    validation_indices,
+)
+from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load
+from .registry import DATASETS, DatasetSpec, RemoteFile
+from .sources import (
+    SYSTEM_DATA_DIRS,
+    Resolution,
+    VerifiedFile,
+    cache_dir,
+    mirror_env_var,
+    mirrors_for,
+    resolve,
+    system_data_dirs,
+    verify_file,
+)
+
+__all__ = [
+    "load",
+    "ImageSet",
+    "BINARIZE_MODES",
+    "REGISTERED_SPLITS",
+    "USER_SPLITS",
+    "TEST_BINARIZATION_SEED",
+    "DATASETS",
+    "DatasetSpec",
+    "RemoteFile",
+    "read_idx",
+    "parse_idx",
+    "write_idx",
+    "read_amat",
+    "parse_amat",
+    "write_amat",
+    "UserData",
+    "read_array_file",
+    "read_png_folder",
+    "validation_indices",
+    "split_indices",
+    "indices_digest",
+    "derive_seed",
+    "bernoulli_binarize",
+    "SYSTEM_DATA_DIRS",
+    "Resolution",
+    "VerifiedFile",
+    "cache_dir",
+    "system_data_dirs",
+    "mirrors_for",
+    "mirror_env_var",
+    "resolve",
+    "verify_file",
+]
