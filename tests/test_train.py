@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vaelab import config, objectives
+from vaelab import checkpoint, config, objectives
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.train import RunLocked, TrainingDiverged, learning_rate, run_lock, train
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("fashion_available")
 
 
 def _weights(run_dir, name="last"):
-    meta = json.loads((run_dir / "checkpoints" / f"{name}.json").read_text())
+    meta = checkpoint.read_meta(run_dir / "checkpoints" / name)
     tensors = load_file(run_dir / "checkpoints" / meta["tensor_file"])
     return {k: v for k, v in tensors.items() if k.startswith("model.")}
 
@@ -115,9 +116,9 @@ def test_nan_guard_names_term_step_and_batch_and_keeps_last_good(tmp_path, monke
         if model.training:
             calls["n"] += 1
             if calls["n"] == 8 + 3:  # epoch 2 (8 steps per epoch), batch 2
-                terms.recon = terms.recon.clone()
-                terms.recon[1] = float("nan")
-                terms.elbo = terms.recon - terms.kl
+                recon = terms.recon.clone()
+                recon[1] = float("nan")
+                terms = dataclasses.replace(terms, recon=recon, elbo=recon - terms.kl)
         return terms
 
     monkeypatch.setattr(objectives, "elbo_terms", poisoned)
@@ -127,7 +128,7 @@ def test_nan_guard_names_term_step_and_batch_and_keeps_last_good(tmp_path, monke
     assert "step 10 (epoch 2, batch 2)" in message
     assert "reconstruction term is NaN/Inf for 1 of 64 examples" in message
     assert "--set train.lr=" in message and "\n" not in message
-    meta = json.loads((tmp_path / "checkpoints" / "last.json").read_text())
+    meta = checkpoint.read_meta(tmp_path / "checkpoints" / "last")
     assert meta["train_state"]["epoch"] == 1
     monkeypatch.setattr(objectives, "elbo_terms", real)
     lower = config.resolve(overrides=tiny_overrides(**{"train.epochs": 3, "train.lr": 1e-4}))

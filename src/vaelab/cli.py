@@ -259,7 +259,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
     try:
-        shape = tuple(int(v) for v in args.data_shape.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in args.data_shape.split(",") if v.strip())
     except ValueError:
         raise VaelabError(
             f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
