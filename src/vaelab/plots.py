@@ -30,6 +30,7 @@ Every figure states the split, the checkpoint (and its epoch) and its units.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError, VaelabError
+from .errors import CheckpointError, ConfigError, VaelabError
 
 __all__ = [
     "FIGURES",
@@ -418,6 +419,19 @@ def _report_stats(run, checkpoint: str) -> dict[str, Any] | None:
     return report
 
 
+def _grey_originals(cfg, test, n: int) -> Tensor | None:
+    """The first ``n`` test images in grey levels when the model sees them binarised."""
+    from .train import load_split
+
+    if test.binarize == "none":
+        return None
+    grey_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize="none"))
+    grey = load_split(grey_cfg, "test")
+    if grey.levels != 256 or tuple(grey.images.shape[1:]) != tuple(test.images.shape[1:]):
+        return None
+    return grey.images[:n].float() / 255.0
+
+
 def _context(run_dir: str | Path, checkpoint: str, out_dir: str | Path | None, device) -> _Context:
     from .runs import open_run
     from .train import load_split
@@ -503,11 +517,13 @@ def _plot_reconstructions(ctx: _Context, path: Path) -> Path:
     cols = min(n, 8)
     inputs = ctx.inputs[:n]
     recon = _decode_means(ctx.model, ctx.loc[:n])
-    dynamic = getattr(ctx.test, "binarize", "none") == "dynamic"
+    binarised = ctx.test.binarize != "none"
     row_kinds: list[tuple[str, Tensor]] = []
-    if dynamic:
-        row_kinds.append(("original\n(grey levels)", ctx.test.images[:n].float().cpu() / 255.0))
-    row_kinds.append(("model input\n(binarised)" if dynamic else "original", inputs))
+    grey = _grey_originals(ctx.run.config, ctx.test, n)
+    if grey is not None:
+        row_kinds.append(("original\n(grey levels)", grey))
+    row_kinds.append((f"model input\n({ctx.test.binarize} binarisation)" if binarised
+                      else "original", inputs))
     row_kinds.append(("reconstruction\n(decoder mean)", recon))
     # interleave: for each block of `cols` examples, one row per kind
     rows, names = [], []
@@ -579,8 +595,8 @@ def _plot_manifold(ctx: _Context, path: Path) -> Path:
     else:
         ax.set_yticks([])
         what = "the only latent dimension"
-    ax.set_title(f"Latent manifold: decoder mean over {what}; {others}\n"
-                 f"{ctx.where.replace('test split, ', '')}; KL from {ctx.kl_source}",
+    ax.set_title(f"Latent manifold: decoder mean over {what}\n({others}); "
+                 f"{ctx.where.replace('test split, ', '')}\nKL from {ctx.kl_source}",
                  fontsize=9)
     return _save(fig, path)
 
@@ -597,8 +613,13 @@ def _plot_latent_scatter(ctx: _Context, path: Path) -> Path:
     fig = _figure(7.5, 6.0)
     ax = fig.add_subplot()
     if latent == 1:
-        points = torch.stack([loc[:, 0].double(), torch.zeros(n, dtype=torch.float64)], 1)
-        xlabel, ylabel = r"$\mathrm{E}_q[z_0|x]$", "(one latent dimension: no second axis)"
+        # A strip plot: one row per class (or one row), with a fixed vertical jitter.
+        jitter = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        rows = ctx.labels.double() if ctx.labels is not None else torch.zeros(n).double()
+        points = torch.stack([loc[:, 0].double(), rows + 0.6 * (jitter - 0.5)], 1)
+        xlabel = r"$\mathrm{E}_q[z_0|x]$ (the only latent dimension)"
+        ylabel = "label (rows jittered vertically)" if ctx.labels is not None else (
+            "random vertical jitter (no meaning)")
     elif latent == 2:
         points = loc.double()
         xlabel, ylabel = r"$\mathrm{E}_q[z_0|x]$", r"$\mathrm{E}_q[z_1|x]$"
@@ -645,6 +666,8 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any]]) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     has_nelbo = any(r.get("train_nelbo") is not None for r in records)
     panels = [
         ("negative ELBO", "train_nelbo" if has_nelbo else "train_objective", "val_nelbo"),
@@ -655,6 +678,7 @@ def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any
     if not has_nelbo:
         train_name = "train objective (negative IWAE bound)"
     epoch = (ctx.run.meta.get("train_state") or {}).get("epoch")
+    last_epoch = max(int(r["epoch"]) for r in records)
     fig = _figure(12.0, 3.8)
     axes = fig.subplots(1, 3)
     for ax, (title, train_key, val_key) in zip(axes, panels):
@@ -669,6 +693,11 @@ def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any
             ax.axvline(epoch, color="grey", linestyle=":", linewidth=1,
                        label=f"checkpoint {ctx.run.checkpoint} (epoch {epoch})")
         ax.set_title(title, fontsize=10)
+        if last_epoch <= 12:
+            ax.set_xticks(range(1, last_epoch + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last_epoch + 0.5)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per example")
         ax.grid(alpha=0.3)
@@ -702,9 +731,9 @@ def _plot_kl_per_dim(ctx: _Context, path: Path) -> Path:
                        Patch(color="tab:grey", label="inactive")], fontsize=8)
     ax.set_xlabel("latent dimension, sorted by KL")
     ax.set_ylabel("KL (nats per example)")
-    ax.set_title(f"KL per latent dimension, {int(active.sum())} of {latent} active units "
-                 f"(total KL {float(kl.sum()):.2f} nats)\n{ctx.where}; KL from {ctx.kl_source}",
-                 fontsize=9)
+    ax.set_title(f"KL per latent dimension: {int(active.sum())} of {latent} active units, "
+                 f"total KL {float(kl.sum()):.2f} nats\n{ctx.where}\n"
+                 f"KL from {ctx.kl_source}", fontsize=9)
     ax.margins(y=0.12)
     return _save(fig, path)
 
@@ -722,7 +751,7 @@ def _plot_traversals(ctx: _Context, path: Path) -> Path:
     ax = fig.add_subplot()
     _show_grid(ax, grid)
     ax.set_xticks([1 + (i + 0.5) * (width + 1) for i in range(steps)],
-                  [f"{float(v):+.1f}" for v in values], fontsize=8)
+                  [f"{float(v):+g}" if float(v) else "0" for v in values], fontsize=8)
     ax.set_yticks([1 + (i + 0.5) * (height + 1) for i in range(len(dims))],
                   [_dim_label(ctx, d) for d in dims], fontsize=8)
     ax.set_xlabel("value of the traversed dimension (prior standard deviations)")
@@ -738,6 +767,7 @@ def plot_run(
     checkpoint: str = "best",
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
+    figures: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write the analysis figures of a run (see the module docstring) as PNG files.
 
@@ -748,13 +778,21 @@ def plot_run(
         checkpoint: ``"best"`` or ``"last"``.
         out_dir: where to write (default ``RUN_DIR/figures``); created if needed.
         device: where the model runs.
+        figures: draw only these (names from :data:`FIGURES`); default all.
 
     Returns:
         the paths written, in the order of :data:`FIGURES`.
 
     Raises:
         CheckpointError: the run directory, checkpoint or ``metrics.jsonl`` is missing.
+        ConfigError: an unknown figure name.
     """
+    wanted = list(FIGURES) if figures is None else list(figures)
+    unknown = [name for name in wanted if name not in FIGURES]
+    if unknown:
+        raise ConfigError(
+            f"unknown figure {unknown[0]!r}: choose from {', '.join(FIGURES)}"
+        )
     if not Path(run_dir).is_dir():
         raise CheckpointError(
             f"run directory {run_dir} does not exist: give the --out directory of a vaelab "
@@ -765,16 +803,18 @@ def plot_run(
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     was_training = ctx.model.training
     ctx.model.eval()
+    drawers = {
+        "reconstructions": _plot_reconstructions,
+        "samples": _plot_samples,
+        "manifold": _plot_manifold,
+        "latent_scatter": _plot_latent_scatter,
+        "training_curves": lambda c, path: _plot_training_curves(c, path, records),
+        "kl_per_dim": _plot_kl_per_dim,
+        "traversals": _plot_traversals,
+    }
     try:
-        written = [
-            _plot_reconstructions(ctx, ctx.out_dir / "reconstructions.png"),
-            _plot_samples(ctx, ctx.out_dir / "samples.png"),
-            _plot_manifold(ctx, ctx.out_dir / "manifold.png"),
-            _plot_latent_scatter(ctx, ctx.out_dir / "latent_scatter.png"),
-            _plot_training_curves(ctx, ctx.out_dir / "training_curves.png", records),
-            _plot_kl_per_dim(ctx, ctx.out_dir / "kl_per_dim.png"),
-            _plot_traversals(ctx, ctx.out_dir / "traversals.png"),
-        ]
+        written = [drawers[name](ctx, ctx.out_dir / f"{name}.png")
+                   for name in FIGURES if name in wanted]
     finally:
         ctx.model.train(was_training)
     return written
