@@ -352,7 +352,8 @@ def _read_tensors(directory: Path, record: dict) -> dict[str, torch.Tensor]:
     if not _is_plain_file_name(fname):
         raise CheckpointError(
             f"checkpoint in {directory} names tensor file {fname!r}, which is not a plain "
-            ".safetensors file name in the same directory: refusing to load it"
+            ".safetensors file name in the same directory: refusing to load it; restore the "
+            "checkpoint's JSON or use another checkpoint"
         )
     fpath = directory / fname
     try:

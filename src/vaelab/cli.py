@@ -189,6 +189,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config_mod.merge(*[config_mod.load_toml(saved), flags],
                              *[config_mod.parse_override(o) for o in args.set])
         )
+        if not list((run_dir / "checkpoints").glob("*.json")):
+            # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
+            # could be lost, so start the run again from epoch 0 with its saved config.
+            print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
+            train.train(cfg, run_dir, report=not args.no_report)
+            return 0
         train.train(cfg, run_dir, resume=True, report=not args.no_report)
         return 0
     cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
@@ -211,6 +217,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate, runs
     from .train import load_split, select_device
 
+    if args.iw_samples <= 0 or args.batch_size <= 0:
+        raise VaelabError("--iw-samples and --batch-size must be positive: e.g. --iw-samples "
+                          "5000 --batch-size 100")
+    if args.limit is not None and args.limit <= 0:
+        raise VaelabError(f"--limit must be positive, got {args.limit}")
     device = select_device(args.device)
     run = runs.open_run(args.run_dir, args.checkpoint, device)
     cfg = run.config
@@ -219,11 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, data=data)
     images = load_split(cfg, args.split)
     if args.limit is not None:
-        if args.limit <= 0:
-            raise VaelabError(f"--limit must be positive, got {args.limit}")
         images = images.subset(__import__("torch").arange(min(args.limit, len(images))))
-    if args.iw_samples <= 0 or args.batch_size <= 0:
-        raise VaelabError("--iw-samples and --batch-size must be positive")
     result = evaluate.evaluate(run.model, images.to(device), cfg, checkpoint_name=args.checkpoint,
                                iw_samples=args.iw_samples, batch_size=args.batch_size,
                                seed=args.seed)
@@ -248,7 +255,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from . import plots
 
     if args.n <= 0:
-        raise VaelabError(f"--n must be positive, got {args.n}")
+        raise VaelabError(f"--n must be positive, got {args.n}: e.g. --n 64")
     path = plots.sample_figure(args.run_dir, n=args.n, seed=args.seed,
                                checkpoint=args.checkpoint, mean=args.mean, out=args.out)
     print(path)

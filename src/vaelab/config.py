@@ -401,13 +401,14 @@ def validate(cfg: RunConfig) -> None:
         "data.validation_size": cfg.data.validation_size,
     }.items():
         if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
+            raise ConfigError(f"{name} must be >= 0, got {value}: give a value >= 0")
     for name, value in {
         "model.hidden": cfg.model.hidden,
         "model.channels": cfg.model.channels,
     }.items():
         if any(v <= 0 for v in value):
-            raise ConfigError(f"{name} sizes must be positive, got {list(value)}")
+            raise ConfigError(f"{name} sizes must be positive, got {list(value)}: give "
+                              f"layer sizes > 0, e.g. {name}=512,256")
     for name, value in {
         "data.train_limit": cfg.data.train_limit,
         "data.test_limit": cfg.data.test_limit,

@@ -4,7 +4,10 @@ Every split-level number is a sum over examples divided by the number of
 examples (never a mean of batch means). Work is split into fixed batches whose
 randomness is seeded by the batch number, so the numbers do not depend on how
 many processes share the work: under ``torchrun`` rank ``r`` takes batches
-``r, r + W, r + 2W, ...`` and the float64 sums are all-reduced.
+``r, r + W, r + 2W, ...`` and the float64 sums are all-reduced. Each batch gets the
+same inputs and draws whichever rank computes it, so 1 and N processes agree up to
+the order of float64 additions (about 1e-12 relative). Every rank must call the
+distributed functions; an error on one rank stops all of them (no hang).
 
 Report fields (``report.json``; nats per example unless stated):
 
@@ -70,6 +73,9 @@ def elbo_metrics(
     Returns a dict with ``n``, ``nelbo``, ``nelbo_stderr``, ``recon``, ``kl`` (nats per
     example), ``kl_per_dim`` (list, nats), ``active_units`` (int) and ``latent_variance``
     (Var over the data of E_q[z_j], list).
+
+    ``ctx``: share the batches over the ranks of a process group (every rank calls this
+    with the same arguments and gets the same numbers); None: this process alone.
     """
     from . import objectives
     from .train import seeded_generator
@@ -81,21 +87,22 @@ def elbo_metrics(
     latent = model.latent_dim
     # n, sum nelbo, sum nelbo^2, sum recon, sum kl, sum kl_j (L), sum mu_j (L), sum mu_j^2 (L)
     sums = torch.zeros(5 + 3 * latent, dtype=torch.float64, device=device)
-    for number, index in _batches(len(images), batch_size, ctx):
-        x = _inputs(model, images, index, seed, number)
-        gen = seeded_generator(seed, number, _EVAL_NOISE, device=device)
-        terms = objectives.elbo_terms(model, x, num_samples=1, generator=gen)
-        nelbo = (-terms.elbo).double()
-        loc = model.encode(x).mean.double()
-        sums[0] += nelbo.numel()
-        sums[1] += nelbo.sum()
-        sums[2] += (nelbo**2).sum()
-        sums[3] += (-terms.recon).double().sum()
-        sums[4] += terms.kl.double().sum()
-        if terms.kl_per_dim is not None:
-            sums[5:5 + latent] += terms.kl_per_dim.double().sum(0)
-        sums[5 + latent:5 + 2 * latent] += loc.sum(0)
-        sums[5 + 2 * latent:] += (loc**2).sum(0)
+    with distributed.agree(ctx, "evaluation"):
+        for number, index in _batches(len(images), batch_size, ctx):
+            x = _inputs(model, images, index, seed, number)
+            gen = seeded_generator(seed, number, _EVAL_NOISE, device=device)
+            terms = objectives.elbo_terms(model, x, num_samples=1, generator=gen)
+            nelbo = (-terms.elbo).double()
+            loc = model.encode(x).mean.double()
+            sums[0] += nelbo.numel()
+            sums[1] += nelbo.sum()
+            sums[2] += (nelbo**2).sum()
+            sums[3] += (-terms.recon).double().sum()
+            sums[4] += terms.kl.double().sum()
+            if terms.kl_per_dim is not None:
+                sums[5:5 + latent] += terms.kl_per_dim.double().sum(0)
+            sums[5 + latent:5 + 2 * latent] += loc.sum(0)
+            sums[5 + 2 * latent:] += (loc**2).sum(0)
     distributed.all_reduce_sum(sums, ctx)
     model.train(was_training)
     n = float(sums[0])
@@ -127,7 +134,10 @@ def nll_metrics(
     seed: int = 0,
     ctx: distributed.Context | None = None,
 ) -> dict[str, Any]:
-    """Importance-sampled -log p(x) over a split: ``nll`` and ``nll_stderr`` (nats)."""
+    """Importance-sampled -log p(x) over a split: ``nll`` and ``nll_stderr`` (nats).
+
+    ``ctx`` as in :func:`elbo_metrics`: the batches are shared over its ranks.
+    """
     from . import objectives
     from .train import seeded_generator
 
@@ -136,16 +146,19 @@ def nll_metrics(
     model.eval()
     device = images.images.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for number, index in _batches(len(images), batch_size, ctx):
-        x = _inputs(model, images, index, seed, number)
-        gen = seeded_generator(seed, number, _EVAL_IW, device=device)
-        result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
-        nll = -result.per_example.double()
-        sums += torch.stack([torch.tensor(float(nll.numel()), dtype=torch.float64,
-                                          device=device), nll.sum(), (nll**2).sum()])
+    with distributed.agree(ctx, "evaluation"):
+        for number, index in _batches(len(images), batch_size, ctx):
+            x = _inputs(model, images, index, seed, number)
+            gen = seeded_generator(seed, number, _EVAL_IW, device=device)
+            result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
+            nll = -result.per_example.double()
+            sums += torch.stack([torch.tensor(float(nll.numel()), dtype=torch.float64,
+                                              device=device), nll.sum(), (nll**2).sum()])
     distributed.all_reduce_sum(sums, ctx)
     model.train(was_training)
     n = float(sums[0])
+    if n == 0:
+        raise ValueError("cannot evaluate an empty split")
     mean = float(sums[1]) / n
     variance = max(float(sums[2]) / n - mean**2, 0.0) * n / max(n - 1, 1)
     return {"n": int(n), "nll": mean, "nll_stderr": math.sqrt(variance / n)}
@@ -162,8 +175,17 @@ def evaluate(
     seed: int = 0,
     ctx: distributed.Context | None = None,
 ) -> dict[str, Any]:
-    """The full report for ``model`` on the split ``images`` (see the module docstring)."""
+    """The full report for ``model`` on the split ``images`` (see the module docstring).
+
+    ``ctx``: how the work is shared. None joins the process group when the program was
+    launched by ``torchrun`` (``WORLD_SIZE`` > 1; every rank must then call this, and
+    all get the same report), else evaluates in this process. Pass
+    ``distributed.Context()`` to evaluate in this process alone under torchrun.
+    """
     from . import objectives
+
+    if ctx is None:
+        ctx = distributed.setup(images.images.device)
 
     family = model.likelihood
     dims = int(np.prod(images.images.shape[1:]))

@@ -128,8 +128,15 @@ def _standard_normal(num: int, shape: torch.Size, like: torch.Tensor,
     return torch.stack(blocks).to(like.device)
 
 
-def _sample(q: Distribution, num: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Reparameterised ``(num, B, L)`` draws from ``q`` (see the module docstring)."""
+def _sample(q: Distribution, num: int, generator: torch.Generator | None,
+            eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Reparameterised ``(num, B, L)`` draws from ``q`` (see the module docstring).
+
+    ``eps`` (``(num, B, L)`` standard-normal noise drawn by the caller) replaces the
+    draws: ``z_s = loc + scale * eps[s]``. Only for a diagonal Gaussian ``q``.
+    """
+    if eps is not None:
+        return _sample_from_noise(q, num, eps)
     if _is_diagonal_normal(q):
         loc, scale = q.base_dist.loc, q.base_dist.scale
         eps = _standard_normal(num, loc.shape, loc, generator)
@@ -141,6 +148,22 @@ def _sample(q: Distribution, num: int, generator: torch.Generator | None) -> tor
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return q.rsample((num,))
+
+
+def _sample_from_noise(q: Distribution, num: int, eps: torch.Tensor) -> torch.Tensor:
+    """``loc + scale * eps`` for a diagonal Gaussian ``q``; checks ``eps`` is ``(num, B, L)``."""
+    if not _is_diagonal_normal(q):
+        raise ConfigError(
+            f"pre-drawn noise (eps) needs a diagonal Gaussian q(z|x), got {type(q).__name__}: "
+            "pass a generator instead"
+        )
+    loc, scale = q.base_dist.loc, q.base_dist.scale
+    if tuple(eps.shape) != (num, *loc.shape):
+        raise ConfigError(
+            f"eps has shape {tuple(eps.shape)} but {num} samples of q(z|x) with loc "
+            f"{tuple(loc.shape)} need {(num, *loc.shape)}: draw one (B, L) block per sample"
+        )
+    return loc + scale * eps.to(device=loc.device, dtype=loc.dtype)
 
 
 def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -193,7 +216,8 @@ def _mc_kl(q: Distribution, prior: Distribution,
 
 
 def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
-               generator: torch.Generator | None = None) -> ELBOTerms:
+               generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> ELBOTerms:
     r"""ELBO terms per example (Kingma & Welling 2014), beta = 1, in nats.
 
     .. math::
@@ -210,19 +234,24 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
             (``log q(z|x) - log p(z)`` at the same draws, averaged), or ``"auto"``
             (analytic when ``q`` and ``p`` are both diagonal Gaussians, else Monte Carlo).
         generator: optional ``torch.Generator`` for reproducible draws.
+        eps: optional ``(S, B, L)`` standard-normal noise to use instead of drawing
+            (diagonal Gaussian ``q`` only): ``z_s = loc + scale * eps[s]``. Drawing the
+            noise for a larger batch and passing slices of it gives every example the
+            draws it would get in the larger batch (data-parallel training does this).
 
     Returns:
         :class:`ELBOTerms` with ``(B,)`` tensors (``kl_per_dim`` ``(B, L)`` or ``None``).
 
     Raises:
-        ConfigError: ``num_samples < 1``, an unknown ``kl`` mode, or no analytic KL.
+        ConfigError: ``num_samples < 1``, an unknown ``kl`` mode, no analytic KL, or an
+            ``eps`` of the wrong shape or with a non-Gaussian ``q``.
     """
     _check_count("num_samples", num_samples)
     if kl not in KL_MODES:
         raise ConfigError(f"unknown kl mode {kl!r}: choose one of {', '.join(KL_MODES)}")
     q = model.encode(x)
     prior = model.prior(x.device)
-    z = _sample(q, num_samples, generator)
+    z = _sample(q, num_samples, generator, eps)
     recon = _decoder_log_prob(model, x, z).mean(0)
     analytic = kl == "analytic" or (
         kl == "auto" and _is_diagonal_normal(q) and _is_diagonal_normal(prior)
@@ -289,7 +318,8 @@ def training_loss(terms: ELBOTerms, beta: float = 1.0, free_bits: float = 0.0) -
 
 
 def iwae_bound(model, x: torch.Tensor, k: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
     r"""The importance-weighted bound (Burda et al. 2016) per example, in nats.
 
     .. math::
@@ -306,17 +336,19 @@ def iwae_bound(model, x: torch.Tensor, k: int,
         x: ``(B, *event_shape)``.
         k: number of importance samples, >= 1.
         generator: optional ``torch.Generator``.
+        eps: optional ``(k, B, L)`` standard-normal noise used instead of drawing
+            (diagonal Gaussian ``q`` only), as in :func:`elbo_terms`.
 
     Returns:
         ``(B,)`` tensor.
 
     Raises:
-        ConfigError: ``k < 1``.
+        ConfigError: ``k < 1``, or an ``eps`` of the wrong shape or with a non-Gaussian ``q``.
     """
     _check_count("k", k)
     q = model.encode(x)
     prior = model.prior(x.device)
-    log_w = _log_weights(model, x, q, prior, _sample(q, k, generator))
+    log_w = _log_weights(model, x, q, prior, _sample(q, k, generator, eps))
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 

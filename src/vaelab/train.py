@@ -162,34 +162,67 @@ class TrainingObjective(nn.Module):
 
     DistributedDataParallel synchronises gradients through ``forward``, so the
     whole objective runs inside it. Returns ``(per_example_loss (B,), terms)``.
+
+    Under data parallelism each rank passes its shard ``x`` of the global batch, the
+    global batch size ``batch_total`` and, as ``eps``, its slice of the noise drawn for
+    the global batch, so every example gets the ``z`` a one-process run would give it.
+    Free bits clamp the *global* batch-mean KL per dimension (a differentiable sum over
+    ranks), so the objective and its gradient do not depend on the number of ranks.
     """
 
-    def __init__(self, model: nn.Module, cfg: config_mod.ObjectiveConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: config_mod.ObjectiveConfig,
+                 ctx: distributed.Context | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.ctx = ctx or distributed.Context()
 
-    def forward(self, x: torch.Tensor, kl_weight: float, generator: torch.Generator):
+    def forward(self, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None,
+                eps: torch.Tensor | None = None, batch_total: int | None = None):
         from . import objectives
 
         if self.cfg.kind == "iwae":
-            bound = objectives.iwae_bound(self.model, x, self.cfg.samples, generator=generator)
+            bound = objectives.iwae_bound(self.model, x, self.cfg.samples,
+                                          generator=generator, eps=eps)
             return -bound, None
         terms = objectives.elbo_terms(
-            self.model, x, num_samples=self.cfg.samples, kl=self.cfg.kl, generator=generator
+            self.model, x, num_samples=self.cfg.samples, kl=self.cfg.kl, generator=generator,
+            eps=eps,
         )
         kl = terms.kl
         if self.cfg.free_bits > 0:
-            # Free bits act on the batch-mean KL per dimension (Kingma et al. 2016).
-            per_dim_mean = terms.kl_per_dim.mean(0)
+            # Free bits act on the batch-mean KL per dimension (Kingma et al. 2016),
+            # over the global batch when the batch is split across ranks.
+            if self.ctx.enabled:
+                total = batch_total if batch_total is not None else x.shape[0]
+                per_dim_mean = distributed.sum_over_ranks(terms.kl_per_dim.sum(0),
+                                                          self.ctx) / total
+            else:
+                per_dim_mean = terms.kl_per_dim.mean(0)
             clamped = torch.clamp(per_dim_mean, min=self.cfg.free_bits)
             kl = kl + (clamped - per_dim_mean).sum()
         return -(terms.recon - kl_weight * kl), terms
 
 
+def global_batch_noise(samples: int, batch_total: int, latent_dim: int,
+                       generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``(samples, batch_total, latent_dim)`` standard-normal noise for the global batch.
+
+    Block ``s`` is the ``s``-th ``randn((batch_total, latent_dim), generator=generator)``
+    call: the draws :func:`vaelab.objectives.elbo_terms` and ``iwae_bound`` make from the
+    same generator for a batch of ``batch_total``, so slicing it along dim 1 gives each
+    rank exactly the noise of its examples in a one-process run.
+    """
+    blocks = [torch.randn((batch_total, latent_dim), generator=generator,
+                          device=generator.device) for _ in range(samples)]
+    return torch.stack(blocks).to(device)
+
+
 def _nan_message(
-    loss: torch.Tensor, terms: Any, step: int, epoch: int, batch: int, run_dir: Path
+    loss: torch.Tensor, terms: Any, step: int, epoch: int, batch: int, run_dir: Path,
+    ctx: distributed.Context | None = None,
 ) -> str:
+    where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx is not None and ctx.enabled else ""
     if terms is None:
         term, bad = "IWAE bound", ~torch.isfinite(loss)
     elif not torch.isfinite(terms.recon).all():
@@ -199,10 +232,10 @@ def _nan_message(
     else:
         term, bad = "loss", ~torch.isfinite(loss)
     return (
-        f"training diverged at step {step} (epoch {epoch + 1}, batch {batch}): the {term} term "
-        f"is NaN/Inf for {int(bad.sum())} of {bad.numel()} examples; the last good checkpoint "
-        f"is {run_dir / 'checkpoints' / 'last'}: resume with a lower learning rate, e.g. "
-        f"vaelab train --resume {run_dir} --set train.lr=1e-4"
+        f"training diverged{where} at step {step} (epoch {epoch + 1}, batch {batch}): "
+        f"the {term} term is NaN/Inf for {int(bad.sum())} of {bad.numel()} examples; the last "
+        f"good checkpoint is {run_dir / 'checkpoints' / 'last'}: resume with a lower learning "
+        f"rate, e.g. vaelab train --resume {run_dir} --set train.lr=1e-4"
     )
 
 
@@ -294,13 +327,12 @@ def train(
     from . import checkpoint, evaluate
 
     run_dir = Path(run_dir)
-    # --- setup: device, process group, threads, seeds
+    # --- setup: device, process group (under torchrun), threads, seeds
     device = select_device(cfg.train.device)
     ctx = distributed.setup(device)
-    if ctx.enabled and device.type == "cuda":
-        device = torch.device("cuda", ctx.local_rank)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if ctx.enabled:
+        device = distributed.rank_device(device, ctx.local_rank)
+    distributed.configure_threads(cfg.train.threads, ctx, device)
     if progress is None:
         progress = sys.stderr.isatty()
     progress = progress and ctx.is_main
@@ -308,74 +340,90 @@ def train(
     seed = cfg.train.seed
 
     with contextlib.ExitStack() as stack:
-        # --- checks that write nothing: a bad option or dataset leaves no run directory
-        if resume:
-            last = run_dir / "checkpoints" / "last"
-            if not last.with_suffix(".json").is_file():
+        stack.callback(distributed.teardown, ctx)
+        # Everything up to the first training collective runs inside `agree`: an error on
+        # any rank (bad config, missing data, locked run) stops every rank with its message
+        # instead of leaving the others waiting in a collective.
+        with distributed.agree(ctx, "setup"):
+            # --- checks that write nothing: a bad option or dataset leaves no run directory
+            if resume:
+                last = run_dir / "checkpoints" / "last"
+                if not last.with_suffix(".json").is_file():
+                    raise CheckpointError(
+                        f"nothing to resume in {run_dir}: no checkpoints/last.json (start a "
+                        "new run with --out instead)" + _shared_fs_hint(ctx)
+                    )
+                saved_cfg = config_mod.from_dict(checkpoint.read_meta(last)["config"])
+                _check_resume_config(saved_cfg, cfg)
+            elif ctx.is_main and (run_dir / "checkpoints" / "last.json").exists():
                 raise CheckpointError(
-                    f"nothing to resume in {run_dir}: no checkpoints/last.json (start a new run "
-                    "with --out instead)"
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir} "
+                    "or choose another --out"
                 )
-            saved_cfg = config_mod.from_dict(checkpoint.read_meta(last)["config"])
-            _check_resume_config(saved_cfg, cfg)
-        elif ctx.is_main and (run_dir / "checkpoints" / "last.json").exists():
-            raise CheckpointError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir} "
-                "or choose another --out"
+
+            # --- data: uint8 images stay in memory (on the device); floats are made per batch
+            train_set = load_split(cfg, "train").to(device)
+            val_set = (load_split(cfg, "validation").to(device)
+                       if cfg.data.validation_size else None)
+            if len(train_set) == 0:
+                raise ConfigError(
+                    "the training split is empty: use a larger dataset or train_limit"
+                )
+            event_shape = tuple(train_set.images.shape[1:])
+
+            # --- model and optimizer (seeded before construction: same seed, same weights)
+            torch.manual_seed(seed)
+            model = build_from_config(cfg, event_shape).to(device)
+            family = model.likelihood
+            model.init_output_bias(train_set.pixel_mean().to(device))
+            # Check the data against the likelihood once, up front (a clear error, not a NaN
+            # later); every batch has the same kind of values, so the loop skips the check.
+            family.validate(model_input(train_set, torch.arange(min(len(train_set), 1024),
+                                                                device=device), family,
+                                        seeded_generator(seed, 0, _BINARIZE, device=device)))
+            objective = TrainingObjective(model, cfg.objective, ctx)
+            optimizer = torch.optim.Adam(
+                model.parameters(), lr=cfg.train.lr,
+                eps=1e-4 if cfg.train.lr_schedule == "iwae" else 1e-8,
             )
 
-        # --- data: uint8 images stay in memory (on the device); floats are made per batch
-        train_set = load_split(cfg, "train").to(device)
-        val_set = load_split(cfg, "validation").to(device) if cfg.data.validation_size else None
-        if len(train_set) == 0:
-            raise ConfigError("the training split is empty: use a larger dataset or train_limit")
-        event_shape = tuple(train_set.images.shape[1:])
+            # --- from here on we write: lock the run directory (rank 0 writes, others read)
+            if ctx.is_main:
+                stack.enter_context(run_lock(run_dir))
+                if not resume and (run_dir / "checkpoints" / "last.json").exists():
+                    raise CheckpointError(
+                        f"{run_dir} already holds a run: continue it with --resume"
+                    )
 
-        # --- model and optimizer (seeded before construction: same seed, same weights)
-        torch.manual_seed(seed)
-        model = build_from_config(cfg, event_shape).to(device)
-        family = model.likelihood
-        model.init_output_bias(train_set.pixel_mean().to(device))
-        # Check the data against the likelihood once, up front (a clear error, not a NaN
-        # later); every batch has the same kind of values, so the loop skips the check.
-        family.validate(model_input(train_set, torch.arange(min(len(train_set), 1024),
-                                                            device=device), family,
-                                    seeded_generator(seed, 0, _BINARIZE, device=device)))
-        objective = TrainingObjective(model, cfg.objective)
+            # --- state: fresh, or restored from the last checkpoint
+            state: dict[str, Any] = {
+                "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
+                "epochs_since_best": 0, "history": [], "stopped_early": False,
+            }
+            if resume:
+                meta = checkpoint.load_checkpoint(
+                    run_dir / "checkpoints" / "last", model=model, optimizer=optimizer,
+                    map_location=device, restore_global_rng=True,
+                )
+                state.update(meta["train_state"])
+                echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
+            if ctx.is_main:
+                from ._io import atomic_write_text
+
+                atomic_write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
+            data_meta = {"train": train_set.metadata,
+                         "validation": val_set.metadata if val_set is not None else None}
+
+        # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
+        # weights to every rank); each rank computes the objective on its shard of the batch.
         wrapped: nn.Module = objective
         if ctx.enabled:
-            wrapped = nn.parallel.DistributedDataParallel(
-                objective, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.train.lr,
-            eps=1e-4 if cfg.train.lr_schedule == "iwae" else 1e-8,
-        )
-
-        # --- from here on we write: lock the run directory (rank 0 writes, others read)
-        if ctx.is_main:
-            stack.enter_context(run_lock(run_dir))
-            if not resume and (run_dir / "checkpoints" / "last.json").exists():
-                raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume")
-
-        # --- state: fresh, or restored from the last checkpoint
-        state: dict[str, Any] = {
-            "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
-            "epochs_since_best": 0, "history": [], "stopped_early": False,
-        }
-        if resume:
-            meta = checkpoint.load_checkpoint(
-                run_dir / "checkpoints" / "last", model=model, optimizer=optimizer,
-                map_location=device, restore_global_rng=True,
-            )
-            state.update(meta["train_state"])
-            echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
-        if ctx.is_main:
-            from ._io import atomic_write_text
-
-            atomic_write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
-        data_meta = {"train": train_set.metadata,
-                     "validation": val_set.metadata if val_set is not None else None}
+            with distributed.lost_contact(ctx, "setup"):
+                wrapped = nn.parallel.DistributedDataParallel(
+                    objective, device_ids=[device.index] if device.type == "cuda" else None
+                )
+        # A failed collective from here on (a rank died or hangs) ends with a clear message.
+        stack.enter_context(distributed.lost_contact(ctx, "training"))
 
         # A fixed z, so that the per-epoch sample grids are comparable across epochs.
         z_fixed = torch.randn(64, cfg.model.latent_dim,
@@ -397,7 +445,9 @@ def train(
             perm = torch.randperm(n_train, generator=seeded_generator(seed, epoch, _PERMUTATION))
             perm = perm.to(device)
             binarize_gen = seeded_generator(seed, epoch, _BINARIZE, device=device)
-            noise_gen = seeded_generator(seed, epoch, _NOISE + 10 * ctx.rank, device=device)
+            # One noise stream for the global batch; under data parallelism every rank draws
+            # the global batch's noise and keeps its slice (so N ranks = 1 process, exactly).
+            noise_gen = seeded_generator(seed, epoch, _NOISE, device=device)
             sums = torch.zeros(5, dtype=torch.float64, device=device)
             batches = _progress(range(steps_per_epoch), steps_per_epoch,
                                 f"epoch {epoch + 1}/{cfg.train.epochs}", progress)
@@ -409,13 +459,20 @@ def train(
                 x_global = model_input(train_set, global_index, family, binarize_gen)
                 x = x_global.tensor_split(ctx.world_size)[ctx.rank]
                 kl_weight = _kl_weight(cfg.objective, state["step"])
-                per_example, terms = wrapped(x, kl_weight, noise_gen)
+                if ctx.enabled:
+                    eps = global_batch_noise(cfg.objective.samples, n_global, model.latent_dim,
+                                             noise_gen, device)
+                    eps = eps.tensor_split(ctx.world_size, dim=1)[ctx.rank]
+                    per_example, terms = wrapped(x, kl_weight, None, eps, n_global)
+                else:
+                    per_example, terms = wrapped(x, kl_weight, noise_gen)
                 # DDP averages gradients over ranks, so scale the local sum to give the
                 # mean over the global batch.
                 loss = per_example.sum() * (ctx.world_size / n_global)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        _nan_message(per_example, terms, state["step"], epoch, batch, run_dir)
+                        _nan_message(per_example, terms, state["step"], epoch, batch, run_dir,
+                                     ctx)
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -482,6 +539,7 @@ def train(
                     "train_state": state,
                     "data": data_meta,
                     "event_shape": list(event_shape),
+                    "world_size": ctx.world_size,
                 }
                 checkpoint.save_checkpoint(run_dir / "checkpoints" / "last", model=model,
                                            optimizer=optimizer, meta=meta)
@@ -499,7 +557,10 @@ def train(
                                    "steps": state["step"], "best_epoch": state["best_epoch"]}
         # --- final report on the test split with the best checkpoint
         if report:
-            if ctx.is_main and (run_dir / "checkpoints" / "best.json").exists():
+            # Every rank evaluates its share with the best weights: wait until rank 0 has
+            # written the last checkpoints, then all ranks read the same file.
+            distributed.barrier(ctx)
+            if (run_dir / "checkpoints" / "best.json").exists():
                 checkpoint.load_checkpoint(run_dir / "checkpoints" / "best", model=model,
                                            map_location=device)
             test_set = load_split(cfg, "test").to(device)
@@ -512,8 +573,14 @@ def train(
                 echo(evaluate.format_table(result))
                 _make_figures(run_dir, echo)
             summary["report"] = result
-        distributed.teardown(ctx)
         return summary
+
+
+def _shared_fs_hint(ctx: distributed.Context) -> str:
+    if not ctx.enabled or ctx.is_main:
+        return ""
+    return (f"; rank {ctx.rank} cannot see it: with several nodes the run directory must be "
+            "on a file system that every node shares")
 
 
 def _kl_weight(cfg: config_mod.ObjectiveConfig, step: int) -> float:

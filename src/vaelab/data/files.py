@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, describe_bad_values
+from .idx import describe_start
 
 __all__ = ["UserData", "read_array_file", "read_png_folder"]
 
@@ -40,6 +43,8 @@ IMAGE_KEYS = ("images", "x")
 LABEL_KEYS = ("labels", "y")
 _CHANNELS = (1, 3, 4)
 _FLOAT_TOLERANCE = 1e-4  # in units of one grey level
+# What np.load and reading an .npz member raise for damaged or refused files.
+_NUMPY_LOAD_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass
@@ -93,7 +98,14 @@ def _to_levels(images: np.ndarray, source: Path) -> tuple[np.ndarray, int]:
     if kind != "f":
         raise DataError(f"{source}: images of dtype {images.dtype} are not supported: use "
                         f"uint8 grey levels, bool, or floats in [0, 1]")
-    bad = ~np.isfinite(images) | (images < 0) | (images > 1)
+    nonfinite = ~np.isfinite(images)
+    if nonfinite.any():
+        raise DataError(
+            f"{source}: float images must lie in [0, 1] but hold NaN/Inf "
+            f"({describe_bad_values(nonfinite, images)}): fix the step that made them "
+            f"(e.g. a division by zero in a normalisation) and save the file again"
+        )
+    bad = (images < 0) | (images > 1)
     if bad.any():
         raise DataError(
             f"{source}: float images must lie in [0, 1] ({describe_bad_values(bad, images)} "
@@ -128,7 +140,8 @@ def _labels(labels: np.ndarray, n: int, source: Path) -> np.ndarray:
 
 def _check_images(images: np.ndarray, source: Path) -> tuple[np.ndarray, int]:
     if images.ndim < 1 or images.shape[0] == 0:
-        raise DataError(f"{source}: holds no images (shape {images.shape})")
+        raise DataError(f"{source}: holds no images (shape {images.shape}): save a non-empty "
+                        f"array of images")
     nchw = _to_nchw(images, source)
     if 0 in nchw.shape:
         raise DataError(f"{source}: images have an empty dimension (shape {images.shape})")
@@ -149,8 +162,8 @@ def read_array_file(path: str | Path) -> UserData:
     path = Path(path)
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path} is not a readable .npy/.npz file ({exc})") from None
+    except _NUMPY_LOAD_ERRORS as exc:
+        raise _unreadable(path, exc) from None
     labels = None
     if isinstance(loaded, np.ndarray):
         images = loaded
@@ -166,8 +179,11 @@ def read_array_file(path: str | Path) -> UserData:
                     f"np.savez(path, images=..., labels=...)"
                 )
             label_key = next((k for k in LABEL_KEYS if k in found), None)
-            images = loaded[image_key]
-            labels = loaded[label_key] if label_key else None
+            try:  # the arrays of an .npz are read (and checked for pickles) only here
+                images = loaded[image_key]
+                labels = loaded[label_key] if label_key else None
+            except _NUMPY_LOAD_ERRORS as exc:
+                raise _unreadable(path, exc) from None
             keys = {"images": image_key, "labels": label_key}
     values, levels = _check_images(images, path)
     label_array = _labels(labels, values.shape[0], path) if labels is not None else None
@@ -179,6 +195,31 @@ def read_array_file(path: str | Path) -> UserData:
         {"source": "array file", "path": str(path.resolve()), "keys": keys,
          "original_dtype": str(images.dtype), "original_shape": list(images.shape)},
     )
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    """The error for a file ``np.load(allow_pickle=False)`` refused (never the advice to
+    load it unsafely that numpy's message gives)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        head = b""
+    pickled = "pickle" in str(exc).lower()
+    if pickled and head.startswith((b"\x93NUMPY", b"PK")):
+        return DataError(
+            f"{path} holds arrays of Python objects (pickles), which vaelab never loads "
+            f"(unpickling can run code): save the images as a numeric array, e.g. "
+            f"np.savez(path, images=x.astype(np.uint8))"
+        )
+    if head[:1] == b"\x80":
+        return DataError(
+            f"{path} is a Python pickle, which vaelab never loads (unpickling can run code): "
+            f"save the images with np.save or np.savez"
+        )
+    detail = describe_start(head) if pickled else f"{describe_start(head)}; {exc}"
+    return DataError(f"{path} is not a readable .npy/.npz file ({detail}): save the images "
+                     f"with np.save or np.savez")
 
 
 def _png_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
@@ -195,7 +236,8 @@ def _png_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | 
     if direct:
         return direct, None, None
     if not classes:
-        raise DataError(f"{folder} holds no .png images (directly or in class sub-folders)")
+        raise DataError(f"{folder} holds no .png images (directly or in class sub-folders): "
+                        f"put the images there or give the folder that holds them")
     files, labels = [], []
     for label, directory in enumerate(classes):
         for path in pngs(directory):
@@ -208,7 +250,8 @@ def _read_png(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        # formats=("PNG",): never hand the file to another decoder (EPS would run Ghostscript)
+        with Image.open(path, formats=("PNG",)) as image:
             image.load()
             if image.mode == "1":
                 image = image.convert("L")
@@ -218,8 +261,12 @@ def _read_png(path: Path) -> np.ndarray:
                 raise DataError(f"{path} has PIL mode {image.mode!r}; vaelab reads 8-bit L, RGB "
                                 f"or RGBA images: convert it")
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path} is not a readable PNG image ({exc})") from None
+    except DataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as exc:
+        raise DataError(f"{path} is not a readable PNG image ({exc}): replace it with an "
+                        f"8-bit PNG file") from None
 
 
 def read_png_folder(folder: str | Path) -> UserData:

@@ -14,6 +14,7 @@ a truncated or padded file is never read "as far as it goes".
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..errors import DataError
 __all__ = [
     "IDX_UBYTE",
     "GZIP_MAGIC",
+    "MAX_DECOMPRESSED_BYTES",
     "decompress",
     "describe_start",
     "parse_idx",
@@ -36,6 +38,8 @@ __all__ = [
 
 IDX_UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+MAX_DECOMPRESSED_BYTES = 1 << 30
+"""Largest decompressed size accepted (MNIST's training images are 47,040,016 bytes)."""
 _DTYPE_NAMES = {
     0x08: "uint8",
     0x09: "int8",
@@ -58,17 +62,28 @@ def describe_start(data: bytes) -> str:
 def decompress(data: bytes, source: str | Path) -> bytes:
     """Gunzip ``data`` if it starts with the gzip magic number, else return it unchanged.
 
+    At most :data:`MAX_DECOMPRESSED_BYTES` are produced, so a gzip bomb (a small file
+    that expands to gigabytes) is refused instead of exhausting memory.
+
     Raises:
-        DataError: a damaged or truncated gzip stream.
+        DataError: a damaged or truncated gzip stream, or one that expands too far.
     """
     if not data.startswith(GZIP_MAGIC):
         return data
+    limit = MAX_DECOMPRESSED_BYTES
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            out = stream.read(limit + 1)
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(
             f"{source} is a damaged or truncated gzip file ({exc}): {_REFETCH}"
         ) from None
+    if len(out) > limit:
+        raise DataError(
+            f"{source} decompresses to more than {limit} bytes, far more than any dataset "
+            f"file vaelab reads (a gzip bomb?): {_REFETCH}"
+        )
+    return out
 
 
 def parse_idx(data: bytes, source: str | Path, ndim: int | None = None) -> np.ndarray:

@@ -255,7 +255,8 @@ def _load_user(
     elif path.suffix.lower() in _ARRAY_SUFFIXES:
         data = read_array_file(path)
     else:
-        raise DataError(f"{path} is neither a .npz/.npy file nor a folder of PNG images")
+        raise DataError(f"{path} is neither a .npz/.npy file nor a folder of PNG images: "
+                        f"convert the data with np.save or np.savez")
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels) if data.labels is not None else None
     size = int(images.shape[0])

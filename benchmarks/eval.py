@@ -1,0 +1,191 @@
+"""Benchmark: importance-sampled log-likelihood, speed against the roofline and peak memory.
+
+Model: the ``pytorch-example`` architecture (784-400-20 ReLU MLP) with the normalised
+``bernoulli`` likelihood, freshly initialised (seed 0, decoder output bias at the data
+mean; the time does not depend on the weights). Data: the first ``--examples`` (default
+500) images of the Fashion-MNIST test set, binarised once (``binarize="static"``, the
+seed-0 draw vaelab uses for test numbers). :func:`vaelab.objectives.log_likelihood` runs
+over them in batches of ``--batch-size`` (default 100, ``EvalConfig.batch_size``) with its
+default chunking, exactly as :func:`vaelab.evaluate.nll_metrics` calls it.
+
+- Speed, for K = 1000 and 5000: seconds (median of ``--repeats``), decoded samples per
+  second, and ``roofline_fraction`` = roofline time / measured time, where the roofline
+  time is the matmul FLOPs of the call (counted by ``FlopCounterMode``: one encoder pass per
+  example plus one decoder pass per sample, about 0.64 MFLOP each) divided by the float32
+  matmul rate measured in the same run.
+- Peak memory, for K = 100, 1000, 5000: a fresh subprocess per K loads the model and data,
+  records its peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) before the
+  evaluation, runs it once, and records the peak again. ``peak_rss_mb`` is the process
+  peak (torch, data and all); ``eval_increase_mb`` is what the evaluation added. Flat in K
+  means ``eval_increase_mb`` does not grow with K.
+
+Run: ``python benchmarks/eval.py [--repeats 3] [--examples 500]``; writes
+``benchmarks/results/eval.json``. ``--smoke`` (CI): 20 examples, K = 10 and 50 (memory: K = 50 only).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+__all__ = ["build", "evaluate", "main"]
+
+
+def build(dataset: str, examples: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The benchmark's model and its ``(examples, 1, 28, 28)`` 0/1 float inputs."""
+    from vaelab import config, data
+    from vaelab.train import build_from_config
+
+    cfg = config.resolve(preset="pytorch-example",
+                         overrides=["likelihood.unnormalized=false", "data.binarize=static"])
+    user_file = Path(dataset).suffix.lower() in (".npz", ".npy")
+    images = data.load(dataset, "all" if user_file else "test", binarize="static",
+                       validation_size=0 if user_file else 5000)
+    images = images.subset(torch.arange(min(examples, len(images))))
+    torch.manual_seed(seed)
+    model = build_from_config(cfg, tuple(images.images.shape[1:]))
+    model.init_output_bias(images.pixel_mean())
+    model.eval()
+    return model, images.batch(torch.arange(len(images)))
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, k: int, batch_size: int,
+             seed: int = 0) -> torch.Tensor:
+    """``log_likelihood`` over ``x`` in batches, as ``evaluate.nll_metrics`` does: ``(N,)``."""
+    from vaelab import objectives
+
+    out = []
+    for number, start in enumerate(range(0, len(x), batch_size)):
+        gen = torch.Generator().manual_seed(seed * 100003 + number)
+        result = objectives.log_likelihood(model, x[start:start + batch_size], num_samples=k,
+                                           generator=gen)
+        out.append(result.per_example)
+    return torch.cat(out)
+
+
+def call_flops(model: torch.nn.Module, x: torch.Tensor, k: int, batch_size: int) -> float:
+    """Matmul FLOPs of :func:`evaluate` for K = ``k``, from counts at two small K."""
+    small = x[: min(len(x), batch_size)]
+    f1 = common.linear_matmul_flops(lambda: evaluate(model, small, 1, batch_size))
+    f2 = common.linear_matmul_flops(lambda: evaluate(model, small, 3, batch_size))
+    per_sample, per_example = (f2 - f1) / 2 / len(small), (f1 - (f2 - f1) / 2) / len(small)
+    return len(x) * (per_example + k * per_sample)
+
+
+def _memory_child(args) -> None:
+    """Subprocess body: peak RSS before and after one evaluation with K = ``args.memory_k``."""
+    model, x = build(args.dataset, args.examples)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    evaluate(model, x, args.memory_k, args.batch_size)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"k": args.memory_k, "peak_rss_mb": round(after / 1024, 1),
+                      "rss_before_eval_mb": round(before / 1024, 1),
+                      "eval_increase_mb": round((after - before) / 1024, 1)}))
+
+
+def peak_memory(args, k: int) -> dict[str, Any]:
+    """Run :func:`_memory_child` in a fresh interpreter (ru_maxrss is a process-wide peak)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-k", str(k),
+           "--dataset", args.dataset, "--examples", str(args.examples),
+           "--batch-size", str(args.batch_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common.base_parser(__doc__.splitlines()[0], "eval")
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help="registered name (test split) or .npz file (all of it)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="first N test images (default 500, smoke 20)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--samples", type=int, nargs="+", default=None,
+                        help="timed K values (default 1000 5000)")
+    parser.add_argument("--memory-samples", type=int, nargs="+", default=None,
+                        help="K values for peak memory (default 100 1000 5000)")
+    parser.add_argument("--memory-k", type=int, default=None, help=argparse_hidden())
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.examples = args.examples or (20 if smoke else 500)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_k is not None:
+        _memory_child(args)
+        return {}
+    timed_k = args.samples or ([10, 50] if smoke else [1000, 5000])
+    memory_k = args.memory_samples or ([50] if smoke else [100, 1000, 5000])
+    repeats = args.repeats or (1 if smoke else 3)
+    monitor = common.CpuMonitor()
+
+    model, x = build(args.dataset, args.examples)
+    mm_n = 256 if smoke else 2048
+    rates = common.matmul_rate(mm_n, 1 if smoke else repeats)["all_gflops"]
+    evaluate(model, x[: args.batch_size], timed_k[0], args.batch_size)  # warm-up
+    speed: dict[str, Any] = {}
+    times: dict[int, list[float]] = {k: [] for k in timed_k}
+    means: dict[int, float] = {}
+    for _ in range(repeats):
+        for k in timed_k:
+            started = time.perf_counter()
+            values = evaluate(model, x, k, args.batch_size)
+            times[k].append(time.perf_counter() - started)
+            means[k] = float(values.mean())
+    rates += common.matmul_rate(mm_n, 1 if smoke else repeats)["all_gflops"]
+    gflops = common.median(rates)
+    for k in timed_k:
+        flops = call_flops(model, x, k, args.batch_size)
+        summary = common.summarize(times[k])
+        roofline = flops / (gflops * 1e9)
+        speed[f"k_{k}"] = {
+            "k": k,
+            **summary,
+            "decoded_samples_per_second": round(len(x) * k / summary["seconds"], 1),
+            "matmul_flops": int(round(flops)),
+            "roofline_seconds": round(roofline, 4),
+            "roofline_fraction": round(roofline / summary["seconds"], 3),
+            "mean_log_likelihood": round(means[k], 4),
+        }
+    memory = {f"k_{k}": peak_memory(args, k) for k in memory_k}
+    increases = [m["eval_increase_mb"] for m in memory.values()]
+    result = {
+        "benchmark": "eval",
+        "smoke": smoke,
+        "model": "pytorch-example architecture (784-400-20 ReLU), bernoulli likelihood, "
+                 "untrained (seed 0)",
+        "dataset": args.dataset,
+        "examples": len(x),
+        "batch_size": args.batch_size,
+        "repeats": repeats,
+        "matmul": {"gflops": round(gflops, 3), "all_gflops": rates, "n": mm_n},
+        "speed": speed,
+        "memory": memory,
+        "memory_method": "fresh subprocess per K; resource.getrusage ru_maxrss before and "
+                         "after one evaluation",
+        "memory_flat_in_k": max(increases) <= min(increases) + 64,
+        "machine": common.machine(),
+        "cpu_load": monitor.report(),
+    }
+    common.write_result(result, args.out, "eval", smoke)
+    return result
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

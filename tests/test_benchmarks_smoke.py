@@ -1,0 +1,135 @@
+"""Smoke runs of the benchmark scripts (``--smoke``: tiny sizes, seconds, no timing asserted).
+
+Each script runs as a subprocess on a synthetic 28x28 ``.npz`` dataset (so CI needs no
+download) and must write JSON with the documented keys. The numbers checked are the ones
+that do not depend on the machine: the matmul FLOP counts of the 784-400-20 model, and the
+arithmetic relating the reported ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+# 784-400-20 MLP: encoder 784->400->40, decoder 20->400->784; 2 FLOPs per multiply-add.
+ENCODER_FLOPS = 2 * (784 * 400 + 400 * 40)  # 659,200
+DECODER_FLOPS = 2 * (20 * 400 + 400 * 784)  # 643,200
+FORWARD_FLOPS = ENCODER_FLOPS + DECODER_FLOPS  # 1,302,400
+# Backward: grad wrt weights for every layer, grad wrt input for all but the first.
+EXECUTED_FLOPS = 3 * FORWARD_FLOPS - 2 * 784 * 400  # 3,280,000
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, size=(160, 28, 28), dtype=np.uint8))
+    return path
+
+
+def _run(script: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert json.loads(done.stdout[: done.stdout.rindex("}") + 1]) == result  # printed too
+    for key in ("benchmark", "smoke", "machine", "cpu_load"):
+        assert key in result, key
+    assert result["smoke"] is True
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    return result
+
+
+def test_train_benchmark(tiny_npz, tmp_path):
+    r = _run("train.py", tmp_path / "train.json", "--dataset", str(tiny_npz))
+    assert r["examples_per_epoch"] == 160
+    flops = r["flops_per_example"]
+    assert flops == {"forward": FORWARD_FLOPS, "training_3x_forward": 3 * FORWARD_FLOPS,
+                     "training_executed": EXECUTED_FLOPS}
+    assert 3 * FORWARD_FLOPS == pytest.approx(3.9072e6)  # the issue's 3.9 MFLOP per example
+    gflops = r["matmul"]["gflops"]
+    assert gflops > 0
+    assert set(r["results"]) == {"batch_32", "batch_128"}
+    for row in r["results"].values():
+        ours, loop = row["vaelab"], row["dataloader_loop"]
+        for timing in (ours, loop):
+            assert timing["seconds"] > 0 and len(timing["all_seconds"]) == 1
+            assert timing["examples_per_second"] == pytest.approx(160 / timing["seconds"],
+                                                                  rel=1e-3)
+        roofline = 160 * 3 * FORWARD_FLOPS / (gflops * 1e9)
+        assert row["roofline_seconds"] == pytest.approx(roofline, rel=1e-2, abs=1e-4)
+        assert row["roofline_fraction"] == pytest.approx(
+            row["roofline_seconds"] / ours["seconds"], rel=1e-2, abs=1e-3)
+        assert row["speedup_vs_dataloader_loop"] == pytest.approx(
+            loop["seconds"] / ours["seconds"], rel=1e-2)
+        assert row["roofline_fraction_executed"] == pytest.approx(
+            row["roofline_fraction"] * EXECUTED_FLOPS / (3 * FORWARD_FLOPS), rel=2e-2, abs=1e-3)
+        # BCE on uniform grey levels with an untrained model: about 784 * 0.69 nats
+        assert 400 < row["vaelab_train_objective"] < 700
+
+
+def test_eval_benchmark(tiny_npz, tmp_path):
+    r = _run("eval.py", tmp_path / "eval.json", "--dataset", str(tiny_npz))
+    assert r["examples"] == 20
+    for k in (10, 50):
+        row = r["speed"][f"k_{k}"]
+        assert row["k"] == k and row["seconds"] > 0
+        # one encoder pass per example, one decoder pass per importance sample
+        assert row["matmul_flops"] == 20 * (ENCODER_FLOPS + k * DECODER_FLOPS)
+        assert row["roofline_fraction"] == pytest.approx(
+            row["roofline_seconds"] / row["seconds"], rel=1e-2, abs=1e-3)
+        # 0/1 pixels, untrained model at the data mean: about -784 * 0.69 nats
+        assert -700 < row["mean_log_likelihood"] < -300
+    assert set(r["memory"]) == {"k_50"}
+    for k in (50,):
+        mem = r["memory"][f"k_{k}"]
+        assert mem["k"] == k
+        assert mem["peak_rss_mb"] >= mem["rss_before_eval_mb"] > 50  # torch alone is more
+        assert mem["eval_increase_mb"] == pytest.approx(
+            mem["peak_rss_mb"] - mem["rss_before_eval_mb"], abs=0.2)
+    assert isinstance(r["memory_flat_in_k"], bool)
+
+
+def test_memory_benchmark(tiny_npz, tmp_path):
+    r = _run("memory.py", tmp_path / "memory.json", "--dataset", str(tiny_npz), "--no-report")
+    assert r["argv"][:2] == ["vaelab", "train"] and "--no-report" in r["argv"]
+    assert r["epochs"] == 1 and r["final_report"] is False
+    assert 50 < r["peak_rss_mb"] < 4096
+    assert r["meets_target"] == (r["peak_rss_mb"] < 1024)
+    assert any("epoch 1/1" in line for line in r["output_tail"])
+    # the sampled timeline never exceeds the kernel's high-water mark
+    assert all(mb <= r["peak_rss_mb"] + 1 for _, mb in r["rss_timeline"])
+
+
+def test_startup_benchmark(tmp_path):
+    r = _run("startup.py", tmp_path / "startup.json")
+    help_row = r["commands"]["vaelab --help"]
+    assert help_row["argv"] == ["vaelab", "--help"] and help_row["seconds"] > 0
+    assert help_row["imports_torch"] is False  # the CLI keeps torch out of --help
+    assert r["help_meets_target"] == (help_row["seconds"] < 0.5)
+    assert set(r["reference"]) == {"python -c pass", "python -c 'import torch'"}
+
+
+def test_matmul_rate_and_flop_counter():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    rate = common.matmul_rate(n=64, repeats=2, min_seconds=0.01)
+    assert rate["gflops"] > 0 and len(rate["all_gflops"]) == 2
+    a, b = torch.ones(8, 16), torch.ones(16, 4)
+    assert common.linear_matmul_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert common.summarize([2.0, 1.0, 4.0], examples=10) == {
+        "seconds": 2.0, "all_seconds": [2.0, 1.0, 4.0], "examples_per_second": 5.0}
