@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "report_md": (run_dir / "report.md").read_text(),
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "vaelab": vaelab.__version__, "platform": platform.platform()},
+                    "vaelab": vaelab.__version__, "platform": platform.platform(),
+                    "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],
+                    "note": "2 cores shared with other processes: wall times vary"},
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2)

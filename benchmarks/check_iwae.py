@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": trained,
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "vaelab": vaelab.__version__, "platform": platform.platform()},
+                    "vaelab": vaelab.__version__, "platform": platform.platform(),
+                    "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],
+                    "note": "2 cores shared with other processes: wall times vary"},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "command": f"python benchmarks/check_iwae.py --epochs {args.epochs}",
     }

@@ -188,7 +188,9 @@ class Child:
         return self.stderr_file.read()
 
     def last_event(self) -> str:
-        events = [line for line in self.lines if line.startswith("@")]
+        """The last fsync/replace/commit the child reported before it was killed."""
+        events = [line for line in self.lines
+                  if line.startswith("@") and not line.startswith("@pause")]
         return events[-1] if events else "(none: still starting)"
 
 
@@ -313,7 +315,8 @@ def _kill_once(plan: dict, run: Path, cwd: Path, hook_dir: Path, rng: random.Ran
     """Start (or resume) ``run``, kill it at the planned moment, check what survived."""
     before, temp_before = _epoch(run), set(_temp_files(run))
     pause = plan.get("at", "replace:last.json:2")  # random kills: at most one commit
-    child = Child(_start_or_resume(run), cwd, hook_dir, {"VAELAB_FAULT_PAUSE": pause})
+    command = _start_or_resume(run)
+    child = Child(command, cwd, hook_dir, {"VAELAB_FAULT_PAUSE": pause})
     try:
         if plan["kind"] == "pause":
             paused = child.wait_for("@pause")
@@ -328,7 +331,8 @@ def _kill_once(plan: dict, run: Path, cwd: Path, hook_dir: Path, rng: random.Ran
         child.kill()
     commits = sum(line.startswith("@committed last.json") for line in child.lines)
     after = _epoch(run)
-    record = {"what": plan["what"], "last event": child.last_event(), "epoch before": before,
+    record = {"what": plan["what"], "command": command[1], "last event": child.last_event(),
+              "epoch before": before,
               "epoch after": after,
               "temp files left": sorted(set(_temp_files(run)) - temp_before)}
     # Nothing but the work since the last completed checkpoint is lost: every commit the
@@ -386,6 +390,8 @@ def test_kill_9_at_many_moments_then_resume_gives_the_uninterrupted_run(killed_r
     pauses = sum(plan["kind"] == "pause" for plan in SCHEDULE)
     assert sum(bool(r["temp files left"]) for r in records) >= pauses
     assert {r["epoch after"] for r in records} >= {0, 1, 2, 3}
+    # --resume of a run killed before its first checkpoint starts it again from epoch 0
+    assert any(r["command"] == "--resume" and r["epoch before"] == 0 for r in records)
     run, ref = killed_run["run"], killed_run["ref"]
     assert _epoch(run) == EPOCHS
     assert _differences(run, ref) == []

@@ -194,7 +194,7 @@ _PLOTS = pytest.mark.xfail(strict=True, reason=(
     "plots.py reads metrics.jsonl and report.json with Path.read_text(encoding='utf-8') and "
     "catches only json.JSONDecodeError (read_metrics) / OSError, JSONDecodeError "
     "(_report_stats): a binary file raises UnicodeDecodeError, a traceback instead of a "
-    "one-line error (nothing is unpickled)"))
+    "one-line error (nothing is unpickled); fix: catch UnicodeDecodeError there too"))
 
 DISGUISES = {
     # name: (disguise, fragment of the error line (or one per protocol 0, 4), marks for

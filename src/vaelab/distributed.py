@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,9 +232,12 @@ def sum_over_ranks(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line: a VaelabError's message, else ``Type: first sentence`` (no source paths)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, VaelabError):
         return text
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo prefixes "[.../pair.cc:553] "
+    text = text.split(". ")[0].rstrip(".")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -266,7 +270,7 @@ def agree(ctx: Context, stage: str) -> Iterator[None]:
 
 
 _COMM_MARKERS = ("gloo", "nccl", "timed out", "connection closed", "connection reset",
-                 "broken pipe", "socket", "collective")
+                 "broken pipe")
 
 
 def _is_communication_error(exc: BaseException) -> bool:

@@ -214,6 +214,31 @@ class ObservationDistribution:
         lp = self.elementwise_log_prob(x, validate)
         return lp.sum(dim=tuple(range(1, lp.dim())))
 
+    def log_prob_samples(self, x: Tensor, num_samples: int,
+                         validate: bool | None = None) -> Tensor:
+        r""":math:`\log p(x_b \mid z_{s,b})` for ``S = num_samples`` latent draws per example.
+
+        ``params`` must have been decoded from ``z`` of shape ``(S*B, L)``, sample-major
+        (row ``s*B + b`` is draw ``s`` of example ``b``); ``x`` is ``(B, C, *rest)``. The
+        result ``(S, B)`` equals ``log_prob(x repeated S times).reshape(S, B)``, but ``x``
+        is validated once and, for elementwise families, broadcast instead of copied.
+
+        Raises:
+            DataError: the shapes do not fit, or (when validating) bad data.
+        """
+        n, b = self.params.shape[0], x.shape[0]
+        if num_samples < 1 or n != num_samples * b or x.shape[1:] != self.event_shape:
+            fam = self.family
+            raise DataError(
+                f"{fam.name} params of shape {tuple(self.params.shape)} do not hold "
+                f"{num_samples} draws for each of the {b} examples of x with shape "
+                f"{tuple(x.shape)}: decode z of shape (S*B, L), sample-major"
+            )
+        if self.validate if validate is None else validate:
+            self.family.validate(x)
+        lp = self.family._log_prob_samples(self.params, x, num_samples)
+        return lp.sum(dim=tuple(range(2, lp.dim())))
+
     @property
     def mean(self) -> Tensor:
         """The mean of ``x``, shaped like ``x``, in [0, 1] units (8-bit families divide by 255)."""
@@ -243,6 +268,9 @@ class LikelihoodFamily(nn.Module):
     params_per_channel: int = 1
     data_kind: str = "unit"
     normalized: bool = True
+    #: ``_log_prob`` is a pure elementwise function of ``(params, x)`` when ``P == 1``, so it
+    #: broadcasts over extra leading dims (lets :meth:`_log_prob_samples` skip a copy of x).
+    elementwise: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -286,6 +314,15 @@ class LikelihoodFamily(nn.Module):
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _log_prob_samples(self, params: Tensor, x: Tensor, num: int) -> Tensor:
+        """Elementwise log-density ``(S, B, C, *rest)`` for ``params (S*B, P*C, *rest)``
+        (sample-major) and ``x (B, C, *rest)``: broadcast ``x`` when :attr:`elementwise` and
+        ``P == 1``, else repeat it ``S`` times (one copy)."""
+        x_rep = x.unsqueeze(0).expand(num, *x.shape)
+        if self.elementwise and self.params_per_channel == 1:
+            return self._log_prob(params.unflatten(0, (num, -1)), x_rep)
+        return self._log_prob(params, x_rep.reshape(-1, *x.shape[1:])).unflatten(0, (num, -1))
+
     def _mean(self, params: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -316,6 +353,7 @@ class Bernoulli(LikelihoodFamily):
 
     name = "bernoulli"
     data_kind = "binary"
+    elementwise = True
 
     def __init__(self, unnormalized: bool = False) -> None:
         super().__init__()
@@ -393,6 +431,7 @@ class ContinuousBernoulli(LikelihoodFamily):
 
     name = "continuous-bernoulli"
     data_kind = "unit"
+    elementwise = True
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         x = x.to(params.dtype)
@@ -473,6 +512,7 @@ class _LocationScale(LikelihoodFamily):
     """
 
     data_kind = "unit"
+    elementwise = True  # with a fixed or learned scalar scale (P == 1)
 
     def __init__(self, scale: float | str = "learned", init_scale: float | None = None,
                  min_scale: float | None = None) -> None:

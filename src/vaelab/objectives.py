@@ -121,11 +121,13 @@ def _standard_normal(num: int, shape: torch.Size, like: torch.Tensor,
                      generator: torch.Generator | None) -> torch.Tensor:
     """``(num, *shape)`` noise; block ``s`` is the ``s``-th ``randn(shape)`` call."""
     device = generator.device if generator is not None else like.device
-    blocks = [
-        torch.randn(shape, generator=generator, dtype=like.dtype, device=device)
-        for _ in range(num)
-    ]
-    return torch.stack(blocks).to(like.device)
+    if num == 1:  # the training case: no stack copy
+        eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=device)
+        return eps.unsqueeze(0).to(like.device)
+    out = torch.empty((num, *shape), dtype=like.dtype, device=device)
+    for block in out:  # block s is the s-th randn(shape) call, written in place
+        block.normal_(generator=generator)
+    return out.to(like.device)
 
 
 def _sample(q: Distribution, num: int, generator: torch.Generator | None,
@@ -169,12 +171,17 @@ def _sample_from_noise(q: Distribution, num: int, eps: torch.Tensor) -> torch.Te
 def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     r""":math:`\log p(x|z_s)` for ``z`` of shape ``(S, B, L)`` -> ``(S, B)``.
 
-    ``x`` is expanded to ``(S, B, *event)`` without a copy; the reshape to ``(S*B, *event)``
-    copies only when ``S > 1`` (the decoder's ``log_prob`` needs a flat batch).
+    ``z`` is decoded as one flat batch of ``S*B``. When the decoder's distribution has
+    ``log_prob_samples(x, S)`` (vaelab's :class:`~vaelab.likelihoods.ObservationDistribution`)
+    ``x`` is validated once and broadcast; otherwise it is repeated ``S`` times (a copy
+    when ``S > 1``) for ``log_prob``.
     """
     num, batch = z.shape[:2]
+    px = model.decode(z.reshape(num * batch, z.shape[-1]))
+    if hasattr(px, "log_prob_samples"):
+        return px.log_prob_samples(x, num)
     x_rep = x.unsqueeze(0).expand(num, *x.shape).reshape(num * batch, *x.shape[1:])
-    return model.decode(z.reshape(num * batch, z.shape[-1])).log_prob(x_rep).reshape(num, batch)
+    return px.log_prob(x_rep).reshape(num, batch)
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
@@ -252,7 +259,8 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
     q = model.encode(x)
     prior = model.prior(x.device)
     z = _sample(q, num_samples, generator, eps)
-    recon = _decoder_log_prob(model, x, z).mean(0)
+    log_px = _decoder_log_prob(model, x, z)
+    recon = log_px[0] if num_samples == 1 else log_px.mean(0)  # same value, one op less
     analytic = kl == "analytic" or (
         kl == "auto" and _is_diagonal_normal(q) and _is_diagonal_normal(prior)
     )

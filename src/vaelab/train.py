@@ -52,6 +52,8 @@ __all__ = [
     "build_from_config",
     "load_split",
     "RESUMABLE_KEYS",
+    "TrainingObjective",
+    "global_batch_noise",
 ]
 
 log = logging.getLogger("vaelab.train")
@@ -205,15 +207,16 @@ class TrainingObjective(nn.Module):
 
 
 def global_batch_noise(samples: int, batch_total: int, latent_dim: int,
-                       generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                       generator: torch.Generator, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(samples, batch_total, latent_dim)`` standard-normal noise for the global batch.
 
     Block ``s`` is the ``s``-th ``randn((batch_total, latent_dim), generator=generator)``
-    call: the draws :func:`vaelab.objectives.elbo_terms` and ``iwae_bound`` make from the
-    same generator for a batch of ``batch_total``, so slicing it along dim 1 gives each
-    rank exactly the noise of its examples in a one-process run.
+    call in ``dtype`` (the model's): the draws :func:`vaelab.objectives.elbo_terms` and
+    ``iwae_bound`` make from the same generator for a batch of ``batch_total``, so slicing
+    it along dim 1 gives each rank exactly the noise of its examples in a one-process run.
     """
-    blocks = [torch.randn((batch_total, latent_dim), generator=generator,
+    blocks = [torch.randn((batch_total, latent_dim), generator=generator, dtype=dtype,
                           device=generator.device) for _ in range(samples)]
     return torch.stack(blocks).to(device)
 
@@ -417,6 +420,7 @@ def train(
         # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
         # weights to every rank); each rank computes the objective on its shard of the batch.
         wrapped: nn.Module = objective
+        model_dtype = next(model.parameters()).dtype
         if ctx.enabled:
             with distributed.lost_contact(ctx, "setup"):
                 wrapped = nn.parallel.DistributedDataParallel(
@@ -461,7 +465,7 @@ def train(
                 kl_weight = _kl_weight(cfg.objective, state["step"])
                 if ctx.enabled:
                     eps = global_batch_noise(cfg.objective.samples, n_global, model.latent_dim,
-                                             noise_gen, device)
+                                             noise_gen, device, model_dtype)
                     eps = eps.tensor_split(ctx.world_size, dim=1)[ctx.rank]
                     per_example, terms = wrapped(x, kl_weight, None, eps, n_global)
                 else:
