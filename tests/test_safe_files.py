@@ -190,12 +190,6 @@ class _Raw:
         return (_REAL_LOADS, (self.payload,))
 
 
-_PLOTS = pytest.mark.xfail(strict=True, reason=(
-    "plots.py reads metrics.jsonl and report.json with Path.read_text(encoding='utf-8') and "
-    "catches only json.JSONDecodeError (read_metrics) / OSError, JSONDecodeError "
-    "(_report_stats): a binary file raises UnicodeDecodeError, a traceback instead of a "
-    "one-line error (nothing is unpickled); fix: catch UnicodeDecodeError there too"))
-
 DISGUISES = {
     # name: (disguise, fragment of the error line (or one per protocol 0, 4), marks for
     # the binary pickle)
@@ -205,8 +199,9 @@ DISGUISES = {
                                             "is not a readable safetensors file", []),
     "run config.toml": (as_run_config, "is not valid TOML", []),
     "--config file": (as_config_file, "is not valid TOML", []),
-    "metrics.jsonl": (as_metrics, "metrics.jsonl line 1 is not JSON", [_PLOTS]),
-    "report.json": (as_report, "report.json", [_PLOTS]),
+    "metrics.jsonl": (as_metrics, ("metrics.jsonl line 1 is not JSON",
+                                   "metrics.jsonl is not text"), []),
+    "report.json": (as_report, "report.json", []),
     ".npz with an object array": (as_npz_member, "which vaelab never loads", []),
     ".npy with an object array": (as_npy_array, "which vaelab never loads", []),
     "pickle named .npy": (named("x.npy"), ("not a readable .npy/.npz file",
@@ -227,8 +222,8 @@ def _cases():
         # protocol 0 is ASCII text (reaches the JSON/TOML parsers), 4 is binary
         for protocol in (0, 4):
             marks = binary_marks if protocol == 4 else []
-            if name == "report.json" and protocol == 0:
-                continue  # valid UTF-8 that is not JSON: ignored (see the test below)
+            if name == "report.json":
+                continue  # not JSON (text or binary): ignored (see the test below)
             yield pytest.param(name, protocol, marks=marks, id=f"{name}-protocol{protocol}")
 
 
@@ -259,12 +254,13 @@ def test_a_pickle_disguised_as_each_file_is_refused(name, protocol, trained, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_text_report_json_that_is_not_json_is_ignored(trained, tmp_path, tripwires):
+@pytest.mark.parametrize("protocol", [0, 4])
+def test_a_report_json_that_is_not_json_is_ignored(protocol, trained, tmp_path, tripwires):
     """report.json is optional: one that is not JSON is not used (the KL is recomputed)."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     marker = tmp_path / "pwned"
-    (run / "report.json").write_bytes(pickle.dumps(Payload(marker), protocol=0))
+    (run / "report.json").write_bytes(pickle.dumps(Payload(marker), protocol=protocol))
     written = plots.plot_run(run, figures=["kl_per_dim"])
     assert [p.name for p in written] == ["kl_per_dim.png"] and not marker.exists()
     assert all(flag is False for flag in tripwires)

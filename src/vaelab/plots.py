@@ -343,8 +343,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             f"{run_dir} has no metrics.jsonl: give the directory of a vaelab train run that "
             "finished at least one epoch"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{path} is not text (JSON lines): the file is damaged or was replaced; "
+            "re-run or resume training to rewrite it"
+        ) from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -406,7 +413,7 @@ def _report_stats(run, checkpoint: str) -> dict[str, Any] | None:
         return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     kl = report.get("kl_per_dim")
     if (

@@ -450,7 +450,8 @@ def train(
             perm = perm.to(device)
             binarize_gen = seeded_generator(seed, epoch, _BINARIZE, device=device)
             # One noise stream for the global batch; under data parallelism every rank draws
-            # the global batch's noise and keeps its slice (so N ranks = 1 process, exactly).
+            # the global batch's noise and keeps its slice, so N ranks give every example the
+            # draws of a one-process run (results then differ only by float rounding).
             noise_gen = seeded_generator(seed, epoch, _NOISE, device=device)
             sums = torch.zeros(5, dtype=torch.float64, device=device)
             batches = _progress(range(steps_per_epoch), steps_per_epoch,
