@@ -192,7 +192,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not list((run_dir / "checkpoints").glob("*.json")):
             # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
             # could be lost, so start the run again from epoch 0 with its saved config.
-            print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
+            if _is_main_rank():
+                print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
             train.train(cfg, run_dir, report=not args.no_report)
             return 0
         train.train(cfg, run_dir, resume=True, report=not args.no_report)
@@ -206,7 +207,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         stem = Path(cfg.data.dataset).stem
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"run directory: {run_dir}")
+    if _is_main_rank():
+        print(f"run directory: {run_dir}")
     train.train(cfg, run_dir, report=not args.no_report)
     return 0
 
@@ -214,7 +216,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from . import evaluate, runs
+    from . import distributed, evaluate, runs
     from .train import load_split, select_device
 
     if args.iw_samples <= 0 or args.batch_size <= 0:
@@ -223,6 +225,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise VaelabError(f"--limit must be positive, got {args.limit}")
     device = select_device(args.device)
+    # Under torchrun every rank evaluates its share of the batches (same numbers as one
+    # process); rank 0 prints and writes.
+    ctx = distributed.setup(device)
+    if ctx.enabled:
+        device = distributed.rank_device(device, ctx.local_rank)
+    distributed.configure_threads(None, ctx, device)
     run = runs.open_run(args.run_dir, args.checkpoint, device)
     cfg = run.config
     data = dataclasses.replace(cfg.data, data_dir=args.data_dir or cfg.data.data_dir,
@@ -233,7 +241,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         images = images.subset(__import__("torch").arange(min(args.limit, len(images))))
     result = evaluate.evaluate(run.model, images.to(device), cfg, checkpoint_name=args.checkpoint,
                                iw_samples=args.iw_samples, batch_size=args.batch_size,
-                               seed=args.seed)
+                               seed=args.seed, ctx=ctx)
+    distributed.teardown(ctx)
+    if not ctx.is_main:
+        return 0
     print(evaluate.format_table(result))
     if args.json:
         from ._io import atomic_write_text
@@ -284,6 +295,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     result = audit.explain(**kwargs)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.text)
     return 0
+
+
+def _is_main_rank() -> bool:
+    """False on the non-zero ranks of a torchrun job (they stay quiet)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
