@@ -189,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config_mod.merge(*[config_mod.load_toml(saved), flags],
                              *[config_mod.parse_override(o) for o in args.set])
         )
-        if not list((run_dir / "checkpoints").glob("*.json")):
+        if not (run_dir / "checkpoints" / "last.json").exists():
             # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
             # could be lost, so start the run again from epoch 0 with its saved config.
             if _is_main_rank():

@@ -537,7 +537,9 @@ def train(
             state["epoch"] = epoch + 1
             state["history"].append(record)
 
-            # --- checkpoints, then metrics (rank 0 only)
+            # --- files (rank 0 only). `last` is the resume point, so it is written last: a
+            # kill before it re-runs this epoch on resume, which rewrites `best`, the metrics
+            # and the sample grid bitwise; a kill after it leaves nothing behind.
             if ctx.is_main:
                 meta = {
                     "config": config_mod.to_dict(cfg),
@@ -546,14 +548,14 @@ def train(
                     "event_shape": list(event_shape),
                     "world_size": ctx.world_size,
                 }
-                checkpoint.save_checkpoint(run_dir / "checkpoints" / "last", model=model,
-                                           optimizer=optimizer, meta=meta)
                 if improved:
                     checkpoint.save_checkpoint(run_dir / "checkpoints" / "best", model=model,
                                                meta=meta)
                 _write_metrics(run_dir, state["history"])
                 _epoch_samples(model, z_fixed, run_dir / "figures" / "samples"
                                / f"epoch-{epoch + 1:03d}.png")
+                checkpoint.save_checkpoint(run_dir / "checkpoints" / "last", model=model,
+                                           optimizer=optimizer, meta=meta)
             echo(_epoch_line(record, cfg.train.epochs))
             if state["stopped_early"]:
                 echo(f"early stopping: no better validation ELBO for {patience} epochs")
