@@ -198,7 +198,7 @@ def evaluate(
         "likelihood": family.name,
         "likelihood_options": family.config(),
         "normalized": bool(family.normalized),
-        "binarization": images.binarize,
+        "binarization": _binarization(images),
         "data_levels": images.levels,
         "checkpoint": checkpoint_name,
         "nelbo": elbo["nelbo"],
@@ -239,6 +239,16 @@ def evaluate(
             "D ln 256 correction to the discrete scale"
         )
     return report
+
+
+def _binarization(images) -> str:
+    """How the evaluated pixels were binarised, in words a reader of the report needs."""
+    info = images.metadata.get("binarization") or {}
+    if info.get("requested") == "dynamic" and images.binarize == "static":
+        return f"dynamic (this split binarised once with the fixed seed {info.get('seed', 0)})"
+    if images.binarize == "dynamic":
+        return "dynamic (a fresh draw per evaluation batch, seeded by the batch number)"
+    return images.binarize
 
 
 def write_report(result: dict[str, Any], run_dir: str | Path, stem: str = "report") -> None:
