@@ -95,15 +95,21 @@ def probe(examples: int = 2000) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--test-examples", type=int, default=1000)
     parser.add_argument("--iw-samples", type=int, default=5000)
     parser.add_argument("--eval-batch", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="parent of the two run dirs")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--probe", action="store_true", help="only estimate seconds per epoch")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for training (default 1: batch-20 steps are too "
+                             "small to gain from 2, and slow down badly when the 2 cores are "
+                             "shared with other processes)")
+    parser.add_argument("--eval-threads", type=int, default=2,
+                        help="torch threads for the K=5000 evaluation (large batches)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.probe:
         print(json.dumps(probe(), indent=2))
         return {}
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config_overrides": OBJECTIVES[name], "per_epoch": metrics}
 
     # --- the same test subset, the same seeds, for both models
+    torch.set_num_threads(args.eval_threads)
     subset = None
     values: dict[str, torch.Tensor] = {}
     for name in OBJECTIVES:
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "generators of vaelab.evaluate.nll_metrics; stderr over examples",
         "units": "nats per example",
         "runs": trained,
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "threads": {"train": args.threads,
+                                                        "eval": args.eval_threads},
                     "torch": torch.__version__, "python": platform.python_version(),
                     "vaelab": vaelab.__version__, "platform": platform.platform(),
                     "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],

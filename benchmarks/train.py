@@ -100,7 +100,7 @@ def dataloader_epoch(images: torch.Tensor, batch_size: int, seed: int = 0) -> fl
         loss = example_loss(recon, x, mu, logvar)
         loss.backward()
         optimizer.step()
-        float(loss)  # the example logs loss.item() every step
+        loss.item()  # the example logs loss.item() every step
     return time.perf_counter() - started
 
 

@@ -209,3 +209,52 @@ def test_standard_normal_blocks_are_separate_randn_calls(num):
     want = torch.stack([torch.randn(5, 3, generator=gen, dtype=torch.float64)
                         for _ in range(num)])
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+def _bce_reference(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float64 log Bernoulli(x; sigmoid(l)) = -(max(l, 0) - l x + log1p(e^-|l|))."""
+    lg, x = logits.double(), x.double()
+    return -(lg.clamp(min=0) - lg * x + torch.log1p(torch.exp(-lg.abs())))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_evaluation_path_equals_training_path(dtype):
+    # evaluation (no autograd) uses x l - softplus(l) in place; training BCE-with-logits
+    logits = torch.tensor([-80.0, -50.0, -39.9, -20.0, -1e-3, 0.0, 1e-3, 3.0, 20.0, 39.9,
+                           40.1, 50.0, 80.0], dtype=dtype)
+    family = likelihoods.get("bernoulli", unnormalized=True)
+    for x in (torch.zeros_like(logits), torch.ones_like(logits), torch.full_like(logits, 0.3)):
+        params = logits.reshape(1, -1)
+        with torch.no_grad():
+            fast = family(params).elementwise_log_prob(x.reshape(1, -1))
+        slow = family(params.clone().requires_grad_()).elementwise_log_prob(x.reshape(1, -1))
+        ref = _bce_reference(params, x.reshape(1, -1))
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(fast.double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(slow.detach().double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(fast, slow.detach(), rtol=4 * torch.finfo(dtype).eps,
+                                   atol=4 * torch.finfo(dtype).eps * 80)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_standard_normal_kl_closed_form_equals_torch(dtype):
+    gen = torch.Generator().manual_seed(0)
+    loc = 3 * torch.randn(64, 5, generator=gen, dtype=dtype)
+    scale = torch.exp(4 * torch.randn(64, 5, generator=gen, dtype=dtype))  # e^-12 .. e^12
+    q = torch.distributions.Independent(Normal(loc, scale), 1)
+    torch.manual_seed(0)
+    prior = build_from_config(config.resolve(overrides=["model.latent_dim=5"]),
+                              (1, 2, 2)).prior("cpu", dtype)
+    assert prior.base_dist.standard is True
+    kl, per_dim = objectives._analytic_kl(q, prior)
+    want = kl_divergence(Normal(loc.double(), scale.double()), Normal(0.0, 1.0))
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(per_dim.double(), want, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(kl.double(), want.sum(-1), rtol=rtol, atol=rtol * 10)
+    # a prior without the marker takes torch's general formula: the same numbers
+    general = torch.distributions.Independent(Normal(torch.zeros(5, dtype=dtype),
+                                                     torch.ones(5, dtype=dtype)), 1)
+    torch.testing.assert_close(objectives._analytic_kl(q, general)[1], per_dim,
+                               rtol=rtol, atol=rtol)

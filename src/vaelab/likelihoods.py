@@ -330,6 +330,10 @@ class LikelihoodFamily(nn.Module):
         raise NotImplementedError
 
 
+#: dtypes whose softplus may use the threshold 40 (e^40 does not overflow; float16 would).
+_EXACT_SOFTPLUS = (torch.float32, torch.float64)
+
+
 def _softplus(x: Tensor) -> Tensor:
     """Exact ``log(1 + e^x)`` (``F.softplus`` returns ``x`` itself above 20, off by e^-20)."""
     return -F.logsigmoid(-x)
@@ -365,8 +369,16 @@ class Bernoulli(LikelihoodFamily):
         self.data_kind = "unit" if unnormalized else "binary"
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        # max(l, 0) - l x + log1p(exp(-|l|)): no cancellation for large |l|.
         x = x.to(params.dtype)
+        if params.dtype in _EXACT_SOFTPLUS and not (torch.is_grad_enabled()
+                                                    and params.requires_grad):
+            # No autograd (evaluation): x l - softplus(l) in one buffer, written in place;
+            # 1.3x faster than the composite below (benchmarks/eval.py). softplus(l) = l
+            # above the threshold 40, where log1p(e^-l) < 5e-18 is below float64 rounding.
+            out = F.softplus(params, threshold=40.0)
+            return out.addcmul_(x, params, value=-1).neg_()
+        # max(l, 0) - l x + log1p(exp(-|l|)): no cancellation for large |l|; its fused
+        # backward (sigmoid(l) - x) makes it the faster form under autograd.
         return -F.binary_cross_entropy_with_logits(params, x, reduction="none")
 
     def _mean(self, params: Tensor) -> Tensor:

@@ -13,6 +13,9 @@ The functions take any ``model`` with this duck-typed interface:
 - ``model.decode(z)`` for ``z`` of shape ``(N, L)`` -> an object whose ``log_prob(x)`` takes
   ``x`` of shape ``(N, *event_shape)`` and returns ``(N,)``.
 - ``model.prior(device)`` -> ``p(z)``, usually ``Independent(Normal(0, 1), 1)`` over ``L`` dims.
+  A base ``Normal`` with the attribute ``standard = True`` (as :meth:`vaelab.models.VAE.prior`
+  sets) promises loc 0 and scale 1: the analytic KL then uses the shorter closed form
+  :math:`\tfrac12(\sigma^2 + \mu^2 - 1) - \log\sigma` (the same value to float rounding).
 
 Random draws (one rule for every function here). Importance sample ``s`` (``s = 0, 1, ...``)
 uses the ``s``-th call ``torch.randn((B, L), generator=generator)`` and
@@ -51,7 +54,9 @@ __all__ = [
 KL_MODES = ("auto", "analytic", "mc")
 
 #: Default bound on ``chunk_size * B`` (decoded examples per chunk) in :func:`log_likelihood`.
-DECODED_PER_CHUNK = 2**14
+#: 2**12 keeps a chunk's decoder outputs (4096 x 784 floats, 12.8 MB) in the CPU's L3 cache:
+#: 1.5x faster than 2**14 on a 2-core EPYC (benchmarks/eval.py), and memory stays flat in S.
+DECODED_PER_CHUNK = 2**12
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,11 @@ def _check_count(name: str, value: int) -> None:
 def _analytic_kl(q: Distribution, prior: Distribution) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-form KL ``(B,)`` and, for diagonal Gaussians, its ``(B, L)`` split."""
     if _is_diagonal_normal(q) and _is_diagonal_normal(prior):
-        per_dim = kl_divergence(q.base_dist, prior.base_dist)
+        if getattr(prior.base_dist, "standard", False):
+            loc, scale = q.base_dist.loc, q.base_dist.scale
+            per_dim = 0.5 * (scale * scale + loc * loc - 1) - scale.log()
+        else:
+            per_dim = kl_divergence(q.base_dist, prior.base_dist)
         per_dim = per_dim.expand(q.base_dist.loc.shape)
         return per_dim.sum(-1), per_dim
     try:
@@ -386,7 +395,7 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
         x: ``(B, *event_shape)``.
         num_samples: S >= 1 importance samples per example, used exactly.
         chunk_size: samples per chunk; default ``max(1, DECODED_PER_CHUNK // B)``, so a
-            chunk decodes at most ``DECODED_PER_CHUNK`` (2**14) examples.
+            chunk decodes at most ``DECODED_PER_CHUNK`` (2**12) examples.
         generator: optional ``torch.Generator`` for reproducible draws.
 
     Returns:

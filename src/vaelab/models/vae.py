@@ -125,10 +125,15 @@ class VAE(nn.Module):
     def prior(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Independent:
-        """p(z) = N(0, I) over ``L`` dimensions, as ``Independent(Normal, 1)``."""
+        """p(z) = N(0, I) over ``L`` dimensions, as ``Independent(Normal, 1)``.
+
+        The base ``Normal`` carries ``standard = True``, which lets
+        :mod:`vaelab.objectives` use the short closed-form KL against N(0, I).
+        """
         dtype = dtype or torch.get_default_dtype()
         loc = torch.zeros(self.latent_dim, device=device, dtype=dtype)
         normal = Normal(loc, torch.ones_like(loc), validate_args=False)
+        normal.standard = True
         return Independent(normal, 1, validate_args=False)
 
     @torch.no_grad()
