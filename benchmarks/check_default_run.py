@@ -44,6 +44,17 @@ RESULTS = Path(__file__).resolve().parent / "results" / "check_default_run.json"
 BUDGET_SECONDS = 6 * 60
 
 
+def source_digest() -> str:
+    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
+    import hashlib
+
+    root = Path(vaelab.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: temp)")
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="override a config key (for trying other defaults; the check "
                              "itself uses none)")
     args = parser.parse_args(argv)
+    digest = source_digest()
     torch.set_num_threads(2)
 
     cfg = config_mod.resolve(overrides=args.set)
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "report_md": (run_dir / "report.md").read_text(),
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "vaelab": vaelab.__version__, "platform": platform.platform(),
+                    "vaelab": vaelab.__version__, "vaelab_source_sha256_16 (at start)": digest,
+                    "platform": platform.platform(),
                     "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],
                     "note": "2 cores shared with other processes: wall times vary"},
     }

@@ -93,6 +93,17 @@ def probe(examples: int = 2000) -> dict[str, Any]:
     return out
 
 
+def source_digest() -> str:
+    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
+    import hashlib
+
+    root = Path(vaelab.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for the K=5000 evaluation (large batches)")
     args = parser.parse_args(argv)
+    digest = source_digest()
     torch.set_num_threads(args.threads)
     if args.probe:
         print(json.dumps(probe(), indent=2))
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "threads": {"train": args.threads,
                                                         "eval": args.eval_threads},
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "vaelab": vaelab.__version__, "platform": platform.platform(),
+                    "vaelab": vaelab.__version__, "vaelab_source_sha256_16 (at start)": digest,
+                    "platform": platform.platform(),
                     "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],
                     "note": "2 cores shared with other processes: wall times vary"},
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -288,6 +288,17 @@ def run_diagnostics(args, x_train, x_test, eps, test_set, lab, plain) -> dict[st
     }
 
 
+def source_digest() -> str:
+    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
+    import hashlib
+
+    root = Path(vaelab.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also train: the plain loop with vaelab's output-bias init, the "
                              "plain loop with seed 1, vaelab with seed 1 (about 2x the time)")
     args = parser.parse_args(argv)
+    digest = source_digest()
     torch.set_num_threads(2)
     started = time.perf_counter()
 
@@ -374,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "python": platform.python_version(), "vaelab": vaelab.__version__,
+                    "vaelab_source_sha256_16 (at start)": digest,
                     "platform": platform.platform(),
                     "load_average_1_5_15min_at_end": [round(v, 2) for v in os.getloadavg()],
                     "note": "2 cores shared with other processes: wall times vary"},
