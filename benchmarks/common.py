@@ -41,6 +41,10 @@ __all__ = [
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+#: Environment variables that change how torch's OpenMP threads behave (recorded).
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+              "KMP_BLOCKTIME")
+
 #: Share of the machine's CPU time used by other processes above which figures are flagged.
 BUSY_OTHER_SHARE = 0.1
 
@@ -90,6 +94,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "env": {k: os.environ.get(k) for k in THREAD_ENV if os.environ.get(k) is not None},
     }
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")

@@ -142,12 +142,26 @@ def _sample(q: Distribution, num: int, generator: torch.Generator | None,
     ``eps`` (``(num, B, L)`` standard-normal noise drawn by the caller) replaces the
     draws: ``z_s = loc + scale * eps[s]``. Only for a diagonal Gaussian ``q``.
     """
+    return _draw(q, num, generator, eps)[0]
+
+
+def _draw(q: Distribution, num: int, generator: torch.Generator | None,
+          eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(z, eps)``: the draws of :func:`_sample` and, for a diagonal Gaussian ``q``, the
+    standard-normal noise behind them (None otherwise)."""
     if eps is not None:
-        return _sample_from_noise(q, num, eps)
+        z = _sample_from_noise(q, num, eps)  # refuses a non-Gaussian q
+        return z, eps.to(z)
     if _is_diagonal_normal(q):
         loc, scale = q.base_dist.loc, q.base_dist.scale
         eps = _standard_normal(num, loc.shape, loc, generator)
-        return loc + scale * eps
+        return loc + scale * eps, eps
+    return _sample_other(q, num, generator), None
+
+
+def _sample_other(q: Distribution, num: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """``rsample`` of a non-Gaussian ``q``, under a seed drawn from ``generator``."""
     if generator is None:
         return q.rsample((num,))
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -190,9 +204,21 @@ def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
-                 z: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log p(x|z) + \log p(z) - \log q(z|x)` for ``z`` ``(S, B, L)`` -> ``(S, B)``."""
-    return _decoder_log_prob(model, x, z) + prior.log_prob(z) - q.log_prob(z)
+                 z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    r""":math:`\log p(x|z) + \log p(z) - \log q(z|x)` for ``z`` ``(S, B, L)`` -> ``(S, B)``.
+
+    With the noise ``eps`` behind ``z = loc + scale * eps`` (diagonal Gaussian ``q``),
+    :math:`\log q = \sum_j -\tfrac12 \epsilon_j^2 - \log \sigma_j - \tfrac12 \log 2\pi`
+    is computed from ``eps`` itself: ``q.log_prob(z)`` would recover ``eps`` as
+    ``(z - loc) / scale``, which float32 cancellation ruins when ``|loc| / scale`` is large.
+    Values and gradients are the same in exact arithmetic.
+    """
+    if eps is not None:
+        scale = q.base_dist.scale
+        log_q = (-0.5 * eps.square() - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    else:
+        log_q = q.log_prob(z)
+    return _decoder_log_prob(model, x, z) + prior.log_prob(z) - log_q
 
 
 def _check_count(name: str, value: int) -> None:
@@ -365,7 +391,8 @@ def iwae_bound(model, x: torch.Tensor, k: int,
     _check_count("k", k)
     q = model.encode(x)
     prior = model.prior(x.device)
-    log_w = _log_weights(model, x, q, prior, _sample(q, k, generator, eps))
+    z, noise = _draw(q, k, generator, eps)
+    log_w = _log_weights(model, x, q, prior, z, noise)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
@@ -416,7 +443,8 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
         lse_w2 = lse_w.clone()
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
-            log_w = _log_weights(model, x, q, prior, _sample(q, count, generator)).double()
+            z, noise = _draw(q, count, generator)
+            log_w = _log_weights(model, x, q, prior, z, noise).double()
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, dim=0))
             lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * log_w, dim=0))
     per_example = lse_w - math.log(num_samples)

@@ -109,7 +109,10 @@ class VAE(nn.Module):
         Raises:
             DataError: ``x`` does not have the model's event shape.
         """
-        loc, raw = self.encoder(self._float_input(x)).chunk(2, dim=-1)
+        out = self.encoder(self._float_input(x))
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out = out.float()  # under autocast: the KL and log q stay float32
+        loc, raw = out.chunk(2, dim=-1)
         normal = Normal(loc, self._scale(raw), validate_args=False)
         return Independent(normal, 1, validate_args=False)
 
