@@ -30,6 +30,15 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def _chmod_like_open(fd: int) -> None:
+    """Give a mkstemp file (mode 0600) the mode ``open()`` would: 0666 minus the umask."""
+    if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
+        return
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, rename).
 
@@ -45,6 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, sync_dir: bool = True) 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _chmod_like_open(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
