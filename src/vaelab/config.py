@@ -418,6 +418,11 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value is not None and not value > 0:
             raise ConfigError(f"{name} must be positive (or unset), got {value}")
+    if cfg.train.patience is not None and cfg.data.validation_size == 0:
+        raise ConfigError(
+            "train.patience needs a validation split to watch: set data.validation_size > 0 "
+            "or unset train.patience"
+        )
     if cfg.objective.kind == "iwae" and (cfg.objective.beta != 1.0 or cfg.objective.free_bits):
         raise ConfigError(
             "objective.kind = iwae does not use beta or free bits: leave them at 1 and 0"
