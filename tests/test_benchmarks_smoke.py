@@ -62,14 +62,15 @@ def test_train_benchmark(tiny_npz, tmp_path):
         ours, loop = row["vaelab"], row["dataloader_loop"]
         for timing in (ours, loop):
             assert timing["seconds"] > 0 and len(timing["all_seconds"]) == 1
+            # the JSON rounds seconds, and smoke timings are milliseconds: 10% slack
             assert timing["examples_per_second"] == pytest.approx(160 / timing["seconds"],
-                                                                  rel=1e-3)
+                                                                  rel=0.1)
         roofline = 160 * 3 * FORWARD_FLOPS / (gflops * 1e9)
         assert row["roofline_seconds"] == pytest.approx(roofline, rel=1e-2, abs=1e-4)
         assert row["roofline_fraction"] == pytest.approx(
-            row["roofline_seconds"] / ours["seconds"], rel=1e-2, abs=1e-3)
+            row["roofline_seconds"] / ours["seconds"], rel=0.1, abs=1e-3)
         assert row["speedup_vs_dataloader_loop"] == pytest.approx(
-            loop["seconds"] / ours["seconds"], rel=1e-2)
+            loop["seconds"] / ours["seconds"], rel=0.1)
         assert row["roofline_fraction_executed"] == pytest.approx(
             row["roofline_fraction"] * EXECUTED_FLOPS / (3 * FORWARD_FLOPS), rel=2e-2, abs=1e-3)
         # BCE on uniform grey levels with an untrained model: about 784 * 0.69 nats
@@ -84,8 +85,8 @@ def test_eval_benchmark(tiny_npz, tmp_path):
         assert row["k"] == k and row["seconds"] > 0
         # one encoder pass per example, one decoder pass per importance sample
         assert row["matmul_flops"] == 20 * (ENCODER_FLOPS + k * DECODER_FLOPS)
-        assert row["roofline_fraction"] == pytest.approx(
-            row["roofline_seconds"] / row["seconds"], rel=1e-2, abs=1e-3)
+        assert row["roofline_fraction"] == pytest.approx(  # rounded seconds: 10% slack
+            row["roofline_seconds"] / row["seconds"], rel=0.1, abs=1e-3)
         # 0/1 pixels, untrained model at the data mean: about -784 * 0.69 nats
         assert -700 < row["mean_log_likelihood"] < -300
     assert set(r["memory"]) == {"k_50"}
