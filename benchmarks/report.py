@@ -88,7 +88,9 @@ def render(directory: Path) -> str:
             f"Measured on {m['cpu']} ({m['cores']} cores, {m.get('memory_gb', '?')} GB), "
             f"torch {m['torch']} with {m['torch_threads']} threads, Python {m['python']}, "
             f"{m['date'][:10]}; float32 matmul rate {mm.get('gflops', float('nan')):.0f} GFLOP/s "
-            f"(2048 x 2048, same run). Medians of {first.get('repeats', '?')} repetitions."
+            f"(2048 x 2048, in the train run). Medians of "
+            + ", ".join(f"{r['repeats']} ({n})" for n, r in results.items()
+                        if r and "repeats" in r) + " repetitions."
             + (" * measured while other processes used the CPU." if any(
                 r and r.get("cpu_load", {}).get("machine_busy") for r in results.values())
                else ""))

@@ -13,7 +13,8 @@ For batch 128 and 512 on the Fashion-MNIST training set (all 60,000 images:
   + the analytic KL, Adam(1e-3).
 - ``roofline``: the epoch's matrix-multiply FLOPs divided by the float32 matmul rate
   measured in the same run (:func:`common.matmul_rate`, before and after the epochs; the
-  median of all repetitions). FLOPs per example follow the issue's convention,
+  median of all repetitions; ``paired_roofline_fractions`` use the rate measured just
+  before each epoch instead). FLOPs per example follow the issue's convention,
   3 x the forward matmul FLOPs (forward + two backward products per layer; 3.91 MFLOP for
   784-400-20); ``roofline_fraction_executed`` uses the FLOPs torch really runs
   (``FlopCounterMode`` over a training step: the first layer needs no input gradient).
@@ -178,12 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     times: dict[int, dict[str, list[float]]] = {b: {"vaelab": [], "loop": []} for b in batch_sizes}
     records: dict[int, dict[str, Any]] = {}
+    paired: dict[int, list[float]] = {b: [] for b in batch_sizes}  # matmul rate before each
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
         for b in batch_sizes if not smoke else []:  # warm-up: first allocations, matplotlib
             vaelab_epoch(_config(b, args.dataset, limit, args.threads), Path(tmp))
         for _ in range(repeats):
             for b in batch_sizes:
                 cfg = _config(b, args.dataset, limit, args.threads)
+                paired[b].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
                 seconds, records[b] = vaelab_epoch(cfg, Path(tmp))
                 times[b]["vaelab"].append(seconds)
                 times[b]["loop"].append(dataloader_epoch(images, b))
@@ -203,6 +206,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "speedup_vs_dataloader_loop": round(loop["seconds"] / ours["seconds"], 3),
             "roofline_fraction": round(roofline / ours["seconds"], 3),
             "roofline_fraction_executed": round(executed / ours["seconds"], 3),
+            # per repetition, against the matmul rate measured just before that epoch: the
+            # machine's speed drifts, and this pairing shows how much of the spread is drift
+            "paired_roofline_fractions": [
+                round(n * flops["training_3x_forward"] / (g * 1e9) / t, 3)
+                for g, t in zip(paired[b], times[b]["vaelab"])],
             "vaelab_train_objective": records[b]["train_objective"],
         }
     result = {
