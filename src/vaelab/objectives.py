@@ -187,24 +187,27 @@ def _sample_from_noise(q: Distribution, num: int, eps: torch.Tensor) -> torch.Te
     return loc + scale * eps.to(device=loc.device, dtype=loc.dtype)
 
 
-def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor,
+                      validate: bool | None = None) -> torch.Tensor:
     r""":math:`\log p(x|z_s)` for ``z`` of shape ``(S, B, L)`` -> ``(S, B)``.
 
     ``z`` is decoded as one flat batch of ``S*B``. When the decoder's distribution has
     ``log_prob_samples(x, S)`` (vaelab's :class:`~vaelab.likelihoods.ObservationDistribution`)
-    ``x`` is validated once and broadcast; otherwise it is repeated ``S`` times (a copy
+    ``x`` is validated once (``validate=False`` skips that, for data already checked;
+    None: the family's default) and broadcast; otherwise it is repeated ``S`` times (a copy
     when ``S > 1``) for ``log_prob``.
     """
     num, batch = z.shape[:2]
     px = model.decode(z.reshape(num * batch, z.shape[-1]))
     if hasattr(px, "log_prob_samples"):
-        return px.log_prob_samples(x, num)
+        return px.log_prob_samples(x, num, validate=validate)
     x_rep = x.unsqueeze(0).expand(num, *x.shape).reshape(num * batch, *x.shape[1:])
     return px.log_prob(x_rep).reshape(num, batch)
 
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
-                 z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+                 z: torch.Tensor, eps: torch.Tensor | None = None,
+                 validate: bool | None = None) -> torch.Tensor:
     r""":math:`\log p(x|z) + \log p(z) - \log q(z|x)` for ``z`` ``(S, B, L)`` -> ``(S, B)``.
 
     With the noise ``eps`` behind ``z = loc + scale * eps`` (diagonal Gaussian ``q``),
@@ -218,7 +221,7 @@ def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
         log_q = (-0.5 * eps.square() - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
     else:
         log_q = q.log_prob(z)
-    return _decoder_log_prob(model, x, z) + prior.log_prob(z) - log_q
+    return _decoder_log_prob(model, x, z, validate) + prior.log_prob(z) - log_q
 
 
 def _check_count(name: str, value: int) -> None:
@@ -237,7 +240,8 @@ def _analytic_kl(q: Distribution, prior: Distribution) -> tuple[torch.Tensor, to
             per_dim = 0.5 * (scale * scale + loc * loc - 1) - scale.log()
         else:
             per_dim = kl_divergence(q.base_dist, prior.base_dist)
-        per_dim = per_dim.expand(q.base_dist.loc.shape)
+        if per_dim.shape != q.base_dist.loc.shape:  # a broadcast prior; skip a no-op node
+            per_dim = per_dim.expand(q.base_dist.loc.shape)
         return per_dim.sum(-1), per_dim
     try:
         return kl_divergence(q, prior), None
@@ -444,7 +448,9 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z, noise = _draw(q, count, generator)
-            log_w = _log_weights(model, x, q, prior, z, noise).double()
+            # x is checked against the likelihood with the first chunk only
+            log_w = _log_weights(model, x, q, prior, z, noise,
+                                 validate=None if start == 0 else False).double()
             lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, dim=0))
             lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * log_w, dim=0))
     per_example = lse_w - math.log(num_samples)
