@@ -439,7 +439,9 @@ def test_file_size_limit_during_a_checkpoint_write(killed_run, tmp_path):
     after = _tree(run / "checkpoints")
     assert {k: v for k, v in after.items() if k.startswith("last")} == {
         k: v for k, v in before.items() if k.startswith("last")}
-    assert _temp_files(run) == temp_before
+    # no temp file of the failed write is left (stale checkpoint temps of earlier kills
+    # may be cleaned up by the resumed run's first checkpoint write)
+    assert set(_temp_files(run)) <= set(temp_before)
     assert runs.open_run(run, "last").meta["train_state"]["epoch"] == epoch
     # with space again, the run continues to exactly the uninterrupted result
     assert _resume_here(run) == 0
@@ -469,7 +471,9 @@ def test_no_space_left_is_one_line_and_keeps_the_checkpoint(
     monkeypatch.undo()
     err = capsys.readouterr().err
     _one_line_error(err, message, "free")
-    assert _temp_files(run) == temp_before  # the failed write removed its temporary file
+    # no temp file of the failed write is left (stale checkpoint temps of earlier kills
+    # may be cleaned up by the resumed run's first checkpoint write)
+    assert set(_temp_files(run)) <= set(temp_before)
     loaded = runs.open_run(run, "last").meta["train_state"]["epoch"]
     assert loaded == epoch  # metrics.jsonl is written before last, the resume point
 

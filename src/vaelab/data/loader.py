@@ -163,7 +163,7 @@ def _binarize(
     if binarize == "dynamic" and split != "test":
         return images, 256, "dynamic", {
             "mode": "dynamic",
-            "draw": "torch.bernoulli(images / 255, generator=generator) at every batch()"}
+            "draw": "u < images / 255, u ~ U[0, 1) drawn from the run's generator at every batch()"}
     draw_seed = seed if binarize == "static" else TEST_BINARIZATION_SEED
     generator_seed = derive_seed(draw_seed, f"static:{part}")
     meta = {
