@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "matmul_flops": int(round(flops)),
             "roofline_seconds": round(roofline, 4),
             "roofline_fraction": round(roofline / summary["seconds"], 3),
+            "roofline_fraction_best": round(roofline / summary["best_seconds"], 3),
             "mean_log_likelihood": round(means[k], 4),
         }
     memory = {f"k_{k}": peak_memory(args, k) for k in memory_k}

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "roofline_seconds": round(roofline, 4),
             "speedup_vs_dataloader_loop": round(loop["seconds"] / ours["seconds"], 3),
             "roofline_fraction": round(roofline / ours["seconds"], 3),
+            "roofline_fraction_best": round(roofline / ours["best_seconds"], 3),
             "roofline_fraction_executed": round(executed / ours["seconds"], 3),
             # per repetition, against the matmul rate measured just before that epoch: the
             # machine's speed drifts, and this pairing shows how much of the spread is drift

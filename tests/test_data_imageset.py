@@ -171,6 +171,20 @@ def test_dynamic_draws_converge_to_grey_over_255():
     assert abs(chi2 - 254) < 5 * math.sqrt(2 * 254)
 
 
+def test_dynamic_draw_is_a_uniform_below_grey_over_255():
+    """The documented draw [u < grey / 255], u ~ U[0, 1) from the caller's generator:
+    float 0./1., exactly 0 at grey 0 and exactly 1 at grey 255."""
+    grey = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+    images = _grey_set(grey, binarize="dynamic")
+    index = torch.tensor([3, 0, 2, 1, 3])
+    x = images.batch(index, generator=torch.Generator().manual_seed(11))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(11))
+    p = torch.from_numpy(grey)[index].float() / 255
+    assert x.dtype == torch.float32
+    assert torch.equal(x, (u < p).float())
+    assert x.flatten()[p.flatten() == 0].eq(0).all() and x.flatten()[p.flatten() == 1].eq(1).all()
+
+
 def test_dynamic_same_seed_same_draws_and_fresh_draw_each_call():
     grey = np.full((8, 1, 4, 4), 128, dtype=np.uint8)
     images = _grey_set(grey, binarize="dynamic")
