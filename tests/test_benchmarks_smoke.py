@@ -109,6 +109,9 @@ def test_eval_benchmark(tiny_npz, results_dir):
             mem["peak_during_eval_mb"] - mem["rss_before_eval_mb"], abs=0.2)
         assert mem["method"] in ("VmHWM after clear_refs", "ru_maxrss")
     assert isinstance(r["memory_flat_in_k"], bool)
+    fixed = r["memory_fixed_mmap_threshold"]["k_50"]
+    assert fixed["k"] == 50 and fixed["peak_during_eval_mb"] >= fixed["rss_before_eval_mb"] > 50
+    assert isinstance(r["memory_flat_in_k_fixed_mmap_threshold"], bool)
 
 
 def test_memory_benchmark(tiny_npz, results_dir):
