@@ -40,19 +40,11 @@ from vaelab import config as config_mod
 from vaelab import evaluate, runs
 from vaelab import train as vtrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "check_default_run.json"
 BUDGET_SECONDS = 6 * 60
-
-
-def source_digest() -> str:
-    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
-    import hashlib
-
-    root = Path(vaelab.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -63,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="override a config key (for trying other defaults; the check "
                              "itself uses none)")
     args = parser.parse_args(argv)
-    digest = source_digest()
+    digest = common.source_digest()
     torch.set_num_threads(2)
 
     cfg = config_mod.resolve(overrides=args.set)

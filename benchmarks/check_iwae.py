@@ -49,6 +49,9 @@ from vaelab import config as config_mod
 from vaelab import evaluate, objectives, runs
 from vaelab import train as vtrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "check_iwae.json"
 SEED = 0
 OBJECTIVES = {"iwae_k5": ["objective.kind=iwae", "objective.samples=5"],
@@ -98,17 +101,6 @@ def probe(examples: int = 2000) -> dict[str, Any]:
     return out
 
 
-def source_digest() -> str:
-    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
-    import hashlib
-
-    root = Path(vaelab.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-threads", type=int, default=2,
                         help="torch threads for the K=5000 evaluation (large batches)")
     args = parser.parse_args(argv)
-    digest = source_digest()
+    digest = common.source_digest()
     torch.set_num_threads(args.threads)
     if args.probe:
         print(json.dumps(probe(), indent=2))

@@ -58,6 +58,9 @@ from vaelab import data as vdata
 from vaelab import evaluate, runs
 from vaelab import train as vtrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "check_pytorch_example.json"
 TOLERANCE_NATS = 1.0
 EVAL_SEED = 1234
@@ -325,17 +328,6 @@ def run_diagnostics(args, x_train, x_test, eps, test_set, lab, plain) -> dict[st
     }
 
 
-def source_digest() -> str:
-    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
-    import hashlib
-
-    root = Path(vaelab.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -349,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "random streams, with vaelab's output-bias init, with seed 1, "
                              "and vaelab with seed 1 (about 2.5x the time)")
     args = parser.parse_args(argv)
-    digest = source_digest()
+    digest = common.source_digest()
     torch.set_num_threads(2)
     started = time.perf_counter()
 

@@ -104,6 +104,19 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def source_digest() -> str:
+    """SHA-256 over the vaelab package's .py files (which code produced these numbers)."""
+    import hashlib
+
+    import vaelab
+
+    root = Path(vaelab.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def median(values: Sequence[float]) -> float:
     """The median of ``values`` (at least one)."""
     return float(statistics.median(values))
