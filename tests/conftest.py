@@ -27,6 +27,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def poison_reconstruction(monkeypatch, at_call: int, rows, value: float):
+    """Patch ``objectives.elbo_terms`` so that its ``at_call``-th call in training mode
+    (1-based) returns a reconstruction term set to ``value`` at ``rows`` (and the ELBO to
+    match); returns the real function, for restoring it."""
+    import dataclasses
+
+    from vaelab import objectives
+
+    real = objectives.elbo_terms
+    calls = {"n": 0}
+
+    def poisoned(model, x, **kwargs):
+        terms = real(model, x, **kwargs)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                recon = terms.recon.clone()
+                recon[rows] = value
+                terms = dataclasses.replace(terms, recon=recon, elbo=recon - terms.kl)
+        return terms
+
+    monkeypatch.setattr(objectives, "elbo_terms", poisoned)
+    return real
+
+
 def tiny_overrides(**extra: object) -> list[str]:
     """Overrides for a seconds-long real-data run (Fashion-MNIST subset)."""
     base = {

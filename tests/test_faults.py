@@ -13,7 +13,6 @@ number: the killed-and-resumed run is compared bitwise with a run that has no ho
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import io
@@ -34,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import poison_reconstruction
 from vaelab import checkpoint, objectives, runs
 from vaelab.cli import main
 
@@ -499,20 +499,8 @@ def test_a_second_writer_is_refused_and_the_first_run_is_untouched(killed_run):
 def test_nan_mid_run_from_the_cli_then_resume_with_a_lower_lr(tmp_path, monkeypatch, capsys,
                                                               one_thread):
     """The CLI variant of tests/test_train.py::test_nan_guard_names_term_step_and_batch..."""
-    real = objectives.elbo_terms
-    calls = {"n": 0}
-
-    def poisoned(model, x, **kwargs):
-        terms = real(model, x, **kwargs)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 6 + 2:  # epoch 2 (6 steps per epoch), batch 1
-                recon = terms.recon.clone()
-                recon[:3] = float("inf")
-                terms = dataclasses.replace(terms, recon=recon, elbo=recon - terms.kl)
-        return terms
-
-    monkeypatch.setattr(objectives, "elbo_terms", poisoned)
+    # epoch 2 (6 steps per epoch), batch 1
+    real = poison_reconstruction(monkeypatch, 6 + 2, slice(0, 3), float("inf"))
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *train_flags(epochs=3)]) == 2
     _one_line_error(capsys.readouterr().err, "training diverged at step 7 (epoch 2, batch 1)",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import poison_reconstruction, tiny_overrides
 from vaelab import checkpoint, config, objectives
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.train import RunLocked, TrainingDiverged, learning_rate, run_lock, train
@@ -108,20 +107,8 @@ def test_second_writer_is_locked_out(tmp_path):
 
 def test_nan_guard_names_term_step_and_batch_and_keeps_last_good(tmp_path, monkeypatch):
     cfg = config.resolve(overrides=tiny_overrides(**{"train.epochs": 3}))
-    real = objectives.elbo_terms
-    calls = {"n": 0}
-
-    def poisoned(model, x, **kwargs):
-        terms = real(model, x, **kwargs)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 8 + 3:  # epoch 2 (8 steps per epoch), batch 2
-                recon = terms.recon.clone()
-                recon[1] = float("nan")
-                terms = dataclasses.replace(terms, recon=recon, elbo=recon - terms.kl)
-        return terms
-
-    monkeypatch.setattr(objectives, "elbo_terms", poisoned)
+    # epoch 2 (8 steps per epoch), batch 2
+    real = poison_reconstruction(monkeypatch, 8 + 3, 1, float("nan"))
     with pytest.raises(TrainingDiverged) as info:
         train(cfg, tmp_path, report=False, progress=False, echo=lambda _line: None)
     message = str(info.value)
