@@ -410,11 +410,14 @@ def continuous_bernoulli_log_normalizer(logits: Tensor) -> Tensor:
     """
     a = logits.abs()
     small = a < 0.1
-    l2 = logits * logits
+    # Each branch is evaluated on inputs where it is finite: torch.where passes a zero
+    # gradient to the unused branch, but 0 * inf = NaN, so the series must not see large
+    # logits (l^10 overflows float32 beyond |l| ~ 7e3) nor the log form l = 0.
+    l2 = torch.where(small, logits, torch.zeros_like(logits)).square()
     series = torch.zeros_like(l2)
     for c in reversed(_CB_SERIES):
         series = series * l2 + c
-    safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch's grad finite
+    safe = torch.where(small, torch.ones_like(a), a)
     large = torch.log(safe / -torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
     return torch.where(small, series, large)
 
@@ -424,7 +427,7 @@ def continuous_bernoulli_mean(logits: Tensor) -> Tensor:
     function :math:`L(u) = \coth u - 1/u` (Taylor series for :math:`|u| < 0.5`)."""
     u = logits / 2
     small = u.abs() < 0.5
-    u2 = u * u
+    u2 = torch.where(small, u, torch.zeros_like(u)).square()  # finite in the unused branch
     coef = (1 / 3, -1 / 45, 2 / 945, -1 / 4725, 2 / 93555, -1382 / 638512875)
     series = torch.zeros_like(u)
     for c in reversed(coef):

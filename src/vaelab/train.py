@@ -118,19 +118,11 @@ def make_optimizer(model: nn.Module, cfg: config_mod.TrainConfig,
 
 
 def learning_rate(cfg: config_mod.TrainConfig, epoch: int) -> float:
-    """Learning rate for 0-based ``epoch`` (stateless, so resume is exact).
+    """Learning rate for 0-based ``epoch`` (stateless, so resume is exact); see
+    :mod:`vaelab.schedules`."""
+    from .schedules import learning_rate as schedule
 
-    ``iwae``: Burda et al. (2016) train for 3^i epochs at ``lr * 10**(-i/7)``, i = 0..7.
-    """
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    stage, end = 0, 1
-    while epoch >= end:
-        stage += 1
-        end += 3**stage
-    return cfg.lr * 10.0 ** (-stage / 7.0)
+    return schedule(cfg, epoch)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -388,7 +380,8 @@ def train(
             torch.manual_seed(seed)
             model = build_from_config(cfg, event_shape).to(device)
             family = model.likelihood
-            model.init_output_bias(train_set.pixel_mean().to(device))
+            if cfg.model.output_bias == "data-mean":
+                model.init_output_bias(train_set.pixel_mean().to(device))
             # Check the data against the likelihood once, up front (a clear error, not a NaN
             # later); every batch has the same kind of values, so the loop skips the check.
             family.validate(model_input(train_set, torch.arange(min(len(train_set), 1024),
