@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from .errors import VaelabError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_training"]
 
 _D = config_mod.RunConfig()
 
@@ -35,13 +35,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
                    f"(default: {_D.data.dataset})")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
-    p.add_argument("--binarize", choices=("none", "dynamic", "static"),
+    p.add_argument("--binarize", choices=config_mod.BINARIZE_MODES,
                    help=f"(default: {_D.data.binarize})")
     p.add_argument("--likelihood", help=f"p(x|z) family (default: {_D.likelihood.name})")
     p.add_argument("--scale", help="gaussian/laplace scale: a number, learned or per-pixel")
     p.add_argument("--model", help=f"mlp | conv (default: {_D.model.kind})")
     p.add_argument("--latent-dim", type=int, help=f"(default: {_D.model.latent_dim})")
-    p.add_argument("--objective", choices=("elbo", "iwae"), help=f"(default: {_D.objective.kind})")
+    p.add_argument("--objective", help=f"training objective: elbo | iwae "
+                   f"(default: {_D.objective.kind})")
     p.add_argument("--samples", type=int,
                    help=f"z samples per example: L for elbo, k for iwae "
                    f"(default: {_D.objective.samples})")
@@ -70,14 +71,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="(default: test)")
-    p.add_argument("--iw-samples", type=int, default=_D.eval.iw_samples,
+    p.add_argument("--iw-samples", type=int,
                    help="importance samples per example; 5000 is the IWAE paper protocol "
-                   "(default: %(default)s)")
+                   f"(default: the run's eval.iw_samples, {_D.eval.iw_samples} unless its "
+                   "preset sets another)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=_D.eval.batch_size,
-                   help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=_D.eval.seed, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"(default: the run's eval.batch_size, {_D.eval.batch_size})")
+    p.add_argument("--seed", type=int, help=f"(default: the run's eval.seed, {_D.eval.seed})")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
     p.add_argument("--device", default="auto", help="(default: %(default)s)")
@@ -175,8 +177,6 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import train
-
     flags = _train_flags(args)
     if args.resume:
         run_dir = Path(args.resume)
@@ -189,60 +189,89 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config_mod.merge(*[config_mod.load_toml(saved), flags],
                              *[config_mod.parse_override(o) for o in args.set])
         )
-        if not (run_dir / "checkpoints" / "last.json").exists():
+        resume = (run_dir / "checkpoints" / "last.json").exists()
+        if not resume and _is_main_rank():
             # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
             # could be lost, so start the run again from epoch 0 with its saved config.
-            if _is_main_rank():
-                print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
-            train.train(cfg, run_dir, report=not args.no_report)
-            return 0
-        train.train(cfg, run_dir, resume=True, report=not args.no_report)
-        return 0
-    cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
-                             extra=flags)
-    if args.out:
-        run_dir = Path(args.out)
+            print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
     else:
-        import time
+        cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
+                                 extra=flags)
+        resume = False
+        if args.out:
+            run_dir = Path(args.out)
+        else:
+            import time
 
-        stem = Path(cfg.data.dataset).stem
-        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if _is_main_rank():
-        print(f"run directory: {run_dir}")
-    train.train(cfg, run_dir, report=not args.no_report)
+            stem = Path(cfg.data.dataset).stem
+            run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if _is_main_rank():
+            print(f"run directory: {run_dir}")
+    run_training(cfg, run_dir, resume=resume, report=not args.no_report)
     return 0
 
 
+def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool = False,
+                 report: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """What ``vaelab train`` does, from Python: train (:func:`vaelab.train.train_and_evaluate`),
+    then with ``report`` evaluate the best checkpoint on the test split
+    (:func:`vaelab.evaluate.evaluate_run`), write ``report.json``/``report.md`` and draw the
+    figures (:func:`vaelab.plots.plot_run`). Under torchrun every rank trains and evaluates
+    its share; rank 0 writes and prints. Returns the training summary, with ``report``."""
+    from . import distributed, evaluate, runtime, train
+
+    run_dir = Path(run_dir)
+    device = runtime.select_device(cfg.train.device)
+    ctx = distributed.setup(device)
+    quiet = echo if ctx.is_main else (lambda _line: None)
+    try:
+        summary = train.train_and_evaluate(cfg, run_dir, resume=resume, ctx=ctx, echo=quiet)
+        if not report:
+            return summary
+        result = evaluate.evaluate_run(run_dir, split="test", checkpoint="best",
+                                       limit=cfg.data.test_limit, device=device, ctx=ctx)
+    finally:
+        distributed.teardown(ctx)
+    summary["report"] = result
+    if ctx.is_main:
+        evaluate.write_report(result, run_dir)
+        echo(evaluate.format_table(result))
+        _figures(run_dir, echo)
+    return summary
+
+
+def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
+    try:
+        from . import plots
+    except ImportError as exc:  # matplotlib missing: figures are optional
+        echo(f"figures skipped: {exc}")
+        return
+    written = plots.plot_run(run_dir)
+    echo(f"wrote {len(written)} figures to {run_dir / 'figures'}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
+    from . import distributed, evaluate, runtime
 
-    from . import distributed, evaluate, runs
-    from .train import load_split, select_device
-
-    if args.iw_samples <= 0 or args.batch_size <= 0:
+    if any(v is not None and v <= 0 for v in (args.iw_samples, args.batch_size)):
         raise VaelabError("--iw-samples and --batch-size must be positive: e.g. --iw-samples "
                           "5000 --batch-size 100")
     if args.limit is not None and args.limit <= 0:
         raise VaelabError(f"--limit must be positive, got {args.limit}")
-    device = select_device(args.device)
+    device = runtime.select_device(args.device)
     # Under torchrun every rank evaluates its share of the batches (same numbers as one
     # process); rank 0 prints and writes.
     ctx = distributed.setup(device)
     if ctx.enabled:
         device = distributed.rank_device(device, ctx.local_rank)
-    distributed.configure_threads(None, ctx, device)
-    run = runs.open_run(args.run_dir, args.checkpoint, device)
-    cfg = run.config
-    data = dataclasses.replace(cfg.data, data_dir=args.data_dir or cfg.data.data_dir,
-                               train_limit=None, test_limit=None)
-    cfg = dataclasses.replace(cfg, data=data)
-    images = load_split(cfg, args.split)
-    if args.limit is not None:
-        images = images.subset(__import__("torch").arange(min(args.limit, len(images))))
-    result = evaluate.evaluate(run.model, images.to(device), cfg, checkpoint_name=args.checkpoint,
-                               iw_samples=args.iw_samples, batch_size=args.batch_size,
-                               seed=args.seed, ctx=ctx)
-    distributed.teardown(ctx)
+    runtime.configure_threads(None, device, ctx.local_world_size)
+    try:
+        result = evaluate.evaluate_run(
+            args.run_dir, split=args.split, checkpoint=args.checkpoint,
+            iw_samples=args.iw_samples, batch_size=args.batch_size, seed=args.seed,
+            limit=args.limit, data_dir=args.data_dir, device=device, ctx=ctx)
+    finally:
+        distributed.teardown(ctx)
     if not ctx.is_main:
         return 0
     print(evaluate.format_table(result))

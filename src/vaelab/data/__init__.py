@@ -25,7 +25,7 @@ from .imageset import (
     split_indices,
     validation_indices,
 )
-from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load
+from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load, load_split
 from .registry import DATASETS, DatasetSpec, RemoteFile
 from .sources import (
     SYSTEM_DATA_DIRS,
@@ -41,6 +41,7 @@ from .sources import (
 
 __all__ = [
     "load",
+    "load_split",
     "ImageSet",
     "BINARIZE_MODES",
     "REGISTERED_SPLITS",

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .files import UserData, read_array_file, read_png_folder
 from .idx import parse_amat, parse_idx
@@ -23,7 +24,7 @@ from .imageset import (
 from .registry import DATASETS, DatasetSpec
 from .sources import Resolution, resolve
 
-__all__ = ["load", "REGISTERED_SPLITS", "USER_SPLITS", "TEST_BINARIZATION_SEED"]
+__all__ = ["load", "load_split", "REGISTERED_SPLITS", "USER_SPLITS", "TEST_BINARIZATION_SEED"]
 
 REGISTERED_SPLITS = ("train", "validation", "test")
 USER_SPLITS = ("all", "train", "validation")
@@ -94,6 +95,21 @@ def load(
         f"unknown dataset {text!r}: choose one of {', '.join(DATASETS.names())}, or give a "
         f".npz/.npy file or a folder of PNG images"
     )
+
+
+def load_split(cfg: DataConfig, split: str, seed: int) -> ImageSet:
+    """One split of the dataset a run's ``[data]`` section describes.
+
+    :func:`load` with the section's dataset, data_dir, binarize and validation_size, and
+    ``seed`` (the run's ``train.seed``); then ``train_limit`` / ``test_limit`` keep the
+    first examples of the train / test split.
+    """
+    images = load(cfg.dataset, split=split, data_dir=cfg.data_dir, binarize=cfg.binarize,
+                  validation_size=cfg.validation_size, seed=seed)
+    limit = {"train": cfg.train_limit, "test": cfg.test_limit}.get(split)
+    if limit is not None and limit < len(images):
+        images = images.subset(torch.arange(limit))
+    return images
 
 
 def _check_split(split: str, valid: tuple[str, ...], what: str) -> None:
