@@ -21,12 +21,13 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "_io", "rng", "schedules"},
+    {"errors", "registry", "_io", "rng", "schedules", "psis"},
     {"config"},
     {"runtime", "distributed", "data"},
     {"likelihoods", "compat", "audit"},
     {"models"},
     {"objectives"},
+    {"estimators"},
     {"metrics", "checkpoint", "grids"},
     {"train", "runs"},
     {"evaluate"},

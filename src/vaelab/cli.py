@@ -83,6 +83,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
     p.add_argument("--device", default="auto", help="(default: %(default)s)")
+    p.add_argument("--estimator", default="is", choices=("is", "ais"),
+                   help="how -log p(x) is estimated: is (importance sampling with q(z|x), "
+                   "--iw-samples) or ais (annealed importance sampling with HMC, "
+                   "--ais-steps x --ais-chains) (default: %(default)s)")
+    p.add_argument("--ais-steps", type=int, default=100,
+                   help="AIS annealing steps (default: %(default)s)")
+    p.add_argument("--ais-chains", type=int, default=32,
+                   help="AIS chains per example; >= 25 for its Pareto k-hat (default: "
+                   "%(default)s)")
+    p.add_argument("--bdmc", type=int, metavar="N",
+                   help="also bound log p(x) by bidirectional Monte Carlo on N examples "
+                   "simulated from the model, with the AIS settings")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.set_defaults(handler=_cmd_eval)
 
@@ -253,9 +265,10 @@ def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed, evaluate, runtime
 
-    if any(v is not None and v <= 0 for v in (args.iw_samples, args.batch_size)):
-        raise VaelabError("--iw-samples and --batch-size must be positive: e.g. --iw-samples "
-                          "5000 --batch-size 100")
+    if any(v is not None and v <= 0 for v in (args.iw_samples, args.batch_size, args.ais_steps,
+                                                  args.ais_chains, args.bdmc)):
+        raise VaelabError("--iw-samples, --batch-size, --ais-steps, --ais-chains and --bdmc "
+                          "must be positive: e.g. --iw-samples 5000 --batch-size 100")
     if args.limit is not None and args.limit <= 0:
         raise VaelabError(f"--limit must be positive, got {args.limit}")
     device = runtime.select_device(args.device)
@@ -269,7 +282,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate.evaluate_run(
             args.run_dir, split=args.split, checkpoint=args.checkpoint,
             iw_samples=args.iw_samples, batch_size=args.batch_size, seed=args.seed,
-            limit=args.limit, data_dir=args.data_dir, device=device, ctx=ctx)
+            limit=args.limit, data_dir=args.data_dir, device=device, ctx=ctx,
+            estimator=args.estimator, ais_steps=args.ais_steps, ais_chains=args.ais_chains,
+            bdmc_examples=args.bdmc)
     finally:
         distributed.teardown(ctx)
     if not ctx.is_main:

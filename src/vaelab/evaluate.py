@@ -48,8 +48,15 @@ def evaluate(
     seed: int = 0,
     checkpoint_name: str | None = None,
     ctx: distributed.Context | None = None,
+    estimator: str = "is",
+    ais_steps: int = 100,
+    ais_chains: int = 32,
 ) -> dict[str, Any]:
     """The full report for ``model`` on the split ``data`` (see the module docstring).
+
+    ``estimator``: how ``nll`` is estimated: ``"is"`` (importance sampling with
+    ``iw_samples`` samples from ``q(z|x)``) or ``"ais"`` (annealed importance sampling with
+    ``ais_steps`` steps and ``ais_chains`` chains; :mod:`vaelab.estimators`).
 
     ``data``: an :class:`~vaelab.data.ImageSet`, a tensor of inputs in the model's data
     units, or an iterable of such batches (see :mod:`vaelab.metrics`).
@@ -92,12 +99,18 @@ def evaluate(
         "data_dims": dims,
         "units": "nats per example",
         "seed": seed,
+        "warnings": [],
     }
     if normalized:
         nll = metrics.nll_metrics(model, data, iw_samples=iw_samples, batch_size=batch_size,
-                                  seed=seed, ctx=ctx)
+                                  seed=seed, ctx=ctx, estimator=estimator,
+                                  ais_steps=ais_steps, ais_chains=ais_chains)
         report.update(nll=nll["nll"], nll_stderr=nll["nll_stderr"],
-                      nll_mc_stderr=nll["nll_mc_stderr"], gap=elbo["nelbo"] - nll["nll"])
+                      nll_mc_stderr=nll["nll_mc_stderr"], gap=elbo["nelbo"] - nll["nll"],
+                      estimator=nll["estimator"], pareto_k=nll["pareto_k"],
+                      ess_median=nll["ess_median"])
+        if nll["pareto_k"]["warn"]:
+            report["warnings"].append(_pareto_warning(nll["pareto_k"], estimator))
         report["bits_per_dim"] = objectives.bits_per_dim(
             nll["nll"], dims, eight_bit_density=eight_bit_density)
         report["bits_per_dim_of"] = "nll"
@@ -113,6 +126,19 @@ def evaluate(
             "D ln 256 correction to the discrete scale"
         )
     return report
+
+
+def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
+    share = 100 * summary["fraction_above"]
+    if estimator == "is":
+        what, fix = "importance weights", ("use more samples (--iw-samples), a better "
+                                           "encoder, or AIS (--estimator ais)")
+    else:
+        what, fix = "AIS weights", "use more annealing steps (--ais-steps) or chains"
+    return (f"{share:.1f}% of the examples have a Pareto k-hat above "
+            f"{summary['threshold']:.2f} (max {summary['max']:.2f}): their {what} are too "
+            "heavy-tailed for the estimate to be reliable, so the NLL is likely too high and "
+            f"its standard error too small; {fix}")
 
 
 def _describe_data(data: metrics.Data) -> dict[str, Any]:
@@ -142,8 +168,16 @@ def evaluate_run(
     data_dir: str | None = None,
     device: torch.device | str = "auto",
     ctx: distributed.Context | None = None,
+    estimator: str = "is",
+    ais_steps: int = 100,
+    ais_chains: int = 32,
+    bdmc_examples: int | None = None,
 ) -> dict[str, Any]:
     """The report of the run in ``run_dir`` on one split of its dataset.
+
+    ``estimator``, ``ais_steps``, ``ais_chains``: as for :func:`evaluate`. ``bdmc_examples``:
+    also run bidirectional Monte Carlo with the AIS settings on that many examples simulated
+    from the model (:func:`vaelab.metrics.bdmc_metrics`), reported under ``bdmc``.
 
     Defaults come from the run's ``[eval]`` section (``iw_samples``, ``batch_size``,
     ``seed``). ``limit`` evaluates the first N examples; ``data_dir`` overrides where the
@@ -169,7 +203,13 @@ def evaluate_run(
                       iw_samples=iw_samples if iw_samples is not None else cfg.eval.iw_samples,
                       batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
                       seed=seed if seed is not None else cfg.eval.seed,
-                      checkpoint_name=checkpoint, ctx=ctx)
+                      checkpoint_name=checkpoint, ctx=ctx, estimator=estimator,
+                      ais_steps=ais_steps, ais_chains=ais_chains)
+    if bdmc_examples:
+        report["bdmc"] = metrics.bdmc_metrics(
+            run.model, bdmc_examples, steps=ais_steps, chains=ais_chains,
+            batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
+            seed=seed if seed is not None else cfg.eval.seed, ctx=ctx)
     report["checkpoint_epoch"] = run.epoch
     report["model_selection"] = (
         "lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
@@ -215,13 +255,28 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("NELBO (nats)", _fmt(result["nelbo"], result["nelbo_stderr"])),
         ("  reconstruction", _fmt(result["recon"])),
         ("  KL", _fmt(result["kl"])),
-        (f"NLL (nats, K={result['iw_samples']})", _fmt(result["nll"], result["nll_stderr"])
+        (f"NLL (nats, {_estimator_text(result)})", _fmt(result["nll"], result["nll_stderr"])
          if result["nll"] is not None else "n/a: " + result.get("nll_unavailable", "")),
+        ("  Pareto k-hat", _pareto_text(result.get("pareto_k"))),
         ("gap NELBO - NLL", _fmt(result["gap"])),
         ("bits/dim", _fmt(result["bits_per_dim"])),
         ("active units", f"{result['active_units']} of {result['latent_dim']}"),
     ]
     return rows
+
+
+def _estimator_text(result: dict[str, Any]) -> str:
+    est = result.get("estimator") or {"name": "is", "samples": result["iw_samples"]}
+    if est["name"] == "ais":
+        return f"AIS, {est['steps']} steps x {est['chains']} chains"
+    return f"K={est['samples']}"
+
+
+def _pareto_text(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("median") is None:
+        return "n/a (fewer than 25 samples)" if summary else "n/a"
+    return (f"median {summary['median']:.2f}, max {summary['max']:.2f}, "
+            f"{100 * summary['fraction_above']:.1f}% above {summary['threshold']:.2f}")
 
 
 def _checkpoint_text(result: dict[str, Any]) -> str:
@@ -233,10 +288,15 @@ def _checkpoint_text(result: dict[str, Any]) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table for the terminal."""
+    """Plain-text table for the terminal, then one line per warning."""
     rows = _rows(result)
+    bdmc = result.get("bdmc")
+    if bdmc:
+        rows.append((f"BDMC ({bdmc['n']} simulated)", f"log p(x) in [{bdmc['lower']:.3f}, "
+                     f"{bdmc['upper']:.3f}], gap {bdmc['gap']:.3f} ± {bdmc['gap_stderr']:.3f}"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines + [f"warning: {w}" for w in result.get("warnings", [])])
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -246,6 +306,7 @@ def format_markdown(result: dict[str, Any]) -> str:
               "NELBO uses beta = 1 whatever the training objective was."]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
+    lines += [f"\n**Warning:** {w}." for w in result.get("warnings", [])]
     kl = result.get("kl_per_dim") or []
     if kl:
         order = sorted(range(len(kl)), key=lambda j: -kl[j])

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, objectives
+from . import distributed, estimators, objectives, psis
 from .data import ImageSet
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .rng import Purpose, seeded_generator
 
-__all__ = ["ACTIVE_UNIT_THRESHOLD", "elbo_metrics", "nll_metrics", "batches", "model_device"]
+__all__ = ["ACTIVE_UNIT_THRESHOLD", "PARETO_K_WARN_FRACTION", "elbo_metrics", "nll_metrics",
+           "bdmc_metrics", "pareto_k_summary", "batches", "model_device"]
 
 #: Burda et al. (2016): latent dimension j is active when Var_x(E_q[z_j]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -163,39 +164,125 @@ def elbo_metrics(model: nn.Module, data: Data, *, batch_size: int = 1000, seed: 
     }
 
 
-def nll_metrics(model: nn.Module, data: Data, *, iw_samples: int, batch_size: int = 100,
+def nll_metrics(model: nn.Module, data: Data, *, iw_samples: int = 1000, batch_size: int = 100,
                 seed: int = 0, ctx: distributed.Context | None = None,
-                per_example: bool = False) -> dict[str, Any]:
-    """Importance-sampled :math:`-\\log p(x)` over a split (:func:`vaelab.objectives.log_likelihood`,
-    ``iw_samples`` samples per example from ``seeded_generator(seed, n, Purpose.EVAL_IW)`` for
-    batch ``n``).
+                per_example: bool = False, estimator: str = "is", ais_steps: int = 100,
+                ais_chains: int = 32) -> dict[str, Any]:
+    """:math:`-\\log p(x)` over a split, with the reliability of each example's estimate.
+
+    ``estimator="is"``: importance sampling with ``q(z|x)``
+    (:func:`vaelab.objectives.log_likelihood`, ``iw_samples`` samples per example from
+    ``seeded_generator(seed, n, Purpose.EVAL_IW)`` for batch ``n``). ``"ais"``: annealed
+    importance sampling (:func:`vaelab.estimators.ais`, ``ais_steps`` steps, ``ais_chains``
+    chains, from ``Purpose.EVAL_AIS``); ``iw_samples`` is then unused.
 
     Returns:
         ``n``, ``nll`` and ``nll_stderr`` (over examples), ``nll_mc_stderr`` (the Monte-Carlo
         standard error of the split mean, from the per-example delta-method estimates;
-        unreliable when the weights are heavy-tailed) and ``iw_samples``; with
-        ``per_example``, also ``per_example_nll``: a float64 ``(n,)`` tensor in the order of
-        ``data`` (for paired comparisons of two models on the same examples and draws).
+        unreliable when the weights are heavy-tailed), ``iw_samples``, and ``pareto_k``: the
+        summary of the examples' PSIS k-hat (:func:`pareto_k_summary`) and ``ess_median``;
+        with ``per_example``, also ``per_example_nll``, ``per_example_pareto_k`` and
+        ``per_example_ess``: float64 ``(n,)`` tensors in the order of ``data`` (for paired
+        comparisons of two models on the same examples and draws).
     """
     kept: list[tuple[int, torch.Tensor]] = []
 
+    if estimator not in ("is", "ais"):
+        raise ConfigError(f"unknown estimator {estimator!r}: choose is (importance "
+                          "sampling) or ais (annealed importance sampling)")
+    kept: list[tuple[int, torch.Tensor]] = []
+    acceptance: list[float] = []
+    settings: dict[str, Any] = {}
+
     def columns(number: int, x: torch.Tensor) -> torch.Tensor:
-        gen = seeded_generator(seed, number, Purpose.EVAL_IW, device=x.device)
-        result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
+        if estimator == "ais":
+            gen = seeded_generator(seed, number, Purpose.EVAL_AIS, device=x.device)
+            result = estimators.ais(model, x, steps=ais_steps, chains=ais_chains, generator=gen)
+            acceptance.append(float(result.acceptance.nanmean()))
+            settings.update(leapfrog_steps=result.leapfrog_steps, schedule=result.schedule,
+                            start=result.start)
+        else:
+            gen = seeded_generator(seed, number, Purpose.EVAL_IW, device=x.device)
+            result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
         nll = -result.per_example.double()
-        if per_example:
-            kept.append((number, nll.cpu()))
+        kept.append((number, torch.stack([nll, result.pareto_k, result.ess], 1).cpu()))
         mc_var = result.mc_stderr.double().nan_to_num(0.0) ** 2
         return torch.stack([nll, nll**2, mc_var], 1)
 
     ctx = ctx or distributed.Context()
+    samples = ais_chains if estimator == "ais" else iw_samples
     n, sums = _split_sums(model, data, batch_size, seed, ctx, columns, 3)
     nll, nll_stderr = _mean_stderr(float(sums[0]), float(sums[1]), n)
-    mc = math.sqrt(float(sums[2])) / n if iw_samples > 1 else None
-    out = {"n": n, "nll": nll, "nll_stderr": nll_stderr, "nll_mc_stderr": mc,
-           "iw_samples": iw_samples}
+    gathered = distributed.all_gather_objects(kept, ctx)
+    rows = torch.cat([v for _, v in sorted((item for part in gathered for item in part),
+                                           key=lambda item: item[0])])
+    out = {"n": n, "nll": nll, "nll_stderr": nll_stderr,
+           "nll_mc_stderr": math.sqrt(float(sums[2])) / n if samples > 1 else None,
+           "iw_samples": iw_samples, "pareto_k": pareto_k_summary(rows[:, 1], samples),
+           "ess_median": float(rows[:, 2].nanmedian()) if rows[:, 2].isfinite().any() else None,
+           "estimator": {"name": "is", "samples": iw_samples}}
+    if estimator == "ais":
+        accepted = [a for part in distributed.all_gather_objects(acceptance, ctx) for a in part]
+        settings = next(part for part in distributed.all_gather_objects(settings, ctx) if part)
+        out["estimator"] = {"name": "ais", "steps": ais_steps, "chains": ais_chains, **settings,
+                            "mean_acceptance": sum(accepted) / len(accepted)}
     if per_example:
-        gathered = distributed.all_gather_objects(kept, ctx)
-        out["per_example_nll"] = torch.cat([v for _, v in sorted(
-            (item for part in gathered for item in part), key=lambda item: item[0])])
+        out.update(per_example_nll=rows[:, 0], per_example_pareto_k=rows[:, 1],
+                   per_example_ess=rows[:, 2])
     return out
+
+
+#: Share of examples with k-hat above the threshold beyond which the report warns.
+PARETO_K_WARN_FRACTION = 0.01
+
+
+def pareto_k_summary(pareto_k: torch.Tensor, num_samples: int) -> dict[str, Any]:
+    """Median, maximum and share of unreliable estimates among the examples' k-hat.
+
+    ``above`` counts k-hat > :func:`vaelab.psis.pareto_k_threshold` (0.7 from K = 2155;
+    ``inf`` counts as above, ``-inf``, constant weights, as below); ``not_estimated``
+    counts the ``nan`` values (K < 25, or an unusable estimate). ``warn`` is True when
+    more than :data:`PARETO_K_WARN_FRACTION` of the estimated examples are above.
+    """
+    threshold = psis.pareto_k_threshold(num_samples)
+    estimated = pareto_k[~torch.isnan(pareto_k)]
+    if estimated.numel() == 0:
+        return {"threshold": None, "median": None, "max": None, "fraction_above": None,
+                "not_estimated": int(pareto_k.numel()), "warn": False}
+    fraction = float((estimated > threshold).double().mean())
+    return {"threshold": threshold, "median": float(estimated.median()),
+            "max": float(estimated.max()), "fraction_above": fraction,
+            "not_estimated": int(pareto_k.numel() - estimated.numel()),
+            "warn": fraction > PARETO_K_WARN_FRACTION}
+
+
+def bdmc_metrics(model: nn.Module, num_examples: int, *, steps: int, chains: int,
+                 batch_size: int = 100, seed: int = 0,
+                 ctx: distributed.Context | None = None) -> dict[str, Any]:
+    """Bidirectional Monte Carlo (:func:`vaelab.estimators.bdmc`) on ``num_examples`` examples
+    simulated from the model, in batches of ``batch_size`` (batch ``n`` from
+    ``seeded_generator(seed, n, Purpose.EVAL_BDMC)``; shared over ranks like the others).
+
+    Returns:
+        ``n``; ``lower`` and ``upper``: the mean stochastic lower and upper bounds of
+        :math:`\\log p(x)` (nats per example); ``gap`` (upper - lower) and ``gap_stderr``
+        over examples: how far AIS with these settings can be from the truth on data like
+        the model's; ``steps``, ``chains``.
+    """
+    ctx = ctx or distributed.Context()
+    sizes = [min(batch_size, num_examples - start) for start in range(0, num_examples, batch_size)]
+    sums = torch.zeros(4, dtype=torch.float64)
+    with _eval_mode(model), distributed.agree(ctx, "evaluation"):
+        for number, size in enumerate(sizes):
+            if number % ctx.world_size != ctx.rank:
+                continue
+            gen = seeded_generator(seed, number, Purpose.EVAL_BDMC, device=model_device(model))
+            result = estimators.bdmc(model, size, steps=steps, chains=chains, generator=gen)
+            gap = result.gap.double().cpu()
+            sums += torch.stack([result.lower.double().sum().cpu(),
+                                 result.upper.double().sum().cpu(), gap.sum(), (gap**2).sum()])
+    sums = distributed.all_reduce_sum(sums.to(model_device(model)), ctx).cpu()
+    gap, gap_stderr = _mean_stderr(float(sums[2]), float(sums[3]), num_examples)
+    return {"n": num_examples, "lower": float(sums[0]) / num_examples,
+            "upper": float(sums[1]) / num_examples, "gap": gap, "gap_stderr": gap_stderr,
+            "steps": steps, "chains": chains}

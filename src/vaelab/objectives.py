@@ -39,6 +39,7 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from .config import KL_MODES, ObjectiveConfig
 from .errors import ConfigError, DataError
+from .psis import WeightDiagnostics
 from .registry import Registry
 
 __all__ = [
@@ -96,8 +97,14 @@ class LogLikelihood:
             **not** include the Monte-Carlo error of each estimate (see ``mc_stderr``).
         mc_stderr: ``(B,)`` delta-method estimate of the Monte-Carlo standard error of each
             ``per_example`` value, :math:`\sqrt{(S \sum w^2 / (\sum w)^2 - 1)/(S - 1)}`
-            (NaN for S = 1). It is unreliable when the weights are heavy-tailed.
+            (NaN for S = 1). It is unreliable when the weights are heavy-tailed: read
+            ``pareto_k``.
         num_samples: S, the number of importance samples per example.
+        pareto_k: ``(B,)`` float64 PSIS k-hat of each example's S weights
+            (:mod:`vaelab.psis`): above 0.7 the estimate is unreliable (biased low, with a
+            standard error that looks too small); ``nan`` for S < 25, ``-inf`` for constant
+            weights (an exact posterior).
+        ess: ``(B,)`` float64 effective sample size :math:`(\sum w)^2 / \sum w^2` in [1, S].
     """
 
     per_example: torch.Tensor
@@ -105,6 +112,8 @@ class LogLikelihood:
     stderr: float
     mc_stderr: torch.Tensor
     num_samples: int
+    pareto_k: torch.Tensor
+    ess: torch.Tensor
 
     @property
     def mc_stderr_of_mean(self) -> float:
@@ -550,24 +559,25 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
     with torch.no_grad():
         q = model.encode(x)
         prior = model.prior(x.device)
-        lse_w = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-        lse_w2 = lse_w.clone()
+        # running log sum w, log sum w^2 and the largest weights (for k-hat): flat in S
+        weights = WeightDiagnostics(num_samples, x.shape[0], device=x.device)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z, noise = _draw(q, count, generator)
             # x is checked against the likelihood with the first chunk only
-            log_w = _log_weights(model, x, q, prior, z, noise,
-                                 validate=None if start == 0 else False).double()
-            lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, dim=0))
-            lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * log_w, dim=0))
-    per_example = lse_w - math.log(num_samples)
+            weights.update(_log_weights(model, x, q, prior, z, noise,
+                                        validate=None if start == 0 else False))
+    per_example = weights.log_sum_w - math.log(num_samples)
     mean, stderr = mean_and_stderr(per_example)
+    diagnostics = weights.result()
     return LogLikelihood(
         per_example=per_example,
         mean=mean,
         stderr=stderr,
-        mc_stderr=_delta_method_stderr(lse_w, lse_w2, num_samples),
+        mc_stderr=_delta_method_stderr(weights.log_sum_w, weights.log_sum_w2, num_samples),
         num_samples=num_samples,
+        pareto_k=diagnostics.pareto_k,
+        ess=diagnostics.ess,
     )
 
 

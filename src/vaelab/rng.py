@@ -31,6 +31,8 @@ class Purpose(enum.IntEnum):
     EVAL_NOISE = 11  #: evaluation: the ELBO's z of batch ``number``
     EVAL_BINARIZE = 12  #: evaluation: dynamic binarisation of batch ``number``
     EVAL_IW = 13  #: evaluation: the importance samples of batch ``number``
+    EVAL_AIS = 14  #: evaluation: the AIS chains of batch ``number``
+    EVAL_BDMC = 15  #: evaluation: BDMC's simulated data and chains of batch ``number``
     FIGURE_BINARIZE = 21  #: figures: binarisation of the encoded test images
     SAMPLE_DRAW = 22  #: ``vaelab sample``: z and the samples of p(x|z)
 
