@@ -196,7 +196,7 @@ def test_bce_on_grey_levels_misses_a_non_constant_normaliser():
         (dict(recon_reduction="max"), "unknown recon_reduction 'max'"),
         (dict(recon="sse", recon_reduction="mean"), "use recon='mse' for a mean"),
         (dict(kl_reduction="batchmean"), "unknown kl_reduction 'batchmean'"),
-        (dict(batch_reduction="none"), "unknown batch_reduction 'none'"),
+        (dict(batch_reduction="batchmean"), "unknown batch_reduction 'batchmean'"),
         (dict(batch_reduction="sum"), "pass batch_size"),
         (dict(batch_reduction="sum", batch_size=0), "batch_size must be a positive integer"),
         (dict(data="ternary"), "unknown data kind 'ternary'"),
