@@ -108,8 +108,8 @@ def solve_epsilon(style: str, worst: float) -> float | None:
     """
     if style in ("none", "stable") or not (math.isfinite(worst) and worst > 0):
         return None
-    eps = math.exp(-worst)
-    return eps / 2 if style == "clip+log" else eps
+    eps = math.exp(-worst) / (2 if style == "clip+log" else 1)
+    return eps if eps > 0 else None  # exp(-1000) underflows: not a guard
 
 
 def gaussian_kl(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
