@@ -501,8 +501,11 @@ def _vaelab_lines(form: ReconLoss, f: dict) -> list[str]:
 
 
 def _digits(precision: float) -> int:
-    """Significant digits that a measurement to relative ``precision`` supports."""
-    return max(3, min(10, int(-math.log10(precision)) - 1))
+    """Significant digits that a measurement to relative ``precision`` supports: 12 for
+    float64 arithmetic (held to 1e-9, exact to ~1e-13), else as many as it held to."""
+    if precision <= 1e-9:
+        return 12
+    return max(3, round(-math.log10(precision)))
 
 
 def _snap(value: float, precision: float) -> float:

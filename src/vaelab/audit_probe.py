@@ -452,9 +452,10 @@ def _fit_recon(p: _Probe, base_value: float) -> tuple[ReconForm, float, list[str
         raise ConfigError(f"the loss falls as the reconstruction gets worse ({form.words()} "
                           f"enters with weight {_num(scale)}): it rewards bad reconstructions")
     if form.kind == "ae":
+        _check_elements(p, form, scale / p.dims, base_value)
         raise ConfigError(f"the reconstruction term is the {form.words()} (weight "
-                          f"{_weight(scale)} per example): a Laplace likelihood, which the "
-                          "audit does not cover; it covers BCE and squared error")
+                          f"{_weight(scale / p.dims)} per element): a Laplace likelihood, which "
+                          "the audit does not cover; it covers BCE and squared error")
     words = []
     if form.kind == "bce":
         extremes = _uniform_values(p, EXTREMES[form.from_logits])
@@ -483,22 +484,23 @@ def _element_change(p: _Probe, base_value: float, changes: dict[int, tuple[float
 
 
 def _check_elements(p: _Probe, form: ReconForm, weight: float, base_value: float) -> str:
-    """One element weighs ``1/D`` of all of them, at any position, and elements add."""
+    """Every element weighs the same, one weighs ``1/D`` of all of them, and they add."""
     point = INTERIOR[0]
+    positions = sorted({0, p.dims // 2, p.dims - 1})
+    changes = [_element_change(p, base_value, {at: point}) for at in positions]
+    first = changes[0]
+    unit = abs(first) + abs(base_value)
+    for at, other in zip(positions, changes):
+        if not p.close(other, first, unit):
+            raise ConfigError(f"data elements weigh differently: moving element 0 changes "
+                              f"the loss by {_num(first)}, element {at} by {_num(other)} "
+                              "(a weighted or masked reconstruction is outside the audit)")
     expected = weight * (_g(form, point) - _g(form, BASE))
-    first = _element_change(p, base_value, {0: point})
-    unit = abs(expected) + abs(base_value)
     if not p.close(first, expected, unit):
         raise ConfigError(f"the reconstruction is not a sum over data elements: moving one "
                           f"element changes the loss by {_num(first)}, not 1/{p.dims} of moving "
                           f"all of them ({_num(expected)})")
     if p.dims > 1:
-        for at in sorted({p.dims // 2, p.dims - 1}):
-            other = _element_change(p, base_value, {at: point})
-            if not p.close(other, first, unit):
-                raise ConfigError(f"data elements weigh differently: moving element 0 changes "
-                                  f"the loss by {_num(first)}, element {at} by {_num(other)} "
-                                  "(a weighted or masked reconstruction is outside the audit)")
         both = _element_change(p, base_value, {0: point, p.dims - 1: point})
         if not p.close(both, 2 * first, unit):
             raise ConfigError(f"moving two data elements changes the loss by {_num(both)}, not "
@@ -507,21 +509,32 @@ def _check_elements(p: _Probe, form: ReconForm, weight: float, base_value: float
                  else "a sum" if math.isclose(weight, 1.0, rel_tol=1e-6)
                  else f"weight {_weight(weight)} each")
     return (f"divisor: moving one element to {point} changes the loss by {_num(first)}, "
-            f"1/{p.dims} of moving all {p.dims}, at elements 0, {p.dims // 2} and "
-            f"{p.dims - 1} alike, and two moved elements add: {reduction}")
+            f"1/{p.dims} of moving all {p.dims}, at elements "
+            f"{', '.join(map(str, positions))} alike, and two moved elements add: {reduction}")
 
 
-def _kl_deltas(p: _Probe, base_value: float, points, at: int = 0) -> list[float]:
-    return [p.value(p.base.with_latent({at: point}), f"(mu, logvar) = {point} in one latent dim")
+def _kl_base(p: _Probe, form: ReconForm) -> _Example:
+    """Data at (nearly) perfect reconstruction, so that the KL is not measured as a small
+    difference of large numbers: squared error 0 exactly, BCE about 1e-12 per element."""
+    if form.kind == "bce":
+        return _uniform(p, (1.0, 30.0) if form.from_logits else (1.0, 1.0 - 1e-12))
+    return _uniform(p, (0.5, 0.0) if form.from_logits else (0.5, 0.5))
+
+
+def _kl_deltas(p: _Probe, base: _Example, base_value: float, points,
+               at: int = 0) -> list[float]:
+    return [p.value(base.with_latent({at: point}), f"(mu, logvar) = {point} in one latent dim")
             - base_value for point in points]
 
 
-def _fit_kl(p: _Probe, base_value: float) -> tuple[float, list[str]]:
+def _fit_kl(p: _Probe, form: ReconForm) -> tuple[float, list[str]]:
     """``w``, the weight of one latent dimension's Gaussian KL, checked at every point."""
     if "mu" not in p.roles:
         return 0.0, ["no mu or logvar among the roles: only the reconstruction was probed "
                      "(the function has no KL term)"]
-    deltas = _kl_deltas(p, base_value, KL_POINTS)
+    base = _kl_base(p, form)
+    base_value = p.value(base, "a perfect reconstruction")
+    deltas = _kl_deltas(p, base, base_value, KL_POINTS)
     if all(d == 0 for d in deltas):
         return 0.0, ["the loss does not change with mu or logvar: no KL term"]
     weight = deltas[0] / float(gaussian_kl(*KL_POINTS[0]))
@@ -541,16 +554,17 @@ def _fit_kl(p: _Probe, base_value: float) -> tuple[float, list[str]]:
     words = [f"KL: (mu, logvar) = {', '.join(str(pt) for pt in KL_POINTS[:3])}, ... in one "
              f"latent dim change the loss by {', '.join(_num(d) for d in deltas[:3])}, ...: "
              f"exactly {_weight(weight)} x 0.5 * (mu^2 + exp(logvar) - 1 - logvar)"]
-    words.append(_check_latent_positions(p, base_value, deltas[0]))
+    words.append(_check_latent_positions(p, base, base_value, deltas[0]))
     return weight, words
 
 
-def _check_latent_positions(p: _Probe, base_value: float, first: float) -> str:
+def _check_latent_positions(p: _Probe, base: _Example, base_value: float,
+                            first: float) -> str:
     if p.latent_dim == 1:
         return "one latent dim only: nothing to compare across latent dims"
     last = p.latent_dim - 1
-    other = _kl_deltas(p, base_value, [KL_POINTS[0]], at=last)[0]
-    both = p.value(p.base.with_latent({0: KL_POINTS[0], last: KL_POINTS[0]}), "two latent dims")
+    other = _kl_deltas(p, base, base_value, [KL_POINTS[0]], at=last)[0]
+    both = p.value(base.with_latent({0: KL_POINTS[0], last: KL_POINTS[0]}), "two latent dims")
     unit = abs(first) + abs(base_value)
     if not (p.close(other, first, unit) and p.close(both - base_value, 2 * first, unit)):
         raise ConfigError(f"latent dims weigh differently or do not add: mu = 1 in dim 0 "
@@ -605,7 +619,7 @@ def _check_additive(p: _Probe, form: ReconForm, recon_weight: float, kl_factor: 
             "in one batch, match a * recon + w * KL")
 
 
-def _check_batch_size(p: _Probe, base_value: float, recon_step: float,
+def _check_batch_size(p: _Probe, form: ReconForm, base_value: float, recon_step: float,
                       kl_step: float) -> str:
     """Per-example weights at B and B + 1 (an M_N computed inside, a KL summed over B)."""
     n = p.batch + 1
@@ -616,9 +630,11 @@ def _check_batch_size(p: _Probe, base_value: float, recon_step: float,
         moved.append(f"the reconstruction weight ({_num(recon_step)} at B = {p.batch}, "
                      f"{_num(recon_other)} at B = {n})")
     if kl_step:
-        kl_example = p.base.with_latent({0: KL_POINTS[0]})
-        kl_other = p.value(kl_example, f"a batch of {n}", n) - base_other
-        if not p.close(kl_other, kl_step, abs(kl_step) + abs(base_value)):
+        kl_base = _kl_base(p, form)
+        kl_base_other = p.value(kl_base, f"a batch of {n}", n)
+        kl_other = p.value(kl_base.with_latent({0: KL_POINTS[0]}), f"a batch of {n}", n) \
+            - kl_base_other
+        if not p.close(kl_other, kl_step, abs(kl_step) + abs(kl_base_other)):
             ratio = kl_other / kl_step
             why = (" (proportional to B: the KL is summed over the batch or weighted by an "
                    "M_N = B/N computed inside)" if p.close(ratio, n / p.batch, 1.0) else "")
@@ -660,12 +676,12 @@ def _run(p: _Probe, framework: str) -> Measured:
     words.append(_detect_reduction(p))
     base_value = p.value(p.base, "the base batch")
     form, recon_weight, recon_words = _fit_recon(p, base_value)
-    kl_factor, kl_words = _fit_kl(p, base_value)
+    kl_factor, kl_words = _fit_kl(p, form)
     words += recon_words + kl_words
     words.append(_check_additive(p, form, recon_weight, kl_factor))
     recon_step = recon_weight * (_g(form, INTERIOR[0]) - _g(form, BASE))
     kl_step = kl_factor * float(gaussian_kl(*KL_POINTS[0]))
-    words.append(_check_batch_size(p, base_value, recon_step, kl_step))
+    words.append(_check_batch_size(p, form, base_value, recon_step, kl_step))
     return Measured(form=form, recon_weight=recon_weight, kl_factor=kl_factor,
                     batch_reduction=p.reduction,
                     batch_size=p.batch if p.reduction == "sum" else None,
