@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from .audit_forms import EPSILON_STYLES, ReconForm, gaussian_kl, recon_candidates, solve_epsilon
 from .audit_frameworks import FRAMEWORKS, convert_inputs, keras_backend, read_output
@@ -256,8 +257,6 @@ def _uses_keras(fn: Callable[..., Any]) -> bool:
 
 
 def _is_tensor(out: Any) -> bool:
-    import torch
-
     if isinstance(out, dict):
         out = out.get("loss")
     elif isinstance(out, (tuple, list)) and out:
@@ -711,7 +710,12 @@ def measure(fn: Callable[..., Any], *, data_shape: tuple[int, ...], latent_dim: 
     def attempt(rtol: float) -> Measured:
         p = _Probe(fn, data_shape, latent_dim, roles, batch_size, fixed_kwargs)
         p.rtol = rtol
-        return _run(p, framework)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny inputs: threads only cost (10x on a busy machine)
+        try:
+            return _run(p, framework)
+        finally:
+            torch.set_num_threads(threads)
 
     try:
         return attempt(STRICT)
