@@ -626,8 +626,8 @@ def _check_batch_size(p: _Probe, form: ReconForm, base_value: float, recon_step:
     recon_other = _element_change(p, base_other, {0: INTERIOR[0]}, n)
     moved = []
     if not p.close(recon_other, recon_step, abs(recon_step) + abs(base_value)):
-        moved.append(f"the reconstruction weight ({_num(recon_step)} at B = {p.batch}, "
-                     f"{_num(recon_other)} at B = {n})")
+        moved.append(f"the reconstruction term of one example with one element moved "
+                     f"({_num(recon_step)} at B = {p.batch}, {_num(recon_other)} at B = {n})")
     if kl_step:
         kl_base = _kl_base(p, form)
         kl_base_other = p.value(kl_base, f"a batch of {n}", n)
@@ -637,8 +637,8 @@ def _check_batch_size(p: _Probe, form: ReconForm, base_value: float, recon_step:
             ratio = kl_other / kl_step
             why = (" (proportional to B: the KL is summed over the batch or weighted by an "
                    "M_N = B/N computed inside)" if p.close(ratio, n / p.batch, 1.0) else "")
-            moved.append(f"the KL weight per example ({_num(kl_step)} at B = {p.batch}, "
-                         f"{_num(kl_other)} at B = {n}){why}")
+            moved.append(f"the KL term of one example at mu = 1 in one latent dim "
+                         f"({_num(kl_step)} at B = {p.batch}, {_num(kl_other)} at B = {n}){why}")
     if not moved:
         return (f"batch size: per-example weights are the same at B = {p.batch} and {n} (an "
                 "M_N-style weight, if any, comes in through the arguments)")
@@ -726,7 +726,7 @@ def measure(fn: Callable[..., Any], *, data_shape: tuple[int, ...], latent_dim: 
             raise strict from None
         if found.precision == LOOSE:
             found.observations.append(
-                f"precision: everything holds to {LOOSE:g}, not to {STRICT:g} ({strict}): the "
-                "function loses precision somewhere (Keras' ops.mean computes in float32 even "
-                "for float64 inputs)")
+                f"precision: everything holds to {LOOSE:g} but not to {STRICT:g}: the function "
+                "loses precision somewhere (Keras 3's ops.mean computes in float32 even for "
+                "float64 inputs)")
         return found
