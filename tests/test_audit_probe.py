@@ -458,3 +458,13 @@ def test_infer_roles_and_parse_fixed_kwargs():
     with pytest.raises(ConfigError, match="NAME=VALUE"):
         parse_fixed_kwargs(["=3"])
     assert callable(load_loss("math:sqrt"))
+
+
+@pytest.mark.parametrize("reduce, reduction", [(np.mean, "mean"), (np.sum, "sum"),
+                                               (lambda v: v, "none")])
+def test_batch_size_one(reduce, reduction):
+    def loss(x, x_hat, mu, logvar):
+        return reduce(_sse(x, x_hat) + _kl(mu, logvar))
+
+    a = probe(loss, data_shape=(5,), latent_dim=2, batch_size=1)
+    assert a.batch_reduction == reduction and a.scale == 1.0 and a.beta_effective == 1.0

@@ -551,9 +551,10 @@ def probe(fn: Callable[..., Any], *, data_shape: int | Sequence[int], latent_dim
           data: str | None = None, **fixed_kwargs: Any) -> Audit:
     r"""Call a VAE loss function on designed inputs and explain what it optimises.
 
-    The function is called about 40 times (twice that when it falls back to 1e-5) on float64 batches built to isolate each part
-    of ``a * recon + w * KL`` (see :mod:`vaelab.audit_probe` for the steps); nothing is
-    fitted to noise: every conclusion is an exact equality at chosen points.
+    The function is called about 40 times (twice that when it falls back to 1e-5) on
+    float64 batches built to isolate each part of ``a * recon + w * KL`` (see
+    :mod:`vaelab.audit_probe` for the steps); nothing is fitted to noise: every
+    conclusion is an exact equality at chosen points.
 
     Args:
         fn: the loss, ``fn(*args_in_roles_order, **fixed_kwargs)``, returning one number,
@@ -594,7 +595,7 @@ def probe(fn: Callable[..., Any], *, data_shape: int | Sequence[int], latent_dim
         ...     bce = -(x * np.log(p) + (1 - x) * np.log(1 - p)).mean(-1)
         ...     return bce - 0.5 * (1 + logvar - mu**2 - np.exp(logvar)).mean(-1)
         >>> a = probe(blog_loss, data_shape=(784,), latent_dim=2)
-        >>> a.beta_effective, a.batch_reduction, a.epsilon, a.epsilon_where
+        >>> round(a.beta_effective, 9), a.batch_reduction, a.epsilon, a.epsilon_where
         (392.0, 'none', 1e-07, 'clip')
     """
     shape = _data_shape(data_shape)

@@ -10,18 +10,23 @@ assumption with exact float64 arithmetic at chosen points (no curve fitting):
 
 1. the framework (NumPy arrays, torch tensors or Keras tensors) and determinism;
 2. the batch reduction: the output's shape, and ``B`` vs ``B + 1`` copies of one example;
-3. ``g``: one data element moved to designed ``(x, x_hat)`` values; the ratios of the
-   changes single out BCE, squared or absolute error of ``x_hat`` or of
-   ``sigmoid(x_hat)``, and ``a``; the same change at other positions (equal weights) and
-   at two positions at once (a sum);
-4. the guard against ``log(0)`` for BCE: the values at hopeless and perfect predictions;
-5. no added constant: the value at the base point is exactly ``a * sum(g)``;
-6. the KL: ``mu`` and ``logvar`` moved in one latent dimension; the changes are ``w``
-   times the Gaussian KL (weight, sign, form), equal in every dimension and additive;
-7. additivity: whole examples with every element and latent changed give exactly
-   ``a * sum(g) + w * sum(KL)``, and examples do not interact within a batch;
-8. the batch size: per-example values at ``B`` and ``B + 1`` agree, or the weight that
-   moves (an M_N computed inside, a KL summed over the batch) is named.
+3. ``g``: every data element set to designed ``(x, x_hat)`` values; the per-example
+   values are proportional to ``g`` for exactly one of BCE, squared or absolute error of
+   ``x_hat`` or of ``sigmoid(x_hat)`` (which gives ``a * D``), with no constant added;
+4. the guard against ``log(0)`` for BCE: the values at hopeless and perfect predictions
+   (``x_hat`` = 0 and 1, or logits of -1000 and 1000);
+5. the divisor: one element moved changes the loss by ``1/D`` of moving all of them, the
+   same at the first, middle and last element, and two moved elements add;
+6. the KL, at a perfect reconstruction: ``mu`` and ``logvar`` moved in one latent
+   dimension change the loss by ``w`` times the Gaussian KL (weight, sign, form), the
+   same in the last dimension, and two dimensions add;
+7. additivity: whole examples with every element and latent moved give exactly
+   ``a * sum(g) + w * sum(KL)``, alone and mixed in one batch (no batch statistics);
+8. the batch size: per-example terms at ``B`` and ``B + 1`` agree, or the one that moves
+   (an M_N computed inside, a KL summed over the batch) is named.
+
+Every equality is checked to 1e-9 relative; if that fails, the whole probe is repeated
+to 1e-5 (code that loses precision inside) and says so.
 
 Anything that fails a check is refused with one line saying what was observed.
 """
@@ -170,8 +175,9 @@ class _Probe:
             warnings.simplefilter("ignore")
             return self.fn(*(inputs[r] for r in self.roles), **self.fixed_kwargs)
 
-    def call(self, examples: Sequence[_Example], what: str) -> np.ndarray:
-        """The loss for a batch of ``examples``, shape ``()`` or ``(len(examples),)``."""
+    def call_read(self, examples: Sequence[_Example], what: str) -> tuple[np.ndarray, str,
+                                                                          str | None]:
+        """:func:`read_output` of the call; the user's exceptions become a refusal."""
         try:
             out = self.call_raw(self.framework, examples)
         except ConfigError:
@@ -179,14 +185,17 @@ class _Probe:
         except Exception as exc:  # the user's code: any exception is an observation
             raise ConfigError(f"the function fails on the probe inputs ({what}): "
                               f"{_one_line(exc)}") from None
-        values, _, _ = read_output(out)
-        return self.check_shape(values, len(examples))
+        return read_output(out)
+
+    def call(self, examples: Sequence[_Example], what: str) -> np.ndarray:
+        """The loss for a batch of ``examples``, shape ``()`` or ``(len(examples),)``."""
+        return self.check_shape(self.call_read(examples, what)[0], len(examples))
 
     def check_shape(self, values: np.ndarray, n: int) -> np.ndarray:
-        if values.size == 1 and n > 1:
-            return values.reshape(())
-        if values.shape == (n,):
+        if values.ndim == 0 or values.shape == (n,):
             return values
+        if values.size == 1:
+            return values.reshape(())
         raise ConfigError(f"the function returns shape {tuple(values.shape)} for a batch of "
                           f"{n} examples of shape {self.data_shape}: neither one number nor "
                           "one per example (sum or average the other axes inside it; a Keras "
@@ -265,9 +274,8 @@ def _is_tensor(out: Any) -> bool:
 
 
 def _check_deterministic(p: _Probe) -> str:
-    out = p.call_raw(p.framework, [p.base] * p.batch)
-    first, dtype, note = read_output(out)
-    second, _, _ = read_output(p.call_raw(p.framework, [p.base] * p.batch))
+    first, dtype, note = p.call_read([p.base] * p.batch, "the base batch")
+    second, _, _ = p.call_read([p.base] * p.batch, "the base batch again")
     if not np.array_equal(first, second, equal_nan=True):
         raise ConfigError(
             f"two identical calls returned different values ({_num(float(first.ravel()[0]))} "
@@ -300,9 +308,7 @@ def _check_z(p: _Probe) -> str | None:
 
 def _detect_reduction(p: _Probe) -> str:
     """Mean, sum or none over the batch, from B and B + 1 copies of one example."""
-    example = p.base
-    for candidate in (p.base, p.base.with_latent({0: (1.0, 0.0)})):
-        example = candidate
+    for example in (p.base, p.base.with_latent({0: (1.0, 0.0)})):
         small = p.call([example] * p.batch, f"{p.batch} copies of one example")
         large = p.call([example] * (p.batch + 1), f"{p.batch + 1} copies of one example")
         if np.any(small != 0):
@@ -590,30 +596,31 @@ def _predicted(form: ReconForm, recon_weight: float, kl_factor: float, e: _Examp
 def _check_additive(p: _Probe, form: ReconForm, recon_weight: float, kl_factor: float) -> str:
     """Whole designed examples, alone and mixed in a batch, match the fitted formula."""
     examples = [_designed_example(p, seed) for seed in (0, 1)]
-    for e in examples:
-        measured = p.value(e, "a whole designed example")
-        predicted = _predicted(form, recon_weight, kl_factor, e)
-        if not p.close(measured, predicted, abs(predicted) + p.floor * recon_weight * p.dims):
+    predicted = [_predicted(form, recon_weight, kl_factor, e) for e in examples]
+    floor = p.floor * recon_weight * p.dims
+    for e, want in zip(examples, predicted):
+        got = p.value(e, "a whole designed example")
+        if not p.close(got, want, abs(want) + floor):
             raise ConfigError(
                 f"not of the form a * recon + w * KL: an example with every element and latent "
-                f"moved gives {_num(measured)}, the parts measured one at a time give "
-                f"{_num(predicted)} (a weight that depends on the data, or terms that interact)")
+                f"moved gives {_num(got)}, the parts measured one at a time give {_num(want)} "
+                "(a weight that depends on the data, or terms that interact)")
     if p.batch == 1:
-        return "additive: whole examples match a * recon + w * KL"
-    mixed = examples + [p.base] * (p.batch - 2) if p.batch >= 2 else examples[:1]
+        return "additive: whole examples with every element and latent moved match a * recon " \
+               "+ w * KL"
+    mixed = examples[: p.batch] + [p.base] * (p.batch - 2)
+    singles = predicted[: p.batch] + [_predicted(form, recon_weight, kl_factor, p.base)] * (
+        p.batch - 2)
     values = p.call(mixed, "a batch of different examples")
-    singles = [_predicted(form, recon_weight, kl_factor, e) for e in mixed]
     if p.reduction == "none":
-        ok = all(p.close(v, s, abs(s) + p.floor * recon_weight * p.dims) for v, s in zip(values, singles))
-        got, want = (values[0], singles[0])
+        got, want = values, np.array(singles)
     else:
-        want = sum(singles) / (len(mixed) if p.reduction == "mean" else 1)
-        got = float(values)
-        ok = p.close(got, want, abs(want) + p.floor * recon_weight * p.dims)
-    if not ok:
+        got = values
+        want = np.array(sum(singles) / (len(mixed) if p.reduction == "mean" else 1))
+    if not all(p.close(g, w, abs(w) + floor) for g, w in zip(np.ravel(got), np.ravel(want))):
         raise ConfigError(f"examples interact within the batch: a batch of different examples "
                           f"gives {_num(float(np.ravel(got)[0]))}, its examples alone give "
-                          f"{_num(want)} (a batch statistic inside the loss?)")
+                          f"{_num(float(np.ravel(want)[0]))} (a batch statistic inside the loss?)")
     return ("additive: whole examples with every element and latent moved, alone and mixed "
             "in one batch, match a * recon + w * KL")
 
