@@ -412,14 +412,19 @@ def _fit_guard(p: _Probe, form: ReconForm, values: list[float],
         candidate = replace(form, style=style, epsilon=None)
         # Start from the unguarded form (a guard moves interior values by ~eps only), then
         # alternate: eps from the hopeless prediction, the scale from the base point.
+        # A fixed point: it contracts fast (eps moves the base value by ~eps only).
         start = replace(form, style="none") if needs_eps else candidate
         scale = values[0] / _g(start, BASE)
-        for _ in range(3 if needs_eps else 0):
+        for _ in range(100 if needs_eps else 0):
             eps = solve_epsilon(style, extremes[0] / scale)
             if eps is None or eps >= 0.5:
                 break
+            converged = candidate.epsilon is not None and abs(eps - candidate.epsilon) <= (
+                1e-15 * eps)
             candidate = replace(candidate, epsilon=eps)
             scale = values[0] / _g(candidate, BASE)
+            if converged:
+                break
         if needs_eps and candidate.epsilon is None:
             continue
         if _fits(p, candidate, scale, points, measured, p.rtol):
