@@ -311,7 +311,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if given:
             raise VaelabError(f"{given[0]} applies to --loss only")
     if args.preset:
-        return _audit_preset(args)
+        from .audit_cli import preset_command
+
+        return preset_command(args.preset, json_output=args.json)
     try:
         shape = tuple(int(v) for v in args.data_shape.split(",") if v.strip())
     except ValueError:
@@ -319,7 +321,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
         ) from None
     if args.loss:
-        return _audit_loss(args, shape)
+        from .audit_cli import loss_command
+
+        return loss_command(args.loss, shape, args.latent_dim, roles=args.roles,
+                            fixed=args.set, batch_size=args.batch_size,
+                            framework=args.framework, data=args.data, json_output=args.json)
     kwargs: dict[str, Any] = dict(
         recon=args.recon or "bce", recon_reduction=args.recon_reduction,
         recon_multiplier=1.0 if args.recon_multiplier is None else args.recon_multiplier,
@@ -335,57 +341,6 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     result = audit.explain(**kwargs)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.text)
     return 0
-
-
-def _audit_loss(args: argparse.Namespace, shape: tuple[int, ...]) -> int:
-    """``--loss FILE.py:FUNCTION``: import it (this runs the user's code) and probe it."""
-    from . import audit, audit_load
-
-    fn = audit_load.load_loss(args.loss)
-    if args.roles:
-        roles, said = audit_load.parse_roles(args.roles), "as given"
-    else:
-        roles = audit_load.infer_roles(fn)
-        said = "from the parameter names" if roles else "the default; pass --roles to change"
-        roles = roles or ("x", "x_hat", "mu", "logvar")
-    result = audit.probe(fn, data_shape=shape, latent_dim=args.latent_dim, roles=roles,
-                         batch_size=args.batch_size, framework=args.framework, data=args.data,
-                         **audit_load.parse_fixed_kwargs(args.set))
-    if args.json:
-        print(json.dumps({"loss": args.loss, "roles": list(roles), **result.to_dict()},
-                         indent=2))
-        return 0
-    print(f"Probed {args.loss}({', '.join(roles)}) [roles {said}], data shape "
-          f"{','.join(map(str, shape))}, latent dim {args.latent_dim}.")
-    _print_audit(result)
-    return 0
-
-
-def _audit_preset(args: argparse.Namespace) -> int:
-    """``--preset NAME``: the audit of a widely copied loss (``list``: all of them)."""
-    from . import audit_presets
-
-    if args.preset == "list":
-        for name in audit_presets.LOSS_PRESETS:
-            print(f"{name}: {audit_presets.LOSS_PRESETS[name].optimises}")
-        return 0
-    preset = audit_presets.LOSS_PRESETS[args.preset]
-    result = audit_presets.audit_preset(args.preset)
-    if args.json:
-        print(json.dumps({"preset": preset.name, "source": preset.source,
-                          **result.to_dict()}, indent=2))
-        return 0
-    print(f"Preset {preset.name}: {preset.source}.")
-    _print_audit(result)
-    return 0
-
-
-def _print_audit(result) -> None:
-    print("What was measured:")
-    for line in result.observations:
-        print(f"  - {line}")
-    print()
-    print(result.text)
 
 
 def _is_main_rank() -> bool:
