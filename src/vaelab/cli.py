@@ -125,22 +125,42 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="explain what a hand-written VAE loss really optimises",
-        description="Relate a loss written as recon + KL to the per-example negative ELBO: "
-        "overall scale, effective beta, implied Gaussian sigma and the missing constant.",
+        description="Relate a loss written as a * recon + w * KL to the per-example negative "
+        "ELBO: overall scale, effective beta, implied likelihood and sigma, the missing "
+        "constant, how x_hat is read and clipped. Describe the loss with flags (--recon ...), "
+        "or let vaelab call your loss function on designed inputs (--loss), or audit a widely "
+        "copied loss (--preset). WARNING: --loss imports your file or module and runs your "
+        "function in this process: only audit code you trust (your own).",
     )
-    p.add_argument("--recon", default="bce", choices=("bce", "mse", "sse"),
-                   help="(default: %(default)s)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--loss", metavar="FILE.py:FUNCTION",
+                       help="probe this function (or package.module:FUNCTION, e.g. "
+                       "keras.losses:binary_crossentropy); imports and RUNS that code")
+    which.add_argument("--preset", metavar="NAME",
+                       help="audit a widely copied loss; --preset list shows them")
+    p.add_argument("--roles", help="with --loss: what the positional arguments are, in order, "
+                   "from x,x_hat,mu,logvar,z (default: from the parameter names, else "
+                   "x,x_hat,mu,logvar)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --loss: a fixed keyword argument, e.g. --set M_N=0.00025 "
+                   "(repeatable; Python literals, else strings)")
+    p.add_argument("--framework", default="auto", choices=("auto", "numpy", "torch", "keras"),
+                   help="with --loss: (default: %(default)s: NumPy arrays, then torch tensors; "
+                   "Keras 3 runs on KERAS_BACKEND=torch)")
+    p.add_argument("--recon", default=None, choices=("bce", "mse", "sse"),
+                   help="(default: bce)")
     p.add_argument("--recon-reduction", default=None, choices=("sum", "mean"),
                    help="reduction over data dimensions (default: mean; sum for sse)")
-    p.add_argument("--recon-multiplier", type=float, default=1.0,
-                   help="factor on the reconstruction term, e.g. 784 (default: %(default)s)")
-    p.add_argument("--kl-reduction", default="sum", choices=("sum", "mean"),
-                   help="reduction over latent dimensions (default: %(default)s)")
-    p.add_argument("--kl-weight", type=float, default=1.0,
-                   help="factor on the KL, e.g. M_N = batch/N (default: %(default)s)")
-    p.add_argument("--batch-reduction", default="mean", choices=("mean", "sum"),
-                   help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum")
+    p.add_argument("--recon-multiplier", type=float, default=None,
+                   help="factor on the reconstruction term, e.g. 784 (default: 1)")
+    p.add_argument("--kl-reduction", default=None, choices=("sum", "mean"),
+                   help="reduction over latent dimensions (default: sum)")
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help="factor on the KL, e.g. M_N = batch/N (default: 1)")
+    p.add_argument("--batch-reduction", default=None, choices=("mean", "sum", "none"),
+                   help="(default: mean)")
+    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum, and "
+                   "with --loss when the loss sums over the batch or depends on its size")
     p.add_argument("--data-shape", default="784",
                    help="comma-separated data shape, e.g. 28,28,1 (default: %(default)s)")
     p.add_argument("--latent-dim", type=int, default=2, help="(default: %(default)s)")
@@ -320,17 +340,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
+    flags = {"--recon": args.recon, "--recon-reduction": args.recon_reduction,
+             "--recon-multiplier": args.recon_multiplier, "--kl-reduction": args.kl_reduction,
+             "--kl-weight": args.kl_weight, "--batch-reduction": args.batch_reduction}
+    probe_only = {"--roles": args.roles, "--set": args.set or None,
+                  "--framework": None if args.framework == "auto" else args.framework}
+    if args.loss or args.preset:
+        given = [name for name, value in flags.items() if value is not None]
+        if given:
+            raise VaelabError(f"{given[0]} describes a loss by flags: with --loss or --preset "
+                              "the loss itself is probed; drop it")
+    if not args.loss:
+        given = [name for name, value in probe_only.items() if value is not None]
+        if given:
+            raise VaelabError(f"{given[0]} applies to --loss only")
+    if args.preset:
+        from .audit_cli import preset_command
+
+        return preset_command(args.preset, json_output=args.json)
     try:
         shape = tuple(int(v) for v in args.data_shape.split(",") if v.strip())
     except ValueError:
         raise VaelabError(
             f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
         ) from None
+    if args.loss:
+        from .audit_cli import loss_command
+
+        return loss_command(args.loss, shape, args.latent_dim, roles=args.roles,
+                            fixed=args.set, batch_size=args.batch_size,
+                            framework=args.framework, data=args.data, json_output=args.json)
     kwargs: dict[str, Any] = dict(
-        recon=args.recon, recon_reduction=args.recon_reduction,
-        recon_multiplier=args.recon_multiplier, kl_reduction=args.kl_reduction,
-        kl_weight=args.kl_weight, batch_reduction=args.batch_reduction,
-        data_shape=shape, latent_dim=args.latent_dim,
+        recon=args.recon or "bce", recon_reduction=args.recon_reduction,
+        recon_multiplier=1.0 if args.recon_multiplier is None else args.recon_multiplier,
+        kl_reduction=args.kl_reduction or "sum",
+        kl_weight=1.0 if args.kl_weight is None else args.kl_weight,
+        batch_reduction=args.batch_reduction or "mean", data_shape=shape,
+        latent_dim=args.latent_dim,
     )
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size

@@ -1,0 +1,69 @@
+"""What ``vaelab audit --loss`` and ``vaelab audit --preset`` print.
+
+``--loss`` imports the user's file or module and runs the function (see
+:mod:`vaelab.audit_load`); nothing here is imported unless the command asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from . import audit, audit_load, audit_presets
+
+__all__ = ["loss_command", "preset_command"]
+
+
+def _print_audit(result: audit.Audit) -> None:
+    print("What was measured:")
+    for line in result.observations:
+        print(f"  - {line}")
+    print()
+    print(result.text)
+
+
+def loss_command(spec: str, data_shape: tuple[int, ...], latent_dim: int, *,
+                 roles: str | None, fixed: Sequence[str], batch_size: int | None,
+                 framework: str, data: str | None, json_output: bool) -> int:
+    """``--loss SPEC``: import it (this runs the user's code), probe it, print; returns 0.
+
+    Roles come from ``roles`` (``"x_hat,x,mu,logvar"``), else from the function's
+    parameter names, else the default ``x,x_hat,mu,logvar``; the output says which.
+
+    Raises:
+        ConfigError: from loading or probing (one line; the CLI exits with status 2).
+    """
+    fn = audit_load.load_loss(spec)
+    if roles:
+        chosen, said = audit_load.parse_roles(roles), "as given"
+    else:
+        inferred = audit_load.infer_roles(fn)
+        said = "from the parameter names" if inferred else "the default; pass --roles to change"
+        chosen = inferred or ("x", "x_hat", "mu", "logvar")
+    result = audit.probe(fn, data_shape=data_shape, latent_dim=latent_dim, roles=chosen,
+                         batch_size=batch_size, framework=framework, data=data,
+                         **audit_load.parse_fixed_kwargs(fixed))
+    if json_output:
+        print(json.dumps({"loss": spec, "roles": list(chosen), **result.to_dict()}, indent=2))
+        return 0
+    print(f"Probed {spec}({', '.join(chosen)}) [roles {said}], data shape "
+          f"{','.join(map(str, data_shape))}, latent dim {latent_dim}.")
+    _print_audit(result)
+    return 0
+
+
+def preset_command(name: str, *, json_output: bool) -> int:
+    """``--preset NAME``: the audit of a widely copied loss (``list``: all of them)."""
+    if name == "list":
+        for preset_name in audit_presets.LOSS_PRESETS:
+            print(f"{preset_name}: {audit_presets.LOSS_PRESETS[preset_name].optimises}")
+        return 0
+    preset = audit_presets.LOSS_PRESETS[name]
+    result = audit_presets.audit_preset(name)
+    if json_output:
+        print(json.dumps({"preset": preset.name, "source": preset.source,
+                          **result.to_dict()}, indent=2))
+        return 0
+    print(f"Preset {preset.name}: {preset.source}.")
+    _print_audit(result)
+    return 0
