@@ -60,7 +60,7 @@ def import_graph() -> dict[str, set[str]]:
                     deps.add(_top(".".join([*base, node.module])))
                 else:
                     deps.update(_top(".".join([*base, a.name])) for a in node.names)
-            elif isinstance(node, ast.Import):
+            elif isinstance(node, ast.Import):  # noqa: SIM102
                 for alias in node.names:
                     if alias.name.startswith("vaelab."):
                         deps.add(_top(alias.name.split(".", 1)[1]))

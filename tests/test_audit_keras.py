@@ -15,7 +15,7 @@ if keras.backend.backend() != "torch":
 from keras import ops  # noqa: E402
 
 from vaelab.audit import probe  # noqa: E402
-from vaelab.audit_presets import audit_preset  # noqa: E402
+from vaelab.audit.presets import audit_preset  # noqa: E402
 from vaelab.cli import main  # noqa: E402
 
 

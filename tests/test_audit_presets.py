@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vaelab.audit import explain
-from vaelab.audit_presets import LOSS_PRESETS, audit_preset
+from vaelab.audit.presets import LOSS_PRESETS, audit_preset
 from vaelab.cli import main
 from vaelab.errors import ConfigError
 

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaelab.audit import explain, probe
-from vaelab.audit_load import infer_roles, load_loss, parse_fixed_kwargs
+from vaelab.audit.load import infer_roles, load_loss, parse_fixed_kwargs
 from vaelab.cli import main
 from vaelab.errors import ConfigError
 

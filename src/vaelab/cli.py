@@ -355,7 +355,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if given:
             raise VaelabError(f"{given[0]} applies to --loss only")
     if args.preset:
-        from .audit_cli import preset_command
+        from .audit.commands import preset_command
 
         return preset_command(args.preset, json_output=args.json)
     try:
@@ -365,7 +365,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
         ) from None
     if args.loss:
-        from .audit_cli import loss_command
+        from .audit.commands import loss_command
 
         return loss_command(args.loss, shape, args.latent_dim, roles=args.roles,
                             fixed=args.set, batch_size=args.batch_size,

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .audit_forms import EPSILON_STYLES, ReconForm, gaussian_kl, recon_candidates, solve_epsilon
-from .audit_frameworks import FRAMEWORKS, convert_inputs, keras_backend, read_output
-from .errors import ConfigError
+from ..errors import ConfigError
+from .forms import EPSILON_STYLES, ReconForm, gaussian_kl, recon_candidates, solve_epsilon
+from .frameworks import FRAMEWORKS, convert_inputs, keras_backend, read_output
 
 __all__ = ["ROLES", "Measured", "measure"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FRAMEWORKS", "convert_inputs", "keras_backend", "read_output"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audit import Audit, probe
-from .compat import keras_binary_crossentropy, keras_mse
-from .registry import Registry
+from ..compat import keras_binary_crossentropy, keras_mse
+from ..registry import Registry
+from .explain import Audit, probe
 
 __all__ = ["LOSS_PRESETS", "LossPreset", "audit_preset"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ROLE_NAMES", "infer_roles", "load_loss", "parse_fixed_kwargs", "parse_roles"]
 

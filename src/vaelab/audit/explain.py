@@ -25,7 +25,7 @@ example (``batch_reduction="none"``, as Keras loss functions do) leaves the batc
 caller, which averages it.
 
 :func:`explain` takes this description as arguments; :func:`probe` finds it by calling
-the loss function itself on designed inputs (see :mod:`vaelab.audit_probe`).
+the loss function itself on designed inputs (see :mod:`vaelab.audit.probe`).
 
 Example (the Keras blog VAE: mean BCE over 784 pixels + mean KL over 2 latents)::
 
@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
-from .audit_forms import EPSILON_STYLES
-from .audit_probe import measure
-from .errors import ConfigError
-from .registry import Registry
+from ..errors import ConfigError
+from ..registry import Registry
+from .forms import EPSILON_STYLES
+from .probe import measure
 
 __all__ = ["RECON_LOSSES", "Audit", "ReconLoss", "explain", "probe"]
 
@@ -553,7 +553,7 @@ def probe(fn: Callable[..., Any], *, data_shape: int | Sequence[int], latent_dim
 
     The function is called about 40 times (twice that when it falls back to 1e-5) on
     float64 batches built to isolate each part of ``a * recon + w * KL`` (see
-    :mod:`vaelab.audit_probe` for the steps); nothing is fitted to noise: every
+    :mod:`vaelab.audit.probe` for the steps); nothing is fitted to noise: every
     conclusion is an exact equality at chosen points.
 
     Args:

@@ -1,7 +1,7 @@
 """What ``vaelab audit --loss`` and ``vaelab audit --preset`` print.
 
 ``--loss`` imports the user's file or module and runs the function (see
-:mod:`vaelab.audit_load`); nothing here is imported unless the command asks for it.
+:mod:`vaelab.audit.load`); nothing here is imported unless the command asks for it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from . import audit, audit_load, audit_presets
+from .explain import Audit, probe
+from .load import infer_roles, load_loss, parse_fixed_kwargs, parse_roles
+from .presets import LOSS_PRESETS, audit_preset
 
 __all__ = ["loss_command", "preset_command"]
 
 
-def _print_audit(result: audit.Audit) -> None:
+def _print_audit(result: Audit) -> None:
     print("What was measured:")
     for line in result.observations:
         print(f"  - {line}")
@@ -33,16 +35,16 @@ def loss_command(spec: str, data_shape: tuple[int, ...], latent_dim: int, *,
     Raises:
         ConfigError: from loading or probing (one line; the CLI exits with status 2).
     """
-    fn = audit_load.load_loss(spec)
+    fn = load_loss(spec)
     if roles:
-        chosen, said = audit_load.parse_roles(roles), "as given"
+        chosen, said = parse_roles(roles), "as given"
     else:
-        inferred = audit_load.infer_roles(fn)
+        inferred = infer_roles(fn)
         said = "from the parameter names" if inferred else "the default; pass --roles to change"
         chosen = inferred or ("x", "x_hat", "mu", "logvar")
-    result = audit.probe(fn, data_shape=data_shape, latent_dim=latent_dim, roles=chosen,
+    result = probe(fn, data_shape=data_shape, latent_dim=latent_dim, roles=chosen,
                          batch_size=batch_size, framework=framework, data=data,
-                         **audit_load.parse_fixed_kwargs(fixed))
+                         **parse_fixed_kwargs(fixed))
     if json_output:
         print(json.dumps({"loss": spec, "roles": list(chosen), **result.to_dict()}, indent=2))
         return 0
@@ -55,11 +57,11 @@ def loss_command(spec: str, data_shape: tuple[int, ...], latent_dim: int, *,
 def preset_command(name: str, *, json_output: bool) -> int:
     """``--preset NAME``: the audit of a widely copied loss (``list``: all of them)."""
     if name == "list":
-        for preset_name in audit_presets.LOSS_PRESETS:
-            print(f"{preset_name}: {audit_presets.LOSS_PRESETS[preset_name].optimises}")
+        for preset_name in LOSS_PRESETS:
+            print(f"{preset_name}: {LOSS_PRESETS[preset_name].optimises}")
         return 0
-    preset = audit_presets.LOSS_PRESETS[name]
-    result = audit_presets.audit_preset(name)
+    preset = LOSS_PRESETS[name]
+    result = audit_preset(name)
     if json_output:
         print(json.dumps({"preset": preset.name, "source": preset.source,
                           **result.to_dict()}, indent=2))
