@@ -24,7 +24,7 @@ LAYERS = [
     {"errors", "registry", "_io", "rng", "schedules", "psis"},
     {"config"},
     {"runtime", "distributed", "data"},
-    {"likelihoods", "compat", "audit"},
+    {"likelihoods", "priors", "compat", "audit"},
     {"models"},
     {"objectives"},
     {"estimators"},

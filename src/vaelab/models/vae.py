@@ -25,11 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 from .. import likelihoods
 from ..config import RunConfig
 from ..errors import ConfigError, DataError
+from ..priors import Prior, StandardNormal, build_prior
 from ..registry import Registry
 from .conv import ConvDecoder, ConvEncoder
 from .init import INITS, initialise
@@ -76,7 +77,8 @@ class VAE(nn.Module):
             scale is in ``model.parameters()``).
         latent_dim: ``L``.
         event_shape: shape of one example, e.g. ``(1, 28, 28)``.
-        encoder_scale: ``"softplus"`` (default) or ``"exp"``; see the module docstring.
+        encoder_scale: a name in :data:`ENCODER_SCALES`; see the module docstring.
+        prior: the prior module (:mod:`vaelab.priors`); default :math:`N(0, I)`.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class VAE(nn.Module):
         latent_dim: int,
         event_shape: tuple[int, ...],
         encoder_scale: str = "softplus",
+        prior: Prior | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -97,6 +100,7 @@ class VAE(nn.Module):
         self.encoder_scale = encoder_scale
         self._scale = ENCODER_SCALES[encoder_scale]
         self._uint8 = getattr(likelihood, "data_kind", None) == "uint8"
+        self.prior_module = prior if prior is not None else StandardNormal(latent_dim, event_shape)
 
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in data units -> floats for the encoder (uint8 data divided by 255)."""
@@ -120,12 +124,16 @@ class VAE(nn.Module):
         Raises:
             DataError: ``x`` does not have the model's event shape.
         """
-        out = self.encoder(self._float_input(x))
+        loc, scale = self._loc_scale(self._float_input(x))
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+    def _loc_scale(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder ``(loc (B, L), scale (B, L))`` of float inputs in [0, 1] units."""
+        out = self.encoder(inputs)
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()  # under autocast: the KL and log q stay float32
         loc, raw = out.chunk(2, dim=-1)
-        normal = Normal(loc, self._scale(raw), validate_args=False)
-        return Independent(normal, 1, validate_args=False)
+        return loc, self._scale(raw)
 
     def decode(self, z: torch.Tensor) -> Any:
         """p(x|z): the likelihood family's distribution for ``z (N, L)``."""
@@ -138,17 +146,12 @@ class VAE(nn.Module):
 
     def prior(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> Independent:
-        """p(z) = N(0, I) over ``L`` dimensions, as ``Independent(Normal, 1)``.
-
-        The base ``Normal`` carries ``standard = True``, which lets
-        :mod:`vaelab.objectives` use the short closed-form KL against N(0, I).
-        """
-        dtype = dtype or torch.get_default_dtype()
-        loc = torch.zeros(self.latent_dim, device=device, dtype=dtype)
-        normal = Normal(loc, torch.ones_like(loc), validate_args=False)
-        normal.standard = True
-        return Independent(normal, 1, validate_args=False)
+    ) -> Distribution:
+        """p(z) over ``L`` dimensions from :attr:`prior_module` (:mod:`vaelab.priors`):
+        ``Independent(Normal(0, 1), 1)`` for the default (its base ``Normal`` carries
+        ``standard = True``: the short closed-form KL), a mixture for the others."""
+        return self.prior_module.distribution(self._loc_scale, self.latent_dim, device,
+                                              dtype or torch.get_default_dtype())
 
     @torch.no_grad()
     def init_output_bias(self, pixel_mean: torch.Tensor) -> None:
@@ -211,6 +214,8 @@ def build_model(
     encoder_scale: str = "softplus",
     gated: bool = False,
     init: str = "torch",
+    prior: str = "normal",
+    prior_components: int | None = None,
 ) -> VAE:
     """Build a VAE for data of ``event_shape`` whose decoder feeds ``likelihood``.
 
@@ -227,6 +232,7 @@ def build_model(
         gated: gated dense layers (:class:`~vaelab.models.mlp.GatedDense`) instead of
             Linear + activation.
         init: a weight initialisation in :data:`~vaelab.models.init.INITS`.
+        prior: a name in :data:`~vaelab.priors.PRIORS`; ``prior_components`` its ``K``.
 
     Raises:
         ConfigError: unknown kind/activation/scale, bad sizes, or an image size the
@@ -245,11 +251,15 @@ def build_model(
     encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels, gated)
     initialise(encoder, init)
     initialise(decoder, init)
-    return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale)
+    prior_module = build_prior(prior, latent_dim, event_shape, prior_components)
+    return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale,
+               prior_module)
 
 
-def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module) -> VAE:
-    """Build from a :class:`~vaelab.config.ModelConfig` (or an object with its fields)."""
+def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module,
+                prior: Any = None) -> VAE:
+    """Build from a :class:`~vaelab.config.ModelConfig` (or an object with its fields) and
+    optionally a :class:`~vaelab.config.PriorConfig` (default: the standard normal)."""
     return build_model(
         config.kind,
         event_shape,
@@ -261,6 +271,8 @@ def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module) 
         encoder_scale=getattr(config, "encoder_scale", "softplus"),
         gated=getattr(config, "gated", False),
         init=getattr(config, "init", "torch"),
+        prior=prior.name if prior is not None else "normal",
+        prior_components=prior.components if prior is not None else None,
     )
 
 
@@ -268,7 +280,7 @@ def build_from_config(cfg: RunConfig, event_shape: Sequence[int]) -> VAE:
     """The VAE a run's configuration describes, for examples of ``event_shape`` (C, H, W):
     the likelihood ``cfg.likelihood`` and the model ``cfg.model``."""
     family = likelihoods.get(cfg.likelihood.name, **cfg.likelihood.options())
-    return from_config(cfg.model, event_shape, family)
+    return from_config(cfg.model, event_shape, family, cfg.prior)
 
 
 def num_parameters(module: nn.Module) -> int:
