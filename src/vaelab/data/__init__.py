@@ -14,7 +14,8 @@ is described in :mod:`vaelab.data.sources`; the checksums and their sources in
 
 from __future__ import annotations
 
-from .files import UserData, read_array_file, read_png_folder
+from .files import UserData, read_array_file
+from .folders import read_image_folder
 from .idx import parse_amat, parse_idx, read_amat, read_idx, write_amat, write_idx
 from .imageset import (
     BINARIZE_MODES,
@@ -57,7 +58,7 @@ __all__ = [
     "write_amat",
     "UserData",
     "read_array_file",
-    "read_png_folder",
+    "read_image_folder",
     "validation_indices",
     "split_indices",
     "indices_digest",
