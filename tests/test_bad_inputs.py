@@ -283,22 +283,23 @@ ROWS: dict[str, Row] = {
         raw("x.npz", b"PK\x03\x04" + bytes(40))),
     "a file of another kind": Row(
         ["train", "--dataset", "{tmp}/x.csv", *USER, "--out", "{out}"],
-        ("neither a .npz/.npy file nor a folder of PNG images", "np.save or np.savez"),
+        ("neither a .npz/.npy file nor a folder of images", "np.save or np.savez"),
         raw("x.csv", b"1,2,3\n")),
     "a data file that does not exist": Row(
         ["train", "--dataset", "{tmp}/missing.npz", *USER, "--out", "{out}"],
-        ("does not exist", "give an existing .npz/.npy file or PNG folder")),
+        ("does not exist", "give an existing .npz/.npy file or folder of images")),
     # ---- PNG folders
     "a folder with no images": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("holds no .png images", "put the images there"), png_folder()),
+        ("holds no images (.png, .jpg", "put the images there"), png_folder()),
     "a folder of images of mixed sizes": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("is 20x28 with 1 channel but 00.png is 28x28", "resize or convert them"),
+        ("images differ in size: 00.png is 28x28 but 02.png is 28x20",
+         "pass --image-size N or HxW"),
         png_folder((28, 28), (28, 28), (28, 20))),
     "a .png that is not a PNG": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("is not a readable PNG image", "replace it with an 8-bit PNG file"),
+        ("01.png is not a readable PNG image", "replace it with a valid PNG file"),
         lambda tmp, mp: (png_folder((28, 28))(tmp, mp),
                          (tmp / "pngs" / "01.png").write_bytes(b"GIF89a" + bytes(20)))),
     # ---- idx files (registered datasets)

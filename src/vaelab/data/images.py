@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .idx import describe_start
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -213,8 +214,13 @@ def decode_image(data: bytes, path: str | Path, image_format: str,
         raise
     except Image.DecompressionBombError:
         raise _bomb(path, *_declared_size(data)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
-            zlib.error, IndexError, TypeError) as exc:
+    except UnidentifiedImageError:
+        what = describe_start(data) if data else "an empty file"
+        raise DataError(f"{path} is not a readable {image_format} image (not a "
+                        f"{image_format} file: {what}): replace it with a valid "
+                        f"{image_format} file or remove it") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError,
+            TypeError) as exc:
         raise DataError(f"{path} is not a readable {image_format} image ({_reason(exc)}): "
                         f"replace it with a valid {image_format} file or remove it") from None
     if animated:
