@@ -60,7 +60,7 @@ def test_unlabelled_folder_is_read_recursively_in_path_order(tmp_path, caplog):
     for row, i in enumerate([1, 0, 4, 2, 3]):  # a, b, c.jpeg, sub/c, sub/deeper/a
         if i != 4:
             np.testing.assert_array_equal(data.images[row, 0].numpy(), GREY[i])
-    assert "skipped 3 files that are not images (hidden: 2, .txt: 1)" in caplog.text
+    assert "skipped 1 files that are not images (.txt: 1)" in caplog.text  # hidden: silent
     assert "no labels (the top level holds images" in caplog.text
     meta = data.metadata
     assert meta["num_files"] == 5 and meta["formats"] == {"PNG": 4, "JPEG": 1}

@@ -143,8 +143,14 @@ def test_a_separate_test_folder(tmp_path):
     assert test.metadata["test_of"]["dataset"] == str(train)
     everything = load(train, split="train", validation_size=1, test_path=test_dir)
     assert len(everything) == 5  # nothing held out when a test set is given
+    again = load(train, split="test", test_path=test_dir)  # from the cache, same numbering
+    assert again.metadata["cache"]["hit"] is True and again.labels.tolist() == [0, 1]
+    assert torch.equal(again.images, test.images)
     only_dog = _folder(tmp_path / "test2", {"dog": [colour[0]]})
-    assert load(train, split="test", test_path=only_dog).labels.tolist() == [1]
+    for hit in (False, True):  # the cache holds the test folder as decoded, not renumbered
+        dog = load(train, split="test", test_path=only_dog)
+        assert dog.metadata["cache"]["hit"] is hit and dog.labels.tolist() == [1]
+        assert dog.metadata["test_classes"] == ["dog"]
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ Layout (as torchvision's ``ImageFolder``):
 
 Images are the suffixes of :data:`vaelab.data.images.IMAGE_FORMATS` (case-insensitive),
 read in sorted order of their relative paths. Other files are skipped and counted in one
-warning; hidden entries (names starting with ``.``, e.g. ``.DS_Store`` or macOS ``._x.jpg``
-resource forks) are skipped too. Symbolic links are followed; a link loop, a folder reached
+warning; hidden entries (names starting with ``.``, e.g. ``.DS_Store``, ``.git`` or macOS
+``._x.jpg`` resource forks) are skipped too, counted only in ``metadata["skipped"]``. Symbolic links are followed; a link loop, a folder reached
 twice or a broken link is an error naming it.
 
 Decoding (:mod:`vaelab.data.images`) runs in a thread pool (Pillow releases the GIL while
@@ -36,8 +36,9 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,10 +66,10 @@ CHUNK = 256
 MAX_WORKERS = 4
 
 
-@dataclass(frozen=True)
-class ImageFile:
-    """One image file of a folder: where it is (a plain string: 50,000 ``Path`` objects cost
-    a second) and what identifies its content."""
+class ImageFile(NamedTuple):
+    """One image file of a folder: where it is and what identifies its content. (A tuple of
+    plain strings and ints: 50,000 ``Path`` or dataclass objects cost a good part of a
+    second, which the cached read cannot afford.)"""
 
     path: str
     relative: str
@@ -112,33 +113,38 @@ def _describe_skipped(skipped: dict[str, int]) -> str:
 _Entry = tuple[str, str, str, "os.stat_result | None"]
 
 
-def _scan(directory: str) -> list[_Entry]:
-    """Entries of ``directory`` as ``(name, path, kind, stat)``, kind in ``dir``, ``file``,
-    ``hidden``, ``other``; symbolic links are followed and a broken or looping one is an
-    error."""
+def _entry_error(path: str, exc: OSError, is_link: bool) -> DataError:
+    if is_link and exc.errno == errno.ELOOP:
+        return DataError(f"{path} is a symbolic link loop (it leads back to itself): remove the "
+                         f"link")
+    if is_link:
+        return DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}): remove it "
+                         f"or fix its target")
+    return DataError(f"{path} cannot be read ({exc.strerror or exc}): check its permissions")
+
+
+def _list_dir(directory: str) -> list[os.DirEntry]:
     try:
         with os.scandir(directory) as entries:
-            listed = sorted(entries, key=lambda e: e.name)
+            return list(entries)
     except OSError as exc:
         raise DataError(f"{directory} cannot be listed ({exc.strerror or exc}): check that it "
                         f"exists and that you may read it") from None
+
+
+def _scan(directory: str) -> list[_Entry]:
+    """Entries of ``directory`` sorted by name, as ``(name, path, kind, stat)``, kind in
+    ``dir``, ``file``, ``hidden``, ``other``; symbolic links are followed and a broken or
+    looping one is an error."""
     out: list[_Entry] = []
-    for entry in listed:
+    for entry in sorted(_list_dir(directory), key=lambda e: e.name):
         if entry.name.startswith("."):
             out.append((entry.name, entry.path, "hidden", None))
             continue
         try:
             info = entry.stat()  # follows symbolic links
         except OSError as exc:
-            if entry.is_symlink():
-                if exc.errno == errno.ELOOP:
-                    raise DataError(f"{entry.path} is a symbolic link loop (it leads back to "
-                                    f"itself): remove the link") from None
-                raise DataError(f"{entry.path} is a broken symbolic link (to "
-                                f"{os.readlink(entry.path)}): remove it or fix its target"
-                                ) from None
-            raise DataError(f"{entry.path} cannot be read ({exc.strerror or exc}): check its "
-                            f"permissions") from None
+            raise _entry_error(entry.path, exc, entry.is_symlink()) from None
         kind = ("dir" if stat.S_ISDIR(info.st_mode) else
                 "file" if stat.S_ISREG(info.st_mode) else "other")
         out.append((entry.name, entry.path, kind, info))
@@ -146,7 +152,9 @@ def _scan(directory: str) -> list[_Entry]:
 
 
 def _suffix(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
+    """``"a.PNG"`` -> ``".png"``; ``""`` without a dot (hidden names are skipped earlier)."""
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
 
 
 def _key(info: os.stat_result) -> tuple[int, int]:
@@ -155,39 +163,50 @@ def _key(info: os.stat_result) -> tuple[int, int]:
 
 def _walk(start: str, prefix: str, seen: dict[tuple[int, int], str], skipped: Counter,
           parents: tuple[tuple[int, int], ...] = ()) -> list[ImageFile]:
-    """Every image under ``start`` (recursively); relative paths begin with ``prefix``;
-    ``parents`` are the (device, inode) keys of the folders above ``start``."""
+    """Every image under ``start`` (recursively), sorted by relative path; relative paths
+    begin with ``prefix``; ``parents`` are the (device, inode) keys of the folders above
+    ``start``. The inner loop is kept lean: it runs once per file."""
     key = _key(os.stat(start))
     seen.setdefault(key, start)
     stack: list[tuple[str, str, tuple[tuple[int, int], ...]]] = [(start, prefix, (*parents, key))]
     files: list[ImageFile] = []
+    formats = IMAGE_FORMATS
+    is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
     while stack:
         directory, relative, ancestors = stack.pop()
-        for name, path, kind, info in _scan(directory):
-            if kind == "hidden":
+        folders_here = []
+        for entry in _list_dir(directory):
+            name = entry.name
+            if name[0] == ".":
                 skipped["hidden"] += 1
-            elif kind == "other":
-                skipped["not a regular file"] += 1
-            elif kind == "dir":
-                assert info is not None
-                key = _key(info)
-                if key in ancestors:
-                    raise DataError(f"{path} is a symbolic link back to {seen[key]}, a folder "
-                                    f"that contains it (a loop): remove the link")
-                if key in seen:
-                    raise DataError(f"{path} and {seen[key]} are the same folder (a symbolic "
-                                    f"link), so its images would be read twice: remove one")
-                seen[key] = path
-                stack.append((path, f"{relative}{name}/", (*ancestors, key)))
-            else:
-                assert info is not None
-                image_format = IMAGE_FORMATS.get(_suffix(name))
+                continue
+            try:
+                info = entry.stat()  # follows symbolic links
+            except OSError as exc:
+                raise _entry_error(entry.path, exc, entry.is_symlink()) from None
+            mode = info.st_mode
+            if is_reg(mode):
+                suffix = _suffix(name)
+                image_format = formats.get(suffix)
                 if image_format is None:
-                    skipped[_suffix(name) or "no suffix"] += 1
-                    continue
-                files.append(ImageFile(path, relative + name, image_format, info.st_size,
-                                       info.st_mtime_ns))
-    files.sort(key=lambda f: f.relative)
+                    skipped[suffix or "no suffix"] += 1
+                else:
+                    files.append(ImageFile(entry.path, relative + name, image_format,
+                                           info.st_size, info.st_mtime_ns))
+            elif is_dir(mode):
+                folders_here.append((name, entry.path, _key(info)))
+            else:
+                skipped["not a regular file"] += 1
+        for name, path, key in sorted(folders_here):
+            if key in ancestors:
+                raise DataError(f"{path} is a symbolic link back to {seen[key]}, a folder that "
+                                f"contains it (a loop): remove the link")
+            if key in seen:
+                raise DataError(f"{path} and {seen[key]} are the same folder (a symbolic link), "
+                                f"so its images would be read twice: remove one")
+            seen[key] = path
+            stack.append((path, f"{relative}{name}/", (*ancestors, key)))
+    files.sort(key=itemgetter(1))
     return files
 
 
@@ -340,9 +359,10 @@ def _notes(root: Path, files: tuple[ImageFile, ...], decoded: list[Decoded], gre
             counts[note] += 1
             example.setdefault(note, image_file.relative)
     lines = []
-    if skipped:
-        lines.append(f"{root}: skipped {sum(skipped.values())} files that are not images "
-                     f"({_describe_skipped(skipped)})")
+    shown = {kind: count for kind, count in skipped.items() if kind != "hidden"}
+    if shown:  # hidden entries (.DS_Store, ._x.jpg, .git) are expected: metadata only
+        lines.append(f"{root}: skipped {sum(shown.values())} files that are not images "
+                     f"({_describe_skipped(shown)})")
     for note, text in _NOTE_TEXT.items():
         if counts[note]:
             lines.append(f"{root}: {counts[note]} {text}, e.g. {example[note]}")

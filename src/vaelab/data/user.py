@@ -18,6 +18,7 @@ The splits, all disjoint and each a pure function of its seed:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,19 +142,23 @@ def user_splits(n: int, validation_size: int, seed: int, options: UserOptions,
     return UserSplits(rest[train_position], validation, test, test_record, validation_record)
 
 
-def _test_source(main: UserData, main_name: str, options: UserOptions) -> FolderRead:
-    """The separate test set, in the main data's colour mode, size and class numbering."""
+def _test_source(main: UserData, main_name: str,
+                 options: UserOptions) -> tuple[UserData, FolderRead]:
+    """The separate test set in the main data's colour mode, size and class numbering, and
+    its read as decoded (what its cache entry holds: never the adjusted copy)."""
     assert options.test_path is not None
     path = options.test_path
     if not path.exists():
         raise DataError(f"test data {path} does not exist: give an existing .npz/.npy file or "
                         f"folder of images (--test-dataset PATH)")
     read = read_user_data(path, options)
-    test = read.data
+    test = dataclasses.replace(read.data, metadata=dict(read.data.metadata))
     c, h, w = main.images.shape[1:]
     if test.images.shape[1] != c:
         if test.images.shape[1] == 1 and c == 3:
             test.images = grey_to_rgb(test.images)
+            test.metadata["channels"] = {**test.metadata.get("channels", {}), "chosen": 3,
+                                         "note": "grey repeated to match the training data"}
         else:
             raise DataError(
                 f"test data {path} is colour but {main_name} is grey: set data.channels=1 to "
@@ -177,7 +182,8 @@ def _test_source(main: UserData, main_name: str, options: UserOptions) -> Folder
         mapping = np.asarray([main_classes.index(name) for name in test_classes], np.int64)
         test.labels = mapping[test.labels]
         test.metadata["classes"] = list(main_classes)
-    return read
+        test.metadata["test_classes"] = list(test_classes)
+    return test, read
 
 
 def load_user(path: Path, name: str, split: str, binarize: str, validation_size: int,
@@ -194,9 +200,9 @@ def load_user(path: Path, name: str, split: str, binarize: str, validation_size:
                                                      with_validation=split != "test")
     reads = [main]
     if split == "test" and options.test_path is not None:
-        test_read = _test_source(data, name, options)
+        source, test_read = _test_source(data, name, options)
         reads.append(test_read)
-        source, index, part = test_read.data, None, "test"
+        index, part = None, "test"
     else:
         source, part = data, "all"
         index = None if splits is None else {
