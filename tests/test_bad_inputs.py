@@ -91,6 +91,20 @@ def png_folder(*sizes: tuple[int, int]) -> Callable:
     return make
 
 
+def png_bomb(side: int) -> bytes:
+    """A PNG that declares side x side pixels but holds one tiny IDAT (a decompression bomb's
+    header: decoding it would need side**2 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
 def _idx_header(shape: tuple[int, ...]) -> bytes:
     return bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
 
@@ -302,6 +316,30 @@ ROWS: dict[str, Row] = {
         ("01.png is not a readable PNG image", "replace it with a valid PNG file"),
         lambda tmp, mp: (png_folder((28, 28))(tmp, mp),
                          (tmp / "pngs" / "01.png").write_bytes(b"GIF89a" + bytes(20)))),
+    "a truncated image in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/01.png is not a readable PNG image", "replace it with a valid PNG file"),
+        lambda tmp, mp: (png_folder((28, 28), (28, 28))(tmp, mp),
+                         (tmp / "pngs" / "01.png").write_bytes(
+                             (tmp / "pngs" / "01.png").read_bytes()[:60]))),
+    "a folder of non-image files only": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("holds no images (.png, .jpg", "skipped .txt: 2", "put the images there"),
+        lambda tmp, mp: (png_folder()(tmp, mp), (tmp / "pngs" / "a.txt").write_text("x"),
+                         (tmp / "pngs" / "b.txt").write_text("y"))),
+    "a decompression bomb in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/01.png is 30000x30000 pixels", "a decompression bomb?", "downscale it"),
+        lambda tmp, mp: (png_folder((28, 28))(tmp, mp),
+                         (tmp / "pngs" / "01.png").write_bytes(png_bomb(30_000)))),
+    "a symbolic link loop in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/loop is a symbolic link back to", "(a loop): remove the link"),
+        lambda tmp, mp: (png_folder((28, 28))(tmp, mp), os.symlink(".", tmp / "pngs" / "loop"))),
+    "an .npz whose layout is ambiguous": Row(
+        ["train", "--dataset", "{tmp}/x.npz", *USER, "--out", "{out}"],
+        ("images of shape (12, 3, 4, 4) could be NCHW", "set data.layout to 'nchw' or 'nhwc'"),
+        npz("x.npz", images=np.zeros((12, 3, 4, 4), np.uint8))),
     # ---- idx files (registered datasets)
     "idx file with a wrong magic number": Row(
         ["train", "--dataset", TINY, "--data-dir", "{tmp}/tiny", *USER, "--out", "{out}"],

@@ -169,7 +169,8 @@ def _select(
     n = images.shape[0]
     if validation_size >= n:
         raise ConfigError(f"validation_size {validation_size} leaves no training data in "
-                          f"{name} ({n} examples): choose a smaller value")
+                          f"{name} ({n} examples): choose a smaller value, e.g. --set "
+                          f"data.validation_size={max(1, n // 10) if n >= 2 else 0}")
     if split == "validation" and validation_size == 0:
         raise DataError(f"{name}: the validation split is empty (validation_size=0): pass "
                         f"validation_size > 0 or evaluate on another split")
