@@ -73,6 +73,7 @@ def test_palette_images_become_rgb_or_grey():
     decoded = _decode(_encode(grey))
     assert decoded.pixels.shape == (6, 8)  # every palette colour used is grey
     np.testing.assert_array_equal(decoded.pixels, np.asarray(grey.convert("L")))
+    assert decoded.notes == {"palette", "grey stored as colour"}
     transparent = _decode(_encode(colour, transparency=0))
     assert transparent.notes == {"palette", "alpha dropped"} and transparent.pixels.ndim == 3
 
@@ -94,6 +95,34 @@ def test_other_formats(fmt):
     if decoded.pixels.ndim == 2:  # a GIF whose palette is grey
         reference = reference[..., 0]
     np.testing.assert_array_equal(decoded.pixels, reference)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_exif_orientation_is_applied(fmt):
+    """Stored 8x16, left half black, right half white, EXIF orientation 6 (shown turned 90
+    degrees clockwise): shown 16x8, top half black, bottom half white."""
+    stored = np.zeros((8, 16), np.uint8)
+    stored[:, 8:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(Image.fromarray(stored), fmt, exif=exif.tobytes(), quality=100)
+    decoded = _decode(data, fmt)
+    assert decoded.pixels.shape == (16, 8) and decoded.original_size == (16, 8)  # grey
+    assert decoded.pixels[:6].max() < 40 and decoded.pixels[10:].min() > 215
+    assert "rotated" in decoded.notes
+    plain = _decode(_encode(Image.fromarray(stored), fmt, quality=100), fmt)
+    assert plain.pixels.shape == (8, 16) and "rotated" not in plain.notes
+    resized = _decode(data, fmt, size=(4, 2))
+    assert resized.pixels.shape == (4, 2) and resized.pixels[0].max() < 60
+
+
+def test_grey_content_stored_as_rgb_is_grey():
+    decoded = _decode(_encode(Image.fromarray(np.dstack([GREY] * 3))))
+    np.testing.assert_array_equal(decoded.pixels, GREY)
+    assert decoded.notes == {"grey stored as colour"}
+    almost = np.dstack([GREY] * 3)
+    almost[2, 3, 1] ^= 1  # one pixel with a trace of colour: a colour image
+    assert _decode(_encode(Image.fromarray(almost))).pixels.shape == (6, 8, 3)
 
 
 def test_cmyk_jpeg_is_converted_to_rgb():

@@ -345,6 +345,7 @@ _NOTE_TEXT = {
                       "under transparent pixels is kept as stored (composite them onto a "
                       "background first if that matters)"),
     "animated": "images are animated: only their first frame is read",
+    "rotated": "images were turned upright as their EXIF orientation says",
     "upscaled": "images are smaller than image_size and were enlarged",
 }
 

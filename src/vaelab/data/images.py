@@ -11,11 +11,17 @@ never handed to another plug-in such as EPS, which would run Ghostscript):
   :math:`\operatorname{round}(v \cdot 255 / 65535)` (Pillow's own ``convert("L")`` would clip
   every value above 255 to white); 16-bit colour PNGs come from Pillow already reduced to
   8 bits by keeping the high byte (exact for 8-bit values stored as :math:`257 v`);
-  ``P`` (palette) as grey when every pixel's colour is grey, else RGB; ``RGB`` as is;
+  ``P`` (palette) as RGB; ``RGB`` as is;
   ``CMYK`` / ``YCbCr`` (some JPEGs) converted to RGB by Pillow; alpha (``LA``, ``RGBA``,
   ``PA``, a palette's transparency) is dropped: the colour values under transparent
   pixels are kept as stored (composite the images onto a background first if that
-  matters). Each such conversion is reported in :attr:`Decoded.notes`.
+  matters). Whatever the mode, an image whose pixels all have R == G == B (a grey
+  picture stored as colour, as WebP always does) is returned as grey ``(H, W)``: "colour"
+  means colour content, so a folder of such files gives one channel, losslessly (repeating
+  grey, or the luma of R == G == B, gives back the same values). Each conversion is
+  reported in :attr:`Decoded.notes`.
+- orientation: a JPEG or WebP whose EXIF data says the camera was turned is turned back
+  (``ImageOps.exif_transpose``), so the pixels are the picture as a viewer shows it.
 - size: at most :data:`MAX_PIXELS` pixels per image (Pillow's default limit); a larger
   one is refused before it is decoded, as a possible decompression bomb.
 
@@ -84,6 +90,9 @@ REDUCING_GAP = 3.0
 _GREY_MODES = ("L", "1", "I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = {"LA": "L", "La": "L", "RGBA": "RGB", "RGBa": "RGB", "PA": "RGBA"}
 _TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+_EXIF_FORMATS = ("JPEG", "WEBP")
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -92,10 +101,11 @@ class Decoded:
 
     Attributes:
         pixels: uint8 ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB), after any resizing.
-        original_size: ``(height, width)`` in the file.
+        original_size: ``(height, width)`` as shown (after the EXIF orientation).
         notes: conversions made: ``"alpha dropped"``, ``"16-bit"``, ``"palette"``,
             ``"bilevel"``, ``"cmyk"`` (any mode Pillow converted to RGB), ``"animated"``
-            (frames after the first ignored), ``"upscaled"``.
+            (frames after the first ignored), ``"rotated"`` (EXIF orientation applied),
+            ``"upscaled"``.
     """
 
     pixels: np.ndarray
@@ -131,12 +141,8 @@ def _to_pixels(image, path: str | Path) -> tuple[np.ndarray, set[str]]:
         notes.add("palette")
         if "transparency" in image.info:
             notes.add("alpha dropped")
-            rgb = np.asarray(image.convert("RGBA"))[..., :3]
-        else:
-            rgb = np.asarray(image.convert("RGB"))
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
-            return np.ascontiguousarray(rgb[..., 0]), notes
-        return np.ascontiguousarray(rgb), notes
+            return np.ascontiguousarray(np.asarray(image.convert("RGBA"))[..., :3]), notes
+        return np.asarray(image.convert("RGB")), notes
     if mode in _ALPHA_MODES:
         notes.add("alpha dropped")
         if mode == "PA":
@@ -194,7 +200,7 @@ def decode_image(data: bytes, path: str | Path, image_format: str,
         DataError: a file that is not a readable image of that format, too many pixels,
             or an unsupported colour mode; the message names ``path``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data), formats=(image_format,)) as image:
@@ -204,12 +210,22 @@ def decode_image(data: bytes, path: str | Path, image_format: str,
             if width == 0 or height == 0:
                 raise DataError(f"{path} is an empty image ({height}x{width}): remove it")
             animated = bool(getattr(image, "is_animated", False))
+            orientation = (image.getexif().get(_EXIF_ORIENTATION, 1)
+                           if image.format in _EXIF_FORMATS else 1)
+            if orientation in _QUARTER_TURNS:  # shown rotated by 90 degrees
+                width, height = height, width
             if size is not None and image.format == "JPEG":
                 scale = max(size[0] / height, size[1] / width)
-                image.draft(None, (int(width * scale * REDUCING_GAP) + 1,
-                                   int(height * scale * REDUCING_GAP) + 1))
+                stored_w, stored_h = image.size
+                image.draft(None, (int(stored_w * scale * REDUCING_GAP) + 1,
+                                   int(stored_h * scale * REDUCING_GAP) + 1))
             image.load()
+            rotated = orientation not in (1, None)
+            if rotated:
+                image = ImageOps.exif_transpose(image)
             pixels, notes = _to_pixels(image, path)
+            if rotated:
+                notes.add("rotated")
     except DataError:
         raise
     except Image.DecompressionBombError:
@@ -229,7 +245,16 @@ def decode_image(data: bytes, path: str | Path, image_format: str,
         if size[0] > height or size[1] > width:
             notes.add("upscaled")
         pixels = resize(pixels, size)
+    if pixels.ndim == 3 and _all_grey(pixels):
+        pixels = pixels[..., 0]
+        notes.add("grey stored as colour")
     return Decoded(np.ascontiguousarray(pixels), (height, width), frozenset(notes))
+
+
+def _all_grey(rgb: np.ndarray) -> bool:
+    """Whether every pixel of uint8 ``(H, W, 3)`` has R == G == B."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1])
+                and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
 def _declared_size(data: bytes) -> tuple[int, int]:
