@@ -211,14 +211,13 @@ def test_bad_folders_are_one_line_errors_and_write_nothing(tmp_path, case, cache
     assert _tree(tmp_path) == before and not cache.exists()
 
 
-def test_the_first_bad_file_in_order_is_reported_by_the_thread_pool(tmp_path, monkeypatch):
+def test_chunks_keep_the_order_and_the_first_bad_file_is_reported(tmp_path, monkeypatch):
     folder = tmp_path / "many"
     for i in range(12):
         _png(folder / f"{i:02d}.png", GREY[i])
-    monkeypatch.setattr(folders, "CHUNK", 2)
-    monkeypatch.setattr(folders, "MAX_WORKERS", 3)
-    pooled = load(folder, split="all", cache=False)
-    np.testing.assert_array_equal(pooled.images[:, 0].numpy(), GREY)
+    monkeypatch.setattr(folders, "CHUNK", 5)
+    np.testing.assert_array_equal(load(folder, split="all", cache=False).images[:, 0].numpy(),
+                                  GREY)
     for name in ("09.png", "05.png"):
         (folder / name).write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"many/05.png is not a readable PNG image"):
