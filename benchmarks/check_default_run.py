@@ -6,7 +6,7 @@ Bernoulli likelihood on dynamically binarised images, the default MLP) the test 
 reported.
 
 This runs exactly what ``vaelab train --out RUN_DIR`` runs (``vaelab.config.resolve()``
-with no preset, file or override; ``vaelab.train.train(cfg, run_dir, report=True)``),
+with no preset, file or override; ``vaelab.cli.run_training(cfg, run_dir)``),
 times the whole run and its stages, and records per-epoch metrics and the final report:
 test NELBO +- stderr, NLL +- stderr, gap, active units, bits/dim.
 
@@ -37,8 +37,9 @@ import torch
 
 import vaelab
 from vaelab import config as config_mod
-from vaelab import evaluate, runs
-from vaelab import train as vtrain
+from vaelab import metrics, runs
+from vaelab.cli import run_training
+from vaelab.data import load_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, file=sys.stderr)
 
     started = time.perf_counter()
-    summary = vtrain.train(cfg, run_dir, progress=False, report=True, echo=echo)
+    summary = run_training(cfg, run_dir, echo=echo)
     wall = time.perf_counter() - started
     report = summary["report"]
 
@@ -75,14 +76,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_times = [t for t, line in events if line.startswith("epoch ")]
     table_time = next(t for t, line in events if line.startswith("dataset / split"))
     figures_time = next((t for t, line in events if line.startswith("wrote ")), table_time)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epoch_wall = [round(b - a, 2) for a, b in zip([started, *epoch_times[:-1]], epoch_times)]
 
     # The report's ELBO pass alone (the same call evaluate() makes), to split the report time.
     run = runs.open_run(run_dir, "best")
-    test_set = vtrain.load_split(run.config, "test")
+    test_set = load_split(run.config.data, "test", run.config.train.seed)
     t0 = time.perf_counter()
-    elbo_again = evaluate.elbo_metrics(run.model, test_set,
+    elbo_again = metrics.elbo_metrics(run.model, test_set,
                                        batch_size=max(cfg.eval.batch_size, 500), seed=cfg.eval.seed)
     elbo_seconds = time.perf_counter() - t0
     report_seconds = table_time - epoch_times[-1]
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "elbo_recomputed_matches_report": abs(elbo_again["nelbo"] - nelbo) < 1e-9,
         "per_epoch": [
             {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.items()}
-            for m in metrics
+            for m in records
         ],
         "timing_seconds": {
             "whole_run": round(wall, 1),
@@ -122,13 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "within_budget": wall <= BUDGET_SECONDS,
             "epochs_total": round(epoch_times[-1] - started, 1),
             "per_epoch_wall": epoch_wall,
-            "per_epoch_train_loop": [m["seconds"] for m in metrics],
-            "median_epoch_train_loop": sorted(m["seconds"] for m in metrics)[len(metrics) // 2],
+            "per_epoch_train_loop": [m["seconds"] for m in records],
+            "median_epoch_train_loop": sorted(m["seconds"] for m in records)[len(records) // 2],
             "fastest_epoch_train_loop (least disturbed by other processes)": min(
-                m["seconds"] for m in metrics),
+                m["seconds"] for m in records),
             "per_epoch_other_median (validation ELBO, checkpoints, sample grid, data load "
             "in epoch 1)": round(sorted(w - m["seconds"] for w, m in
-                                        zip(epoch_wall, metrics))[len(metrics) // 2], 2),
+                                        zip(epoch_wall, records))[len(records) // 2], 2),
             "report_total": round(report_seconds, 1),
             "report_elbo_pass (re-timed)": round(elbo_seconds, 1),
             "report_nll_pass (K=1000, 10000 examples)": round(report_seconds - elbo_seconds, 1),

@@ -18,11 +18,10 @@ gain from two, and with two threads it slowed down 5-100x whenever another proce
 on the same two cores (measured 7 ms/step with one thread, 30-680 ms with two).
 
 Evaluation of each run's ``best`` checkpoint (by validation ELBO) on the first
-``--test-examples`` test images, in batches of ``--eval-batch`` with the generators
-``vaelab.evaluate.nll_metrics`` uses (seeded by batch number): so both models see the same
-examples and the same batch seeds, and the per-example differences give a paired
-standard error. The per-example values are checked to reproduce
-``vaelab.evaluate.nll_metrics`` exactly on the first batch.
+``--test-examples`` test images with ``vaelab.metrics.nll_metrics(..., per_example=True)``
+in batches of ``--eval-batch`` (generators seeded by batch number): so both models see the
+same examples and the same batch seeds, and the per-example differences give a paired
+standard error.
 
 Run: ``python benchmarks/check_iwae.py [--epochs N]``; prints JSON and writes
 ``benchmarks/results/check_iwae.json``. ``--probe`` only times a short run of each
@@ -46,8 +45,10 @@ import torch
 
 import vaelab
 from vaelab import config as config_mod
-from vaelab import evaluate, objectives, runs
-from vaelab import train as vtrain
+from vaelab import runs
+from vaelab.cli import run_training
+from vaelab.data import load_split
+from vaelab.schedules import learning_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -56,8 +57,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "check_iwae.json"
 SEED = 0
 OBJECTIVES = {"iwae_k5": ["objective.kind=iwae", "objective.samples=5"],
               "vae_k1": ["objective.kind=elbo", "objective.samples=1"]}
-# The generator purposes vaelab.evaluate uses for binarisation and importance samples.
-EVAL_BINARIZE, EVAL_IW = 12, 13
 
 
 def make_config(name: str, epochs: int, extra: list[str] = ()) -> config_mod.RunConfig:
@@ -66,21 +65,6 @@ def make_config(name: str, epochs: int, extra: list[str] = ()) -> config_mod.Run
         overrides=[*OBJECTIVES[name], f"train.epochs={epochs}", f"train.seed={SEED}",
                    "data.dataset=fashion-mnist", "train.device=cpu", *extra],
     )
-
-
-@torch.no_grad()
-def per_example_nll(model, images, iw_samples: int, batch_size: int, seed: int) -> torch.Tensor:
-    """-log p(x) per example (float64, ``(N,)``), drawn exactly as ``nll_metrics`` draws it."""
-    model.eval()
-    out = []
-    for number, start in enumerate(range(0, len(images), batch_size)):
-        index = torch.arange(start, min(start + batch_size, len(images)))
-        x = vtrain.model_input(images, index, model.likelihood,
-                               vtrain.seeded_generator(seed, number, EVAL_BINARIZE))
-        gen = vtrain.seeded_generator(seed, number, EVAL_IW)
-        result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
-        out.append(-result.per_example.double())
-    return torch.cat(out)
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
@@ -93,7 +77,7 @@ def probe(examples: int = 2000) -> dict[str, Any]:
     for name in OBJECTIVES:
         cfg = make_config(name, 1, [f"data.train_limit={examples}"])
         run_dir = Path(tempfile.mkdtemp(prefix="vaelab-iwae-probe-")) / "run"
-        vtrain.train(cfg, run_dir, progress=False, report=False, echo=lambda _line: None)
+        run_training(cfg, run_dir, report=False, echo=lambda _line: None)
         rate = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
         n_train = 60000 - cfg.data.validation_size
         out[name] = {"examples_per_second": rate["examples_per_second"],
@@ -130,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = make_config(name, args.epochs)
         run_dir = parent / name
         t0 = time.perf_counter()
-        summary = vtrain.train(cfg, run_dir, progress=False, report=False,
+        summary = run_training(cfg, run_dir, report=False,
                                echo=lambda line, n=name: print(f"{n} {line}", file=sys.stderr))
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         trained[name] = {"run_dir": str(run_dir), "train_wall_seconds": round(
@@ -144,16 +128,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in OBJECTIVES:
         run = runs.open_run(parent / name, "best")
         if subset is None:
-            test = vtrain.load_split(run.config, "test")
+            test = load_split(run.config.data, "test", run.config.train.seed)
             subset = test.subset(torch.arange(args.test_examples))
         t0 = time.perf_counter()
-        nll = per_example_nll(run.model, subset, args.iw_samples, args.eval_batch, seed=0)
+        result = metrics.nll_metrics(run.model, subset, iw_samples=args.iw_samples,
+                                     batch_size=args.eval_batch, seed=0, per_example=True)
+        nll = result["per_example_nll"]
         seconds = time.perf_counter() - t0
-        # The per-example values reproduce vaelab.evaluate.nll_metrics (first batch).
-        first = subset.subset(torch.arange(args.eval_batch))
-        ref = evaluate.nll_metrics(run.model, first, iw_samples=args.iw_samples,
-                                   batch_size=args.eval_batch, seed=0)
-        elbo = evaluate.elbo_metrics(run.model, subset, batch_size=500, seed=0)
+        elbo = metrics.elbo_metrics(run.model, subset, batch_size=500, seed=0)
         values[name] = nll
         mean, se = mean_se(nll)
         trained[name]["test"] = {
@@ -162,13 +144,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "gap": round(elbo["nelbo"] - mean, 3),
             "active_units": elbo["active_units"],
             "nll_eval_seconds": round(seconds, 1),
-            "matches_nll_metrics_first_batch": abs(
-                float(nll[:args.eval_batch].mean()) - ref["nll"]) < 1e-9,
         }
         print(f"{name}: test NLL {mean:.3f} +- {se:.3f} ({seconds:.0f} s)", file=sys.stderr)
 
     schedule = make_config("vae_k1", args.epochs).train
-    rates = [vtrain.learning_rate(schedule, e) for e in range(args.epochs)]
+    rates = [learning_rate(schedule, e) for e in range(args.epochs)]
     diff = values["iwae_k5"] - values["vae_k1"]
     d_mean, d_se = mean_se(diff)
     result = {
@@ -189,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    f"(seed 0); test subset = first {args.test_examples} test examples",
         "evaluation": f"best checkpoint (by validation ELBO); K = {args.iw_samples} "
                       f"importance samples, batches of {args.eval_batch}, seed 0, the "
-                      "generators of vaelab.evaluate.nll_metrics; stderr over examples",
+                      "generators of vaelab.metrics.nll_metrics; stderr over examples",
         "units": "nats per example",
         "runs": trained,
         "machine": {"cpus": os.cpu_count(), "threads": {"train": args.threads,

@@ -7,7 +7,7 @@ plain-PyTorch loop of the same model and data with the same seed.
 Two models are trained on the same 60,000 training images (``validation_size=0``, as in
 the PyTorch example, which has no validation split):
 
-- **vaelab**: ``vaelab.train.train`` with ``resolve(preset="pytorch-example")``.
+- **vaelab**: ``vaelab.cli.run_training`` with ``resolve(preset="pytorch-example")``.
 - **plain**: a loop written like ``examples/vae/main.py`` of the PyTorch examples
   repository: ``fc1/fc21/fc22/fc3/fc4``, ``reparameterize`` with ``torch.randn_like``,
   ``F.binary_cross_entropy(recon, x, reduction="sum") + KLD`` summed over the batch
@@ -55,8 +55,10 @@ from torch import nn
 import vaelab
 from vaelab import config as config_mod
 from vaelab import data as vdata
-from vaelab import evaluate, runs
-from vaelab import train as vtrain
+from vaelab import metrics, models, runs
+from vaelab.cli import run_training
+from vaelab.data import load_split
+from vaelab.rng import Purpose, seeded_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -209,8 +211,9 @@ def train_plain(x_train: torch.Tensor, x_test: torch.Tensor, eps: torch.Tensor, 
         perm = torch.randperm(n)  # the example's DataLoader(shuffle=True), in memory
         noise = None
         if twin_of is not None:  # vaelab's streams: (seed, epoch, purpose) generators
-            perm = torch.randperm(n, generator=vtrain.seeded_generator(seed, epoch - 1, 1))
-            noise = vtrain.seeded_generator(seed, epoch - 1, 3)
+            perm = torch.randperm(n, generator=seeded_generator(seed, epoch - 1,
+                                                                Purpose.PERMUTATION))
+            noise = seeded_generator(seed, epoch - 1, Purpose.NOISE)
         for start in range(0, n, batch_size):
             data = x_train[perm[start:start + batch_size]]
             optimizer.zero_grad()
@@ -239,9 +242,9 @@ def train_plain(x_train: torch.Tensor, x_test: torch.Tensor, eps: torch.Tensor, 
 
 def train_vaelab(run_dir: Path, x_test: torch.Tensor, eps: torch.Tensor, epochs: int,
                  test_set, seed: int = SEED, label: str = "vaelab") -> dict[str, Any]:
-    """Train with ``vaelab.train.train``; evaluate ``checkpoints/last`` after every epoch.
+    """Train as ``vaelab train`` does; evaluate ``checkpoints/last`` after every epoch.
 
-    ``train`` calls ``echo`` once per epoch, right after writing ``checkpoints/last``, so the
+    The trainer calls ``echo`` once per epoch, right after writing ``checkpoints/last``, so the
     echo callback below evaluates each epoch's weights from the checkpoint (read-only: the
     training loop draws all its randomness from its own seeded generators, and the model
     evaluated is a separate copy loaded from disk).
@@ -262,26 +265,26 @@ def train_vaelab(run_dir: Path, x_test: torch.Tensor, eps: torch.Tensor, epochs:
         epoch = int(run.meta["train_state"]["epoch"])
         per_epoch.append({"epoch": epoch, **test_nelbo(*vaelab_functions(run.model), x_test, eps)})
         # vaelab's own evaluator on the same weights (different noise): a cross-check.
-        mine = evaluate.elbo_metrics(run.model, test_set, batch_size=1000, seed=0)
+        mine = metrics.elbo_metrics(run.model, test_set, batch_size=1000, seed=0)
         own.append({"epoch": epoch, "nelbo": mine["nelbo"], "nelbo_stderr": mine["nelbo_stderr"]})
 
     # Epoch 0: the initial weights, built exactly as train() builds them.
     torch.manual_seed(seed)
-    train_set = vtrain.load_split(cfg, "train")
-    init = vtrain.build_from_config(cfg, tuple(train_set.images.shape[1:]))
+    train_set = load_split(cfg.data, "train", cfg.train.seed)
+    init = models.build_from_config(cfg, tuple(train_set.images.shape[1:]))
     init.init_output_bias(train_set.pixel_mean())
     init.eval()
     per_epoch.append({"epoch": 0, **test_nelbo(*vaelab_functions(init), x_test, eps)})
 
     started = time.perf_counter()
-    vtrain.train(cfg, run_dir, progress=False, report=False, echo=evaluate_last)
+    run_training(cfg, run_dir, report=False, echo=evaluate_last)
     wall = time.perf_counter() - started
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "config": config_mod.to_dict(cfg),
         "per_epoch": per_epoch,
         "vaelab_elbo_metrics": own,
-        "metrics_jsonl": metrics,
+        "metrics_jsonl": records,
         "train_wall_seconds_including_per_epoch_eval": round(wall, 1),
     }
 
@@ -302,8 +305,8 @@ def run_diagnostics(args, x_train, x_test, eps, test_set, lab, plain) -> dict[st
     """Where a difference comes from: initialisation, and run-to-run (seed) noise."""
     cfg = config_mod.resolve(preset="pytorch-example", overrides=["data.validation_size=0"])
     torch.manual_seed(SEED)  # vaelab's initial weights, built exactly as train() builds them
-    initial = vtrain.build_from_config(cfg, (1, 28, 28))
-    initial.init_output_bias(vtrain.load_split(cfg, "train").pixel_mean())
+    initial = models.build_from_config(cfg, (1, 28, 28))
+    initial.init_output_bias(load_split(cfg.data, "train", cfg.train.seed).pixel_mean())
     twin = train_plain(x_train, x_test, eps, args.epochs, twin_of=initial, label="plain-twin")
     biased = train_plain(x_train, x_test, eps, args.epochs, bias_at_data_mean=True,
                          label="plain+bias")

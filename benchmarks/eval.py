@@ -6,7 +6,7 @@ mean; the time does not depend on the weights). Data: the first ``--examples`` (
 500) images of the Fashion-MNIST test set, binarised once (``binarize="static"``, the
 seed-0 draw vaelab uses for test numbers). :func:`vaelab.objectives.log_likelihood` runs
 over them in batches of ``--batch-size`` (default 100, ``EvalConfig.batch_size``) with its
-default chunking, exactly as :func:`vaelab.evaluate.nll_metrics` calls it.
+default chunking, exactly as :func:`vaelab.metrics.nll_metrics` calls it.
 
 - Speed, for K = 1000 and 5000: seconds (median of ``--repeats``), decoded samples per
   second, and ``roofline_fraction`` = roofline time / measured time, where the roofline
@@ -50,7 +50,7 @@ __all__ = ["build", "evaluate", "main"]
 def build(dataset: str, examples: int, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """The benchmark's model and its ``(examples, 1, 28, 28)`` 0/1 float inputs."""
     from vaelab import config, data
-    from vaelab.train import build_from_config
+    from vaelab.models import build_from_config
 
     cfg = config.resolve(preset="pytorch-example",
                          overrides=["likelihood.unnormalized=false", "data.binarize=static"])
@@ -67,7 +67,7 @@ def build(dataset: str, examples: int, seed: int = 0) -> tuple[torch.nn.Module, 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, k: int, batch_size: int,
              seed: int = 0) -> torch.Tensor:
-    """``log_likelihood`` over ``x`` in batches, as ``evaluate.nll_metrics`` does: ``(N,)``."""
+    """``log_likelihood`` over ``x`` in batches, as ``metrics.nll_metrics`` does: ``(N,)``."""
     from vaelab import objectives
 
     out = []

@@ -3,7 +3,7 @@
 For batch 128 and 512 on the Fashion-MNIST training set (all 60,000 images:
 ``data.validation_size=0``, as in the PyTorch example, which has no validation split):
 
-- ``vaelab``: :func:`vaelab.train.train` with ``train.epochs=1, report=False``; the epoch
+- ``vaelab``: :func:`vaelab.train.train_and_evaluate` with ``train.epochs=1, report=False``; the epoch
   time is the ``seconds`` the trainer records in ``metrics.jsonl`` (the batch loop only:
   not data loading, checkpoints or figures).
 - ``dataloader_loop``: a loop written like ``examples/vae/main.py`` of the PyTorch examples
@@ -120,11 +120,12 @@ def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int
 
 
 def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
-    """Train one epoch with :func:`vaelab.train.train`; ``(epoch seconds, metrics record)``."""
-    from vaelab import train
+    """Train one epoch with :func:`vaelab.train.train_and_evaluate`; ``(epoch seconds,
+    metrics record)``."""
+    from vaelab.train import train_and_evaluate
 
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    train.train(cfg, run_dir, progress=False, report=False, echo=lambda _line: None)
+    train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     return float(record["seconds"]), record
 
@@ -132,7 +133,7 @@ def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
 def model_flops(batch_size: int) -> dict[str, float]:
     """Matmul FLOPs per example of the preset's model: forward, 3 x forward, executed."""
     from vaelab import objectives
-    from vaelab.train import build_from_config
+    from vaelab.models import build_from_config
 
     cfg = _config(batch_size, "fashion-mnist", None, None)
     torch.manual_seed(0)

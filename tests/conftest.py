@@ -52,6 +52,14 @@ def poison_reconstruction(monkeypatch, at_call: int, rows, value: float):
     return real
 
 
+def train(cfg, run_dir, *, resume=False, report=True, progress=False, echo=None):
+    """What `vaelab train` does (train, then the test report and figures), quietly."""
+    from vaelab.cli import run_training
+
+    return run_training(cfg, run_dir, resume=resume, report=report,
+                        echo=echo or (lambda _line: None))
+
+
 def tiny_overrides(**extra: object) -> list[str]:
     """Overrides for a seconds-long real-data run (Fashion-MNIST subset)."""
     base = {

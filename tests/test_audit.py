@@ -196,7 +196,7 @@ def test_bce_on_grey_levels_misses_a_non_constant_normaliser():
         (dict(recon_reduction="max"), "unknown recon_reduction 'max'"),
         (dict(recon="sse", recon_reduction="mean"), "use recon='mse' for a mean"),
         (dict(kl_reduction="batchmean"), "unknown kl_reduction 'batchmean'"),
-        (dict(batch_reduction="none"), "unknown batch_reduction 'none'"),
+        (dict(batch_reduction="batchmean"), "unknown batch_reduction 'batchmean'"),
         (dict(batch_reduction="sum"), "pass batch_size"),
         (dict(batch_reduction="sum", batch_size=0), "batch_size must be a positive integer"),
         (dict(data="ternary"), "unknown data kind 'ternary'"),
@@ -211,3 +211,63 @@ def test_bce_on_grey_levels_misses_a_non_constant_normaliser():
 def test_bad_arguments_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         explain(**kwargs)
+
+
+# --------------------------------------------------------------------------- what probe() adds
+
+
+def test_per_example_losses_are_audited_like_a_batch_mean():
+    a = explain("bce", "mean", kl_reduction="mean", batch_reduction="none", latent_dim=2)
+    assert a.batch_reduction == "none" and a.scale == pytest.approx(1 / 784)
+    assert "returned per example" in a.text
+    nll, kl = torch.tensor([10.0, 20.0]), torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(a.predicted_loss(nll, kl), a.scale * (nll + 392 * kl))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(from_logits=True, epsilon_where="stable"), "computed stably: exact at any logit"),
+    (dict(epsilon=1e-7, epsilon_where="clip"), "clipped to [eps, 1 - eps] with eps = 1e-07: "
+                                               "a wrong pixel costs at most 16.12 nats"),
+    (dict(epsilon=1e-7, epsilon_where="log"), "added inside the logs"),
+    (dict(epsilon=1e-7, epsilon_where="clip+log"), "at most 15.42 nats"),
+    (dict(epsilon=math.exp(-100), epsilon_where="log-clamp"), "clamped at log(eps) = -100"),
+    (dict(epsilon_where="none"), "nothing guarding log(0)"),
+])
+def test_the_guard_against_log_zero_is_explained(kwargs, words):
+    a = explain("bce", **kwargs)
+    assert words in a.text and a.epsilon_where == kwargs["epsilon_where"]
+    assert ("BCE with logits" in a.text) == (kwargs["epsilon_where"] != "stable")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(epsilon_where="clip"), "epsilon_where='clip' needs an epsilon"),
+    (dict(epsilon=1e-7, epsilon_where="none"), "epsilon_where='none' has no epsilon"),
+    (dict(epsilon_where="stable"), "pass from_logits=True"),
+    (dict(epsilon=0.7, epsilon_where="clip"), "epsilon must be below 0.5"),
+    (dict(epsilon_where="sometimes"), "unknown epsilon_where 'sometimes'"),
+    (dict(recon="mse", epsilon=1e-7, epsilon_where="clip"), "recon 'mse' has none"),
+    (dict(from_logits=1), "from_logits must be True or False"),
+    (dict(kl_term=False), "kl_weight must be 0"),
+])
+def test_bad_guard_arguments(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        explain(**({"recon": "bce"} | kwargs))
+
+
+def test_text_ends_with_the_vaelab_command_for_the_same_objective():
+    blog = explain("bce", "mean", kl_reduction="mean", latent_dim=2).text.splitlines()
+    assert blog[-2:] == ["  the same objective: vaelab train --likelihood bernoulli "
+                         "--latent-dim 2 --beta 392",
+                         "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"]
+    gauss = explain("mse", kl_weight=0.00025, data_shape=(64, 64, 3), latent_dim=128).text
+    assert "--likelihood gaussian --scale 0.707107 --latent-dim 128 --beta 3.072" in gauss
+    assert "--likelihood gaussian --scale 1.23935 --latent-dim 128" in gauss  # sqrt(1.536)
+    grey = explain("bce", data="grey").text
+    assert "--likelihood continuous-bernoulli" in grey
+
+
+def test_reconstruction_only_loss():
+    a = explain("bce", "mean", kl_weight=0.0, kl_term=False, batch_reduction="none")
+    assert "no KL term" in a.text.splitlines()[0] and "plain autoencoder" not in a.text
+    assert "the ELBO needs w = 1/784" in a.text
+    assert a.text.splitlines()[-1] == "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"

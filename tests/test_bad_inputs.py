@@ -28,13 +28,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FASHION_DIR, tiny_overrides
+from conftest import FASHION_DIR, tiny_overrides, train
 from vaelab import config
 from vaelab.cli import main
 from vaelab.data import DATASETS
 from vaelab.data.registry import DatasetSpec, RemoteFile
 from vaelab.data.testing import write_idx_dataset
-from vaelab.train import train
 
 pytestmark = pytest.mark.usefixtures("fashion_available")
 

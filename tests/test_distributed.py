@@ -32,9 +32,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vaelab import checkpoint, cli, config, distributed, objectives
+from vaelab import checkpoint, cli, config, distributed, models, objectives, runtime
 from vaelab import train as train_mod
 from vaelab.errors import ConfigError
+from vaelab.rng import seeded_generator
 
 #: 2-process vs 1-process per-epoch metrics and report numbers (relative; measured ~2e-8).
 RTOL = 1e-6
@@ -54,7 +55,7 @@ import hashlib, json, os, sys, time
 
 import torch
 
-from vaelab import checkpoint, cli, distributed, evaluate, objectives
+from vaelab import checkpoint, cli, distributed, evaluate, grids, objectives
 from vaelab import train as train_mod
 from vaelab.errors import DataError
 
@@ -103,10 +104,10 @@ def primitives():
 
 
 def command(argv):
-    for module, name in [(checkpoint, "save_checkpoint"), (train_mod, "_write_metrics"),
-                         (train_mod, "_epoch_samples"), (evaluate, "write_report")]:
+    for module, name in [(checkpoint, "save_checkpoint"), (train_mod, "atomic_write_text"),
+                         (grids, "save_image_grid"), (evaluate, "write_report")]:
         recorded(module, name)
-    train_mod._make_figures = lambda run_dir, echo: log["writes"].append("_make_figures")
+    cli._figures = lambda run_dir, echo: log["writes"].append("_figures")
     real_terms, real_evaluate = objectives.elbo_terms, evaluate.evaluate
     calls = {"n": 0}
 
@@ -233,8 +234,8 @@ def one_process(tmp_path_factory, fashion_available):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(objectives, "elbo_terms", elbo_terms)
-        patch.setattr(train_mod, "_make_figures", lambda run_dir, echo: None)
-        summary = train_mod.train(cfg, run_dir, progress=False, echo=lambda _line: None)
+        patch.setattr(cli, "_figures", lambda run_dir, echo: None)
+        summary = cli.run_training(cfg, run_dir, echo=lambda _line: None)
     return {"run_dir": run_dir, "rows": rows, "report": summary["report"]}
 
 
@@ -289,7 +290,8 @@ def test_resume_under_torchrun_only_rank0_writes_and_shards_are_disjoint(one_pro
     # Only rank 0 writes checkpoints, metrics, figures and the report.
     assert rank1["writes"] == []
     assert rank0["writes"].count("save_checkpoint") >= 1
-    for name in ["_write_metrics", "_epoch_samples", "write_report", "_make_figures"]:
+    # (atomic_write_text: config.toml and metrics.jsonl; save_image_grid: epoch samples)
+    for name in ["atomic_write_text", "save_image_grid", "write_report", "_figures"]:
         assert name in rank0["writes"], name
     assert rank0["threads"] == rank1["threads"] == 1  # 2 ranks share 2 cores
 
@@ -369,7 +371,7 @@ def test_errors_reach_every_rank_and_a_stuck_rank_times_out(tmp_path):
 def _toy_model(dtype: torch.dtype = torch.float64):
     cfg = config.resolve(overrides=["model.hidden=16", "model.latent_dim=3"])
     torch.manual_seed(0)
-    return train_mod.build_from_config(cfg, (1, 4, 4)).to(dtype)
+    return models.build_from_config(cfg, (1, 4, 4)).to(dtype)
 
 
 @pytest.mark.parametrize("kind", ["elbo", "iwae"])
@@ -377,7 +379,7 @@ def _toy_model(dtype: torch.dtype = torch.float64):
 def test_sliced_global_noise_gives_each_example_its_one_process_draws(kind, world):
     model = _toy_model()
     x = (torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
-    samples, gen = 3, lambda: train_mod.seeded_generator(5, 0, 3)
+    samples, gen = 3, lambda: seeded_generator(5, 0, 3)
     eps = train_mod.global_batch_noise(samples, 10, 3, gen(), dtype=torch.float64)
     shards = zip(x.tensor_split(world), eps.tensor_split(world, dim=1))
     if kind == "elbo":
@@ -414,8 +416,8 @@ def test_free_bits_objective_matches_training_loss_in_one_process():
     x = (torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(2)) < 0.5).double()
     for free_bits, weight in [(0.0, 1.0), (0.3, 0.7), (5.0, 1.0)]:
         cfg = config.resolve(overrides=[f"objective.free_bits={free_bits}"]).objective
-        objective = train_mod.TrainingObjective(model, cfg)
-        per_example, terms = objective(x, weight, train_mod.seeded_generator(0, 1))
+        objective = objectives.build_objective(model, cfg)
+        per_example, terms = objective(x, weight, seeded_generator(0, 1))
         want = objectives.training_loss(terms, beta=weight, free_bits=free_bits)
         assert per_example.mean().item() == pytest.approx(want.item(), rel=1e-12)
 
@@ -433,17 +435,15 @@ def test_threads_per_rank(monkeypatch, threads, local_world, omp, expected):
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
-    ctx = distributed.Context(rank=0, world_size=2, local_world_size=local_world)
     try:
-        assert distributed.configure_threads(threads, ctx, torch.device("cpu")) == expected
+        assert runtime.configure_threads(threads, torch.device("cpu"), local_world) == expected
     finally:
         torch.set_num_threads(before)
 
 
 def test_one_process_threads_are_left_alone():
     before = torch.get_num_threads()
-    assert distributed.configure_threads(None, distributed.Context(), torch.device("cpu")) \
-        == before
+    assert runtime.configure_threads(None, torch.device("cpu")) == before
 
 
 @pytest.mark.parametrize("value, expected", [

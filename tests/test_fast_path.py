@@ -1,6 +1,6 @@
 """The fast paths give the numbers of the straightforward code.
 
-- Training: :func:`vaelab.train.train` (fused optimizer, validation off in the loop, the
+- Training: :func:`vaelab.train.train_and_evaluate` (fused optimizer, validation off in the loop, the
   likelihood's broadcast path, in-place noise) against a plain reference loop written here
   with ``torch.distributions`` and single-tensor Adam, same seed, same data order, same
   noise: the per-epoch metrics agree to float32 rounding (rel 1e-5 after 2 epochs), and so
@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
+from conftest import train
 from vaelab import checkpoint, config, likelihoods, objectives
 from vaelab.errors import DataError
-from vaelab.train import build_from_config, seeded_generator, train
+from vaelab.models import build_from_config
+from vaelab.rng import Purpose, seeded_generator
 
 N_IMAGES = 192
-_PERMUTATION, _BINARIZE, _NOISE = 1, 2, 3  # the trainer's generator purposes
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +74,9 @@ def reference_loop(cfg: config.RunConfig, images: torch.Tensor):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=False)
     history = []
     for epoch in range(cfg.train.epochs):
-        perm = torch.randperm(len(images), generator=seeded_generator(seed, epoch, _PERMUTATION))
-        binarize = seeded_generator(seed, epoch, _BINARIZE)
-        noise = seeded_generator(seed, epoch, _NOISE)
+        perm = torch.randperm(len(images), generator=seeded_generator(seed, epoch, Purpose.PERMUTATION))
+        binarize = seeded_generator(seed, epoch, Purpose.BINARIZE)
+        noise = seeded_generator(seed, epoch, Purpose.NOISE)
         n = objective = recon_sum = kl_sum = 0.0
         for start in range(0, len(images), batch_size):
             x = images[perm[start:start + batch_size]].float() / 255.0

@@ -72,9 +72,8 @@ def ref_categorical(fam, params, x):
     return np.take_along_axis(logp, x.astype(np.int64)[:, None], axis=1)[:, 0]
 
 
-def ref_logistic(fam, params, x):
-    q = split(params, 2)
-    loc, log_s = q[:, 0], np.clip(q[:, 1], -7, 7)
+def ref_logistic_log_mass(loc, log_s, x):
+    """log P(x) of a discretised logistic, location on the [-1, 1] scale (broadcasts)."""
     y = 2 * x / 255 - 1
     a = (y + 1 / 255 - loc) / np.exp(log_s)
     b = (y - 1 / 255 - loc) / np.exp(log_s)
@@ -83,6 +82,35 @@ def ref_logistic(fam, params, x):
                     special.expit(a) - special.expit(b))
     mass = np.where(x == 0, special.expit(a), np.where(x == 255, special.expit(-b), mass))
     return np.log(mass)
+
+
+def ref_logistic(fam, params, x):
+    q = split(params, 2)
+    return ref_logistic_log_mass(q[:, 0], np.clip(q[:, 1], -7, 7), x)
+
+
+def ref_mixture_parts(fam, params, x):
+    """(log pi (B, K, *rest), per-component conditional log-masses (B, K, C, *rest)), with the
+    PixelCNN++ coupling written out: mu_G += alpha R, mu_B += beta R + gamma G ([-1, 1])."""
+    k = fam.components
+    q = params.reshape(params.shape[0], 4, k, -1, *params.shape[2:])
+    c = q.shape[3]
+    logits = q[:, 0].mean(axis=2)
+    log_pi = logits - special.logsumexp(logits, axis=1, keepdims=True)
+    loc, log_s, coef = q[:, 1].copy(), np.clip(q[:, 2], -7, 7), np.tanh(q[:, 3])
+    y = 2 * x[:, None] / 255 - 1  # (B, 1, C, *rest)
+    if c > 1:
+        loc[:, :, 1] += coef[:, :, 0] * y[:, :, 0]
+    if c > 2:
+        loc[:, :, 2] += coef[:, :, 1] * y[:, :, 0] + coef[:, :, 2] * y[:, :, 1]
+    return log_pi, ref_logistic_log_mass(loc, log_s, x[:, None])
+
+
+def ref_mixture(fam, params, x):
+    """Chain-rule terms log p(x_c | x_<c) = log p(x_<=c) - log p(x_<c), shaped like x."""
+    log_pi, lp = ref_mixture_parts(fam, params, x)
+    joint = special.logsumexp(log_pi[:, :, None] + np.cumsum(lp, axis=2), axis=1)
+    return np.diff(joint, axis=1, prepend=0)
 
 
 # --------------------------------------------------------------------------- example table
@@ -113,6 +141,15 @@ def p_logistic(g, shape):
     loc = 2.4 * torch.rand(half, generator=g, dtype=torch.float64) - 1.2
     log_s = 6 * torch.rand(half, generator=g, dtype=torch.float64) - 5
     return torch.cat([loc, log_s], 1)
+
+
+def p_mixture(g, shape):
+    """Logit slots, locations, log-scales, raw coefficients: the four groups of dim 1."""
+    q = (shape[0], 4, shape[1] // 4, *shape[2:])
+    u = torch.rand(q, generator=g, dtype=torch.float64)
+    n = torch.randn(q, generator=g, dtype=torch.float64)
+    groups = [2 * n[:, 0], 2.4 * u[:, 1] - 1.2, 6 * u[:, 2] - 5, 1.5 * n[:, 3]]
+    return torch.stack(groups, 1).flatten(1, 2)
 
 
 def td_normal(fam, params):
@@ -162,7 +199,13 @@ EXAMPLES: dict[str, list[Example]] = {
     ],
     "categorical-256": [Example({}, x_uint8, p_normal, ref_categorical, td_categorical)],
     "discretized-logistic": [Example({}, x_uint8, p_logistic, ref_logistic)],
+    "discretized-logistic-mixture": [
+        Example({"components": 3}, x_uint8, p_mixture, ref_mixture),
+        Example({}, x_uint8, p_mixture, ref_mixture),
+    ],
 }
+#: Families whose channel dim is part of the model (not an elementwise product over it).
+CHANNEL_COUPLED = {"discretized-logistic-mixture"}
 CASES = [(name, i) for name, examples in EXAMPLES.items() for i in range(len(examples))]
 IDS = [f"{name}-{i}" for name, i in CASES]
 EVENT_SHAPES = [(3,), (1, 4, 4), (3, 2, 2)]
@@ -189,7 +232,7 @@ def reference(name, i, fam, params, x) -> np.ndarray:
 
 def test_every_registered_family_has_an_example():
     assert sorted(L.LIKELIHOODS) == sorted(EXAMPLES)
-    assert len(L.LIKELIHOODS) == 6
+    assert len(L.LIKELIHOODS) == 7
 
 
 # --------------------------------------------------------------------------- values
@@ -270,11 +313,14 @@ def test_properties_over_shapes_and_values(case, batch, event, seed):
     perm = torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(fam(params[perm]).log_prob(x[perm]), lp[perm],
                                rtol=1e-12, atol=1e-12)
-    # the flat layout (B, D) with params (B, P*D) gives the same numbers
+    # the flat layout (B, D) with params (B, P*D) gives the same numbers; channel-coupled
+    # families keep the channel dim and flatten the rest, (B, C, H*W)
     p, c = fam.params_per_channel, event[0]
-    flat_params = params.unflatten(1, (p, c)).flatten(2).flatten(1)
-    torch.testing.assert_close(fam(flat_params).log_prob(x.flatten(1)), lp,
-                               rtol=1e-12, atol=1e-12)
+    if name in CHANNEL_COUPLED:
+        flat_params, flat_x = params.reshape(batch, p * c, -1), x.reshape(batch, c, -1)
+    else:
+        flat_params, flat_x = params.unflatten(1, (p, c)).flatten(2).flatten(1), x.flatten(1)
+    torch.testing.assert_close(fam(flat_params).log_prob(flat_x), lp, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,i", CASES, ids=IDS)
@@ -284,7 +330,9 @@ def test_mean_and_samples(name, i):
     px = fam(params)
     mean = px.mean
     assert mean.shape == x.shape
-    if fam.data_kind == "uint8":  # sum_k k/255 p(k) over all 256 values
+    if name in CHANNEL_COUPLED:  # mean is a plug-in value (tested below); samples: exact mean
+        mean = exact_mixture_mean(fam, params)
+    elif fam.data_kind == "uint8":  # sum_k k/255 p(k) over all 256 values
         k = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 2)
         probs = fam(params.expand(256, -1)).elementwise_log_prob(k).exp()
         torch.testing.assert_close(mean[0], (probs * k / 255).sum(0), rtol=1e-9, atol=1e-12)
@@ -446,6 +494,295 @@ def test_discretized_logistic_output_bias():
     assert s[0].item() == pytest.approx(1 / 255)
 
 
+# --------------------------------------------------------------------------- logistic mixture
+
+DLM = "discretized-logistic-mixture"
+
+
+def mixture_params(k: int, c: int, seed: int = 0, batch: int = 1, rest=(),
+                   loc=(-1.2, 1.2), log_s=(-5.0, 1.0), coef: float = 1.5) -> torch.Tensor:
+    """Float64 params (batch, 4*k*c, *rest): logit slots, locations, log-scales, raw coefs."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, k, c, *rest)
+    u = [torch.rand(shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    groups = [2 * torch.randn(shape, generator=g, dtype=torch.float64),
+              loc[0] + (loc[1] - loc[0]) * u[0], log_s[0] + (log_s[1] - log_s[0]) * u[1],
+              coef * torch.randn(shape, generator=g, dtype=torch.float64)]
+    return torch.stack(groups, 1).flatten(1, 3)
+
+
+def grid(c: int) -> torch.Tensor:
+    """All 256**c values of one pixel with c channels, (256**c, c) int64."""
+    axes = torch.meshgrid(*[torch.arange(256)] * c, indexing="ij")
+    return torch.stack([a.flatten() for a in axes], 1)
+
+
+def exact_mixture_mean(fam, params: torch.Tensor) -> torch.Tensor:
+    """E[x] / 255 of one pixel (params (1, 4KC), C <= 2) by summing the float64 reference
+    joint over all 256**C values."""
+    c = params.shape[1] // fam.params_per_channel
+    xs = grid(c)
+    log_p = ref_mixture(fam, params.double().expand(len(xs), -1).numpy(), xs.numpy()).sum(1)
+    return torch.as_tensor(np.exp(log_p) @ xs.numpy() / 255)[None]
+
+
+def pixelcnnpp_log_prob(x: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Salimans et al. (2017)'s ``discretized_mix_logistic_loss`` (pixel_cnn_pp/nn.py), with
+    TensorFlow translated to numpy: x (B, H, W, 3) on [-1, 1], out (B, H, W, 10 K) the
+    network output (``l`` there).
+    Returns (log p per image, whether its mid-bin fallback for cdf_delta <= 1e-5 was used)."""
+    xs = x.shape
+    nr_mix = out.shape[-1] // 10
+    logit_probs = out[..., :nr_mix]
+    out = out[..., nr_mix:].reshape(*xs, nr_mix * 3)
+    means = out[..., :nr_mix]
+    log_scales = np.maximum(out[..., nr_mix:2 * nr_mix], -7.0)
+    coeffs = np.tanh(out[..., 2 * nr_mix:3 * nr_mix])
+    x = x[..., None] + np.zeros(xs + (nr_mix,))
+    m2 = means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]
+    m3 = means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]
+    means = np.stack([means[..., 0, :], m2, m3], axis=3)
+    centered_x = x - means
+    inv_stdv = np.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    cdf_plus = special.expit(plus_in)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_min = special.expit(min_in)
+    log_cdf_plus = plus_in - np.logaddexp(0, plus_in)
+    log_one_minus_cdf_min = -np.logaddexp(0, min_in)
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered_x
+    log_pdf_mid = mid_in - log_scales - 2.0 * np.logaddexp(0, mid_in)
+    interior = (x >= -0.999) & (x <= 0.999)
+    log_probs = np.where(x < -0.999, log_cdf_plus, np.where(
+        x > 0.999, log_one_minus_cdf_min, np.where(
+            cdf_delta > 1e-5, np.log(np.maximum(cdf_delta, 1e-12)),
+            log_pdf_mid - np.log(127.5))))
+    log_probs = log_probs.sum(3) + special.log_softmax(logit_probs, axis=-1)
+    fallback = bool((interior & (cdf_delta <= 1e-5)).any())
+    return special.logsumexp(log_probs, axis=-1).sum((1, 2)), fallback
+
+
+def test_mixture_matches_the_pixelcnnpp_code():
+    """Same coupling, clamp and parameter roles as PixelCNN++'s own loss (where it does not
+    use its mid-bin fallback), after mapping its (K logits | per channel: K means, K
+    log-scales, K coefficients) layout to vaelab's parameter-major (4, K, C) one."""
+    k, b, h, w = 5, 3, 4, 4
+    ours = mixture_params(k, 3, seed=4, batch=b, rest=(h, w), log_s=(-0.3, 1.0), coef=0.7)
+    q = ours.unflatten(1, (4, k, 3))
+    q[:, 0] = q[:, 0, :, :1]  # equal logit slots: their mean is PixelCNN++'s one logit
+    per_channel = torch.cat([q[:, 1], q[:, 2], q[:, 3]], 1)  # (B, 3K, C, H, W)
+    out = torch.cat([q[:, 0, :, 0], per_channel.transpose(1, 2).flatten(1, 2)], 1)
+    x = torch.randint(0, 256, (b, 3, h, w), generator=torch.Generator().manual_seed(5))
+    x[0, :, 0, 0], x[1, :, 0, 0] = 0, 255
+    fam = L.get(DLM, components=k).double()
+    ref, fallback = pixelcnnpp_log_prob((x.movedim(1, -1).double().numpy() - 127.5) / 127.5,
+                                        out.movedim(1, -1).numpy())
+    assert not fallback
+    np.testing.assert_allclose(fam(q.flatten(1, 3)).log_prob(x).numpy(), ref, rtol=1e-9)
+
+
+def test_mixture_of_one_component_is_the_discretized_logistic():
+    g = torch.Generator().manual_seed(0)
+    one, dl = L.get(DLM, components=1), L.get("discretized-logistic")
+    params = torch.randn(6, 4, 5, 5, generator=g) * torch.tensor([5.0, 1.0, 3.0, 5.0])[:, None,
+                                                                                        None]
+    x = torch.randint(0, 256, (6, 1, 5, 5), generator=g)
+    assert torch.equal(one(params).log_prob(x), dl(params[:, 1:3]).log_prob(x))  # same bits
+    assert torch.equal(one(params).mean, dl(params[:, 1:3]).mean)
+    # three channels with zero coefficients: independent channels, the same sum
+    rgb = torch.randn(6, 12, 5, 5, generator=g, dtype=torch.float64)
+    rgb[:, 9:] = 0
+    x3 = torch.randint(0, 256, (6, 3, 5, 5), generator=g)
+    torch.testing.assert_close(one.double()(rgb).log_prob(x3), dl(rgb[:, 3:9]).log_prob(x3),
+                               rtol=1e-14, atol=0)
+
+
+MIXTURE_EXTREMES = [1e4, -1e4, 100.0, -100.0, 0.0, 1e-4]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("c", [1, 2, 3])
+def test_mixture_conditionals_sum_to_one(dtype, tol, c):
+    """For fixed earlier channels, exp(log p(x_c | x_<c)) sums to 1 over the 256 values of
+    x_c: at random and at extreme parameters (every group includes +-1e4)."""
+    k = 3
+    fam = L.get(DLM, components=k).to(dtype)
+    g = torch.Generator().manual_seed(c)
+    random = mixture_params(k, c, seed=c, batch=4)
+    idx = torch.randint(0, len(MIXTURE_EXTREMES), (4, 4 * k * c), generator=g)
+    extreme = torch.tensor(MIXTURE_EXTREMES, dtype=torch.float64)[idx]
+    params = torch.cat([random, extreme]).to(dtype)  # (8, 4KC)
+    prefix = torch.randint(0, 256, (8, c), generator=g)
+    prefix[0], prefix[1] = 0, 255
+    for ch in range(c):
+        x = prefix[:, None].repeat(1, 256, 1)  # (8, 256, C): vary channel ch
+        x[:, :, ch] = torch.arange(256)
+        lp = fam(params.repeat_interleave(256, 0)).elementwise_log_prob(x.reshape(-1, c))
+        lp = lp.reshape(8, 256, c)
+        assert torch.isfinite(lp).all()
+        total = torch.logsumexp(lp[:, :, ch].double(), 1)
+        assert total.abs().max().item() < tol
+
+
+def test_mixture_joint_sums_to_one():
+    """C = 2: the joint over all 256**2 values. C = 3: p(r, g) over all 256**2 values (the
+    first two chain terms), and p(b | r, g) over b for 64 random (r, g); with the per-(r, g)
+    normalisation of the conditional, the joint over 256**3 sums to 1 by factorisation
+    (brute force: the slow test below)."""
+    fam = L.get(DLM, components=2).double()
+    xs = grid(2)
+    lp = fam(mixture_params(2, 2, seed=1).expand(len(xs), -1)).log_prob(xs)
+    assert abs(torch.logsumexp(lp, 0).item()) < 1e-12
+    params = mixture_params(2, 3, seed=2)
+    x = torch.cat([xs, torch.full((len(xs), 1), 77)], 1)
+    lp = fam(params.expand(len(x), -1)).elementwise_log_prob(x)
+    assert abs(torch.logsumexp(lp[:, :2].sum(1), 0).item()) < 1e-12
+    rg = torch.randint(0, 256, (64, 1, 2), generator=torch.Generator().manual_seed(3))
+    x = torch.cat([rg.expand(64, 256, 2), torch.arange(256)[None, :, None].expand(64, 256, 1)],
+                  2).reshape(-1, 3)
+    lp = fam(params.expand(len(x), -1)).elementwise_log_prob(x)[:, 2].reshape(64, 256)
+    assert torch.logsumexp(lp, 1).abs().max().item() < 1e-12
+
+
+@pytest.mark.slow
+def test_mixture_joint_over_all_256_cubed_colours_sums_to_one():
+    """Brute force: all 16.8 million colours of one pixel (about a minute)."""
+    fam = L.get(DLM, components=2).double()
+    params = mixture_params(2, 3, seed=6)
+    total = 0.0
+    for r in range(0, 256, 16):
+        x = torch.cat([torch.arange(r, r + 16).repeat_interleave(65536)[:, None],
+                       grid(2).repeat(16, 1)], 1)
+        total += fam(params.expand(len(x), -1), validate=False).log_prob(x).exp().sum().item()
+    assert abs(total - 1) < 1e-9
+
+
+def test_mixture_far_tails_against_mpmath():
+    """Components whose bins are far in the tails (float64 differences of sigmoids would be
+    0): the mixture is the log-sum-exp of exact per-component values."""
+    fam = L.get(DLM, components=2).double()
+    # (x, loc, log_s) for each of the two components, one channel
+    cases = [((200, -1.0, -5.0), (10, 1.0, -5.0)), ((254, -1.0, -7.0), (254, 0.9, -6.0)),
+             ((1, 0.99, -7.0), (1, 0.5, -6.5))]
+    for (k0, loc0, ls0), (_, loc1, ls1) in cases:
+        params = torch.tensor([[0.3, -0.2, loc0, loc1, ls0, ls1, 0.0, 0.0]], dtype=torch.float64)
+        got = fam(params).log_prob(torch.tensor([[k0]])).item()
+        log_pi = special.log_softmax([0.3, -0.2])
+        ref = special.logsumexp([log_pi[0] + mp_logistic_bin(k0, loc0, ls0),
+                                 log_pi[1] + mp_logistic_bin(k0, loc1, ls1)])
+        assert got == pytest.approx(ref, rel=1e-12)
+        assert got < -30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1, 3])
+def test_mixture_extreme_parameters_give_finite_values_and_gradients(dtype, c):
+    k = 3
+    g = torch.Generator().manual_seed(c)
+    idx = torch.randint(0, len(MIXTURE_EXTREMES), (16, 4 * k * c, 2), generator=g)
+    params = torch.tensor(MIXTURE_EXTREMES, dtype=dtype)[idx].requires_grad_()
+    x = torch.randint(0, 256, (16, c, 2), generator=g)
+    x[:4], x[4:8] = 0, 255
+    lp = L.get(DLM, components=k)(params).log_prob(x)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(params.grad).all()
+
+
+def test_mixture_gradients_match_finite_differences():
+    params = mixture_params(2, 3, seed=8, log_s=(-3.0, 0.5))
+    x = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(8))
+    fam = L.get(DLM, components=2).double()
+    assert torch.autograd.gradcheck(lambda p: fam(p).elementwise_log_prob(x),
+                                    params.requires_grad_())
+
+
+def test_mixture_mean_is_exact_without_coupling_and_close_with_it():
+    """Exact for C = 1 and for zero coefficients; with coupling (C = 2) a plug-in value, here
+    within one grey level of the exact mean for scales up to e^-2 (17 grey levels)."""
+    fam = L.get(DLM, components=3).double()
+    grey = mixture_params(3, 1, seed=9)
+    xs = torch.arange(256)[:, None]
+    probs = fam(grey.expand(256, -1)).log_prob(xs).exp()
+    torch.testing.assert_close(fam(grey).mean[0, 0], (probs * xs[:, 0] / 255).sum(),
+                               rtol=1e-12, atol=0)
+    uncoupled = mixture_params(3, 2, seed=10).unflatten(1, (4, 3, 2))
+    uncoupled[:, 3] = 0
+    uncoupled = uncoupled.flatten(1, 3)
+    torch.testing.assert_close(fam(uncoupled).mean, exact_mixture_mean(fam, uncoupled),
+                               rtol=1e-12, atol=0)
+    worst = 0.0
+    for seed in range(10):
+        p = mixture_params(3, 2, seed=seed, loc=(-0.9, 0.9), log_s=(-5.0, -2.0), coef=1.0)
+        worst = max(worst, (fam(p).mean - exact_mixture_mean(fam, p)).abs().max().item())
+    assert 1e-3 < worst * 255 < 1  # measured: 0.85 grey levels
+
+
+def test_mixture_samples_follow_the_colour_coupling():
+    """RGB draws of one pixel: the means of R, G, B and of RG, RB, GB within 4 standard
+    errors of exact values (sums over all (r, g) and, for B, its exact conditional mean)."""
+    k = 2
+    fam = L.get(DLM, components=k).double()
+    params = mixture_params(k, 3, seed=11, loc=(-0.6, 0.6), log_s=(-3.0, -1.0))
+    q = params.unflatten(1, (4, k, 3))[0].numpy()
+    q[3] = [[1.5, -1.0, 0.8], [-1.2, 0.6, 1.0]]  # strong coupling
+    params = torch.as_tensor(q).flatten()[None]
+    log_pi = special.log_softmax(q[0].mean(1))
+    loc, log_s, (alpha, beta, gamma) = q[1], q[2], np.tanh(q[3]).T
+    v = np.arange(256)
+    y = 2 * v / 255 - 1
+    lp_r = ref_logistic_log_mass(loc[:, 0, None], log_s[:, 0, None], v)  # (K, r)
+    lp_g = ref_logistic_log_mass((loc[:, 1, None] + alpha[:, None] * y)[:, :, None],
+                                 log_s[:, 1, None, None], v)  # (K, r, g)
+    joint = np.exp(log_pi[:, None, None] + lp_r[:, :, None] + lp_g)  # p(k, r, g)
+    loc_b = loc[:, 2, None, None] + beta[:, None, None] * y[:, None] + gamma[:, None, None] * y
+    inv_s = np.exp(-log_s[:, 2, None, None])
+    mean_b = sum(special.expit(inv_s * (loc_b - ((2 * j - 1) / 255 - 1))) for j in range(1, 256))
+    r, g = np.meshgrid(v, v, indexing="ij")
+    stats_exact = [(joint * f).sum() for f in (r, g, mean_b, r * g, r * mean_b, g * mean_b)]
+    n = 40000
+    draws = fam(params.expand(n, -1)).sample(torch.Generator().manual_seed(12)).double().numpy()
+    dr, dg, db = draws.T
+    for f, exact in zip((dr, dg, db, dr * dg, dr * db, dg * db), stats_exact):
+        assert abs(f.mean() - exact) <= 4 * f.std() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_mixture_output_bias_predicts_the_data_mean(c):
+    k = 4
+    fam = L.get(DLM, components=k).double()
+    m = torch.tensor([0.0, 1e-4, 0.02, 0.3, 0.5, 0.97, 1.0], dtype=torch.float64)
+    m = m.expand(c, 7) if c == 1 else torch.stack([m, m.flip(0), m.roll(1)])
+    bias = fam.output_bias(m)
+    assert bias.shape == (4 * k * c, 7)
+    q = bias.unflatten(0, (4, k, c))
+    assert (q[0] == 0).all() and (q[3] == 0).all()  # equal weights, no coupling
+    assert (q[1:3] == q[1:3, :1]).all()  # the components start equal
+    target = m.clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(fam(bias[None]).mean[0], target, rtol=0, atol=1e-12)
+    scale = ((12 * target * (1 - target)).sqrt() / math.pi).clamp_min(1 / 255)
+    torch.testing.assert_close(q[2, 0].exp(), scale, rtol=1e-14, atol=0)
+    b32 = fam.float().output_bias(m.float())
+    assert b32.dtype == torch.float32
+    torch.testing.assert_close(fam(b32[None]).mean[0], target.float(), rtol=0, atol=2e-6)
+
+
+def test_mixture_refuses_more_than_three_channels_in_one_line():
+    fam = L.get(DLM, components=2)
+    with pytest.raises(DataError) as info:
+        fam(torch.zeros(2, 32, 5))
+    assert str(info.value) == (
+        "discretized-logistic-mixture couples the channels of a pixel and takes data "
+        "(B, C, *rest) with 1, 2 or 3 channels, but params of shape (2, 32, 5) give C = 4 "
+        "(a flat (B, D) layout counts D channels): keep the channel dim, or use "
+        "discretized-logistic or categorical-256")
+    with pytest.raises(DataError, match=r"give C = 12 \(a flat"):
+        fam(torch.zeros(2, 96))
+    with pytest.raises(DataError, match="2 values outside that range, e.g. 300"):
+        fam(torch.zeros(1, 24)).log_prob(torch.tensor([[3, 300, -1]]))
+    assert fam.params_per_channel == 8 and L.get(DLM).params_per_channel == 40
+
+
 # --------------------------------------------------------------------------- output bias
 
 
@@ -556,7 +893,8 @@ def test_integer_data_to_a_unit_family():
                           "torch.uint8 data: convert 8-bit images with x.float() / 255")
 
 
-@pytest.mark.parametrize("name", ["categorical-256", "discretized-logistic"])
+@pytest.mark.parametrize("name", ["categorical-256", "discretized-logistic",
+                                  "discretized-logistic-mixture"])
 def test_float_data_to_an_eight_bit_family(name):
     msg = raises_one_line(torch.tensor([[0.0, 0.5]]), name)
     assert msg == (
@@ -607,6 +945,7 @@ ATTRIBUTES = {  # name: (options, P, data_kind, normalized, config())
     "laplace": ({"scale": "0.5"}, 1, "unit", True, {"scale": 0.5}),
     "categorical-256": ({}, 256, "uint8", True, {}),
     "discretized-logistic": ({}, 2, "uint8", True, {}),
+    "discretized-logistic-mixture": ({"components": "4"}, 16, "uint8", True, {"components": 4}),
 }
 
 
@@ -630,7 +969,8 @@ def test_per_pixel_gaussian_has_two_params_and_round_trips():
 
 @pytest.mark.parametrize("name,options,message", [
     ("gausian", {}, "unknown likelihood 'gausian': choose one of bernoulli, categorical-256, "
-                    "continuous-bernoulli, discretized-logistic, gaussian, laplace"),
+                    "continuous-bernoulli, discretized-logistic, discretized-logistic-mixture, "
+                    "gaussian, laplace"),
     ("gaussian", {"sigma": 1}, "unknown option 'sigma' for likelihood 'gaussian': valid options "
                                "are scale, init_scale, min_scale"),
     ("categorical-256", {"scale": 1}, "unknown option 'scale' for likelihood 'categorical-256': "
@@ -645,6 +985,11 @@ def test_per_pixel_gaussian_has_two_params_and_round_trips():
     ("laplace", {"init_scale": 1e-4}, "needs init_scale > min_scale"),
     ("bernoulli", {"unnormalized": "yes"}, "unnormalized must be true or false"),
     ("laplace", {"init_scale": "big"}, "laplace option init_scale must be a number, got 'big'"),
+    *[("discretized-logistic-mixture", {"components": bad},
+       f"discretized-logistic-mixture option components must be a positive integer, got {bad!r}")
+      for bad in (0, -3, 2.5, True, "ten", None)],
+    ("discretized-logistic-mixture", {"mixtures": 5}, "unknown option 'mixtures' for likelihood "
+     "'discretized-logistic-mixture': valid options are components"),
 ])
 def test_bad_names_and_options_are_config_errors(name, options, message):
     with pytest.raises(ConfigError) as info:

@@ -317,7 +317,7 @@ def test_registries_have_what_the_docs_promise():
     assert ACTIVATIONS.names() == sorted(
         ["relu", "tanh", "elu", "gelu", "silu", "softplus", "leaky-relu"]
     )
-    assert ENCODER_SCALES.names() == ["exp", "softplus"]
+    assert ENCODER_SCALES.names() == ["exp", "logvar-hardtanh", "softplus"]
     for name in ACTIVATIONS:  # every activation builds and runs
         model = small("mlp", (1, 28, 28), BernoulliLogits(), activation=name)
         assert torch.isfinite(model.encode(torch.rand(2, 1, 28, 28)).mean).all()

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FASHION_DIR, tiny_overrides
+from conftest import FASHION_DIR, tiny_overrides, train
 from vaelab import config, plots
 from vaelab.cli import main
-from vaelab.train import train
 
 pytestmark = pytest.mark.usefixtures("fashion_available")
 

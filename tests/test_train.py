@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import poison_reconstruction, tiny_overrides
+from conftest import poison_reconstruction, tiny_overrides, train
 from vaelab import checkpoint, config, objectives
 from vaelab.errors import CheckpointError, ConfigError
-from vaelab.train import RunLocked, TrainingDiverged, learning_rate, run_lock, train
+from vaelab.schedules import learning_rate
+from vaelab.train import RunLocked, TrainingDiverged, run_lock
 
 pytestmark = pytest.mark.usefixtures("fashion_available")
 

@@ -14,8 +14,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "likelihoods", "objectives", "compat", "audit", "data", "models", "train",
-    "checkpoint", "evaluate", "plots", "config", "errors", "registry", "distributed",
+    "rng", "config", "schedules", "errors", "registry", "runtime", "distributed", "data",
+    "likelihoods", "models", "objectives", "metrics", "checkpoint", "train", "runs",
+    "evaluate", "grids", "plots", "audit", "compat",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES)]

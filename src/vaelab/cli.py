@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from .errors import VaelabError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_training"]
 
 _D = config_mod.RunConfig()
 
@@ -35,13 +35,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
                    f"(default: {_D.data.dataset})")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
-    p.add_argument("--binarize", choices=("none", "dynamic", "static"),
+    p.add_argument("--binarize", choices=config_mod.BINARIZE_MODES,
                    help=f"(default: {_D.data.binarize})")
     p.add_argument("--likelihood", help=f"p(x|z) family (default: {_D.likelihood.name})")
     p.add_argument("--scale", help="gaussian/laplace scale: a number, learned or per-pixel")
     p.add_argument("--model", help=f"mlp | conv (default: {_D.model.kind})")
     p.add_argument("--latent-dim", type=int, help=f"(default: {_D.model.latent_dim})")
-    p.add_argument("--objective", choices=("elbo", "iwae"), help=f"(default: {_D.objective.kind})")
+    p.add_argument("--objective", help=f"training objective: elbo | iwae "
+                   f"(default: {_D.objective.kind})")
     p.add_argument("--samples", type=int,
                    help=f"z samples per example: L for elbo, k for iwae "
                    f"(default: {_D.objective.samples})")
@@ -70,17 +71,30 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"),
                    help="(default: test)")
-    p.add_argument("--iw-samples", type=int, default=_D.eval.iw_samples,
+    p.add_argument("--iw-samples", type=int,
                    help="importance samples per example; 5000 is the IWAE paper protocol "
-                   "(default: %(default)s)")
+                   f"(default: the run's eval.iw_samples, {_D.eval.iw_samples} unless its "
+                   "preset sets another)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=_D.eval.batch_size,
-                   help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=_D.eval.seed, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"(default: the run's eval.batch_size, {_D.eval.batch_size})")
+    p.add_argument("--seed", type=int, help=f"(default: the run's eval.seed, {_D.eval.seed})")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
     p.add_argument("--device", default="auto", help="(default: %(default)s)")
+    p.add_argument("--estimator", default="is", choices=("is", "ais"),
+                   help="how -log p(x) is estimated: is (importance sampling with q(z|x), "
+                   "--iw-samples) or ais (annealed importance sampling with HMC, "
+                   "--ais-steps x --ais-chains) (default: %(default)s)")
+    p.add_argument("--ais-steps", type=int, default=100,
+                   help="AIS annealing steps (default: %(default)s)")
+    p.add_argument("--ais-chains", type=int, default=32,
+                   help="AIS chains per example; >= 25 for its Pareto k-hat (default: "
+                   "%(default)s)")
+    p.add_argument("--bdmc", type=int, metavar="N",
+                   help="also bound log p(x) by bidirectional Monte Carlo on N examples "
+                   "simulated from the model, with the AIS settings")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     p.set_defaults(handler=_cmd_eval)
 
@@ -111,22 +125,42 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="explain what a hand-written VAE loss really optimises",
-        description="Relate a loss written as recon + KL to the per-example negative ELBO: "
-        "overall scale, effective beta, implied Gaussian sigma and the missing constant.",
+        description="Relate a loss written as a * recon + w * KL to the per-example negative "
+        "ELBO: overall scale, effective beta, implied likelihood and sigma, the missing "
+        "constant, how x_hat is read and clipped. Describe the loss with flags (--recon ...), "
+        "or let vaelab call your loss function on designed inputs (--loss), or audit a widely "
+        "copied loss (--preset). WARNING: --loss imports your file or module and runs your "
+        "function in this process: only audit code you trust (your own).",
     )
-    p.add_argument("--recon", default="bce", choices=("bce", "mse", "sse"),
-                   help="(default: %(default)s)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--loss", metavar="FILE.py:FUNCTION",
+                       help="probe this function (or package.module:FUNCTION, e.g. "
+                       "keras.losses:binary_crossentropy); imports and RUNS that code")
+    which.add_argument("--preset", metavar="NAME",
+                       help="audit a widely copied loss; --preset list shows them")
+    p.add_argument("--roles", help="with --loss: what the positional arguments are, in order, "
+                   "from x,x_hat,mu,logvar,z (default: from the parameter names, else "
+                   "x,x_hat,mu,logvar)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --loss: a fixed keyword argument, e.g. --set M_N=0.00025 "
+                   "(repeatable; Python literals, else strings)")
+    p.add_argument("--framework", default="auto", choices=("auto", "numpy", "torch", "keras"),
+                   help="with --loss: (default: %(default)s: NumPy arrays, then torch tensors; "
+                   "Keras 3 runs on KERAS_BACKEND=torch)")
+    p.add_argument("--recon", default=None, choices=("bce", "mse", "sse"),
+                   help="(default: bce)")
     p.add_argument("--recon-reduction", default=None, choices=("sum", "mean"),
                    help="reduction over data dimensions (default: mean; sum for sse)")
-    p.add_argument("--recon-multiplier", type=float, default=1.0,
-                   help="factor on the reconstruction term, e.g. 784 (default: %(default)s)")
-    p.add_argument("--kl-reduction", default="sum", choices=("sum", "mean"),
-                   help="reduction over latent dimensions (default: %(default)s)")
-    p.add_argument("--kl-weight", type=float, default=1.0,
-                   help="factor on the KL, e.g. M_N = batch/N (default: %(default)s)")
-    p.add_argument("--batch-reduction", default="mean", choices=("mean", "sum"),
-                   help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum")
+    p.add_argument("--recon-multiplier", type=float, default=None,
+                   help="factor on the reconstruction term, e.g. 784 (default: 1)")
+    p.add_argument("--kl-reduction", default=None, choices=("sum", "mean"),
+                   help="reduction over latent dimensions (default: sum)")
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help="factor on the KL, e.g. M_N = batch/N (default: 1)")
+    p.add_argument("--batch-reduction", default=None, choices=("mean", "sum", "none"),
+                   help="(default: mean)")
+    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum, and "
+                   "with --loss when the loss sums over the batch or depends on its size")
     p.add_argument("--data-shape", default="784",
                    help="comma-separated data shape, e.g. 28,28,1 (default: %(default)s)")
     p.add_argument("--latent-dim", type=int, default=2, help="(default: %(default)s)")
@@ -175,8 +209,6 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import train
-
     flags = _train_flags(args)
     if args.resume:
         run_dir = Path(args.resume)
@@ -189,60 +221,92 @@ def _cmd_train(args: argparse.Namespace) -> int:
             config_mod.merge(*[config_mod.load_toml(saved), flags],
                              *[config_mod.parse_override(o) for o in args.set])
         )
-        if not (run_dir / "checkpoints" / "last.json").exists():
+        resume = (run_dir / "checkpoints" / "last.json").exists()
+        if not resume and _is_main_rank():
             # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
             # could be lost, so start the run again from epoch 0 with its saved config.
-            if _is_main_rank():
-                print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
-            train.train(cfg, run_dir, report=not args.no_report)
-            return 0
-        train.train(cfg, run_dir, resume=True, report=not args.no_report)
-        return 0
-    cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
-                             extra=flags)
-    if args.out:
-        run_dir = Path(args.out)
+            print(f"{run_dir} has no checkpoint yet: starting it from epoch 0")
     else:
-        import time
+        cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
+                                 extra=flags)
+        resume = False
+        if args.out:
+            run_dir = Path(args.out)
+        else:
+            import time
 
-        stem = Path(cfg.data.dataset).stem
-        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if _is_main_rank():
-        print(f"run directory: {run_dir}")
-    train.train(cfg, run_dir, report=not args.no_report)
+            stem = Path(cfg.data.dataset).stem
+            run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if _is_main_rank():
+            print(f"run directory: {run_dir}")
+    run_training(cfg, run_dir, resume=resume, report=not args.no_report)
     return 0
 
 
+def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool = False,
+                 report: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """What ``vaelab train`` does, from Python: train (:func:`vaelab.train.train_and_evaluate`),
+    then with ``report`` evaluate the best checkpoint on the test split
+    (:func:`vaelab.evaluate.evaluate_run`), write ``report.json``/``report.md`` and draw the
+    figures (:func:`vaelab.plots.plot_run`). Under torchrun every rank trains and evaluates
+    its share; rank 0 writes and prints. Returns the training summary, with ``report``."""
+    from . import distributed, evaluate, runtime, train
+
+    run_dir = Path(run_dir)
+    device = runtime.select_device(cfg.train.device)
+    ctx = distributed.setup(device)
+    quiet = echo if ctx.is_main else (lambda _line: None)
+    try:
+        summary = train.train_and_evaluate(cfg, run_dir, resume=resume, ctx=ctx, echo=quiet)
+        if not report:
+            return summary
+        result = evaluate.evaluate_run(run_dir, split="test", checkpoint="best",
+                                       limit=cfg.data.test_limit, device=device, ctx=ctx)
+    finally:
+        distributed.teardown(ctx)
+    summary["report"] = result
+    if ctx.is_main:
+        evaluate.write_report(result, run_dir)
+        echo(evaluate.format_table(result))
+        _figures(run_dir, echo)
+    return summary
+
+
+def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
+    try:
+        from . import plots
+    except ImportError as exc:  # matplotlib missing: figures are optional
+        echo(f"figures skipped: {exc}")
+        return
+    written = plots.plot_run(run_dir)
+    echo(f"wrote {len(written)} figures to {run_dir / 'figures'}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
+    from . import distributed, evaluate, runtime
 
-    from . import distributed, evaluate, runs
-    from .train import load_split, select_device
-
-    if args.iw_samples <= 0 or args.batch_size <= 0:
-        raise VaelabError("--iw-samples and --batch-size must be positive: e.g. --iw-samples "
-                          "5000 --batch-size 100")
+    if any(v is not None and v <= 0 for v in (args.iw_samples, args.batch_size, args.ais_steps,
+                                                  args.ais_chains, args.bdmc)):
+        raise VaelabError("--iw-samples, --batch-size, --ais-steps, --ais-chains and --bdmc "
+                          "must be positive: e.g. --iw-samples 5000 --batch-size 100")
     if args.limit is not None and args.limit <= 0:
         raise VaelabError(f"--limit must be positive, got {args.limit}")
-    device = select_device(args.device)
+    device = runtime.select_device(args.device)
     # Under torchrun every rank evaluates its share of the batches (same numbers as one
     # process); rank 0 prints and writes.
     ctx = distributed.setup(device)
     if ctx.enabled:
         device = distributed.rank_device(device, ctx.local_rank)
-    distributed.configure_threads(None, ctx, device)
-    run = runs.open_run(args.run_dir, args.checkpoint, device)
-    cfg = run.config
-    data = dataclasses.replace(cfg.data, data_dir=args.data_dir or cfg.data.data_dir,
-                               train_limit=None, test_limit=None)
-    cfg = dataclasses.replace(cfg, data=data)
-    images = load_split(cfg, args.split)
-    if args.limit is not None:
-        images = images.subset(__import__("torch").arange(min(args.limit, len(images))))
-    result = evaluate.evaluate(run.model, images.to(device), cfg, checkpoint_name=args.checkpoint,
-                               iw_samples=args.iw_samples, batch_size=args.batch_size,
-                               seed=args.seed, ctx=ctx)
-    distributed.teardown(ctx)
+    runtime.configure_threads(None, device, ctx.local_world_size)
+    try:
+        result = evaluate.evaluate_run(
+            args.run_dir, split=args.split, checkpoint=args.checkpoint,
+            iw_samples=args.iw_samples, batch_size=args.batch_size, seed=args.seed,
+            limit=args.limit, data_dir=args.data_dir, device=device, ctx=ctx,
+            estimator=args.estimator, ais_steps=args.ais_steps, ais_chains=args.ais_chains,
+            bdmc_examples=args.bdmc)
+    finally:
+        distributed.teardown(ctx)
     if not ctx.is_main:
         return 0
     print(evaluate.format_table(result))
@@ -276,17 +340,43 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
+    flags = {"--recon": args.recon, "--recon-reduction": args.recon_reduction,
+             "--recon-multiplier": args.recon_multiplier, "--kl-reduction": args.kl_reduction,
+             "--kl-weight": args.kl_weight, "--batch-reduction": args.batch_reduction}
+    probe_only = {"--roles": args.roles, "--set": args.set or None,
+                  "--framework": None if args.framework == "auto" else args.framework}
+    if args.loss or args.preset:
+        given = [name for name, value in flags.items() if value is not None]
+        if given:
+            raise VaelabError(f"{given[0]} describes a loss by flags: with --loss or --preset "
+                              "the loss itself is probed; drop it")
+    if not args.loss:
+        given = [name for name, value in probe_only.items() if value is not None]
+        if given:
+            raise VaelabError(f"{given[0]} applies to --loss only")
+    if args.preset:
+        from .audit.commands import preset_command
+
+        return preset_command(args.preset, json_output=args.json)
     try:
         shape = tuple(int(v) for v in args.data_shape.split(",") if v.strip())
     except ValueError:
         raise VaelabError(
             f"--data-shape {args.data_shape!r} is not a list of integers: e.g. 28,28,1"
         ) from None
+    if args.loss:
+        from .audit.commands import loss_command
+
+        return loss_command(args.loss, shape, args.latent_dim, roles=args.roles,
+                            fixed=args.set, batch_size=args.batch_size,
+                            framework=args.framework, data=args.data, json_output=args.json)
     kwargs: dict[str, Any] = dict(
-        recon=args.recon, recon_reduction=args.recon_reduction,
-        recon_multiplier=args.recon_multiplier, kl_reduction=args.kl_reduction,
-        kl_weight=args.kl_weight, batch_reduction=args.batch_reduction,
-        data_shape=shape, latent_dim=args.latent_dim,
+        recon=args.recon or "bce", recon_reduction=args.recon_reduction,
+        recon_multiplier=1.0 if args.recon_multiplier is None else args.recon_multiplier,
+        kl_reduction=args.kl_reduction or "sum",
+        kl_weight=1.0 if args.kl_weight is None else args.kl_weight,
+        batch_reduction=args.batch_reduction or "mean", data_shape=shape,
+        latent_dim=args.latent_dim,
     )
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size

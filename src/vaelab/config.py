@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +30,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "BINARIZE_MODES",
+    "KL_MODES",
+    "OUTPUT_BIAS_MODES",
     "DataConfig",
     "LikelihoodConfig",
     "ModelConfig",
@@ -44,6 +48,14 @@ __all__ = [
     "load_toml",
     "parse_override",
 ]
+
+
+#: How grey levels become model inputs (see :func:`vaelab.data.load`).
+BINARIZE_MODES = ("none", "dynamic", "static")
+#: How the KL term is computed (see :func:`vaelab.objectives.elbo_terms`).
+KL_MODES = ("auto", "analytic", "mc")
+#: How the decoder's output bias starts (see :class:`ModelConfig`).
+OUTPUT_BIAS_MODES = ("data-mean", "none")
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,13 @@ class ModelConfig:
     output_bias: str = "data-mean"
     """Initial decoder output bias: data-mean (the likelihood's parameter for the training
     data's per-pixel mean) | none (the layer's own initialisation, as most examples do)."""
+    init: str = "torch"
+    """Weight initialisation (vaelab.models.INITS): torch (PyTorch's nn.Linear/Conv default) |
+    glorot (Keras: glorot-uniform weights, zero biases) | he (N(0, 2 / fan_in) weights,
+    Tomczak & Welling's VampPrior code)."""
+    gated: bool = False
+    """MLP: gated dense layers h(x) * sigmoid(g(x)) (Dauphin et al. 2017; the VampPrior
+    paper's architecture) instead of Linear + activation."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,9 @@ class ObjectiveConfig:
     beta: float = 1.0
     warmup_steps: int = 0
     """Linear KL warm-up from 0 to beta over this many optimizer steps."""
+    warmup_epochs: int = 0
+    """Linear KL warm-up over epochs: beta * min(1, epoch / warmup_epochs), epochs from 1,
+    constant within an epoch (Tomczak & Welling 2018)."""
     free_bits: float = 0.0
     """Nats per latent dimension below which the KL is not penalised (Kingma et al. 2016)."""
     kl: str = "auto"
@@ -126,7 +148,12 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 128
+    optimizer: str = "adam"
+    """adam | rmsprop (torch.optim, PyTorch's defaults but lr and adam_eps)."""
     lr: float = 1e-3
+    adam_eps: float | None = None
+    """Adam's epsilon; None = 1e-4 with the iwae schedule (Burda et al.), else 1e-8
+    (PyTorch's default; Keras uses 1e-7)."""
     lr_schedule: str = "constant"
     """constant | iwae (Burda et al.: 3^i epochs at lr * 10^(-i/7)) | cosine | multistep
     (PyTorch's MultiStepLR stepped once per epoch); see :mod:`vaelab.schedules`."""
@@ -392,12 +419,13 @@ def resolve(
     return from_dict(raw)
 
 
+# Values that are not registry names (those are checked by their registries: the schedule
+# here, as it needs no torch; likelihood, model, activation, encoder scale, init, objective
+# kind and optimizer when the run is built, before anything is written).
 _CHOICES = {
-    ("data", "binarize"): ("none", "dynamic", "static"),
-    ("objective", "kind"): ("elbo", "iwae"),
-    ("objective", "kl"): ("auto", "analytic", "mc"),
-    ("train", "lr_schedule"): ("constant", "iwae", "cosine", "multistep"),
-    ("model", "output_bias"): ("data-mean", "none"),
+    ("data", "binarize"): BINARIZE_MODES,
+    ("objective", "kl"): KL_MODES,
+    ("model", "output_bias"): OUTPUT_BIAS_MODES,
 }
 
 
@@ -424,6 +452,7 @@ def validate(cfg: RunConfig) -> None:
         "objective.beta": cfg.objective.beta,
         "objective.free_bits": cfg.objective.free_bits,
         "objective.warmup_steps": cfg.objective.warmup_steps,
+        "objective.warmup_epochs": cfg.objective.warmup_epochs,
         "data.validation_size": cfg.data.validation_size,
     }.items():
         if value < 0:
@@ -441,6 +470,7 @@ def validate(cfg: RunConfig) -> None:
         "train.patience": cfg.train.patience,
         "train.grad_clip": cfg.train.grad_clip,
         "train.threads": cfg.train.threads,
+        "train.adam_eps": cfg.train.adam_eps,
     }.items():
         if value is not None and not value > 0:
             raise ConfigError(f"{name} must be positive (or unset), got {value}")
@@ -449,6 +479,13 @@ def validate(cfg: RunConfig) -> None:
             "train.patience needs a validation split to watch: set data.validation_size > 0 "
             "or unset train.patience"
         )
+    SCHEDULES[cfg.train.lr_schedule]  # an unknown name lists the registered schedules
+    if cfg.objective.warmup_steps and cfg.objective.warmup_epochs:
+        raise ConfigError("KL warm-up is in steps or in epochs, not both: set "
+                          "objective.warmup_steps or objective.warmup_epochs to 0")
+    if not cfg.train.lr_gamma > 0 or any(m < 0 for m in cfg.train.lr_milestones):
+        raise ConfigError(f"train.lr_gamma must be > 0 and train.lr_milestones >= 0, got "
+                          f"{cfg.train.lr_gamma} and {list(cfg.train.lr_milestones)}")
     if cfg.objective.kind == "iwae" and (cfg.objective.beta != 1.0 or cfg.objective.free_bits):
         raise ConfigError(
             "objective.kind = iwae does not use beta or free bits: leave them at 1 and 0"

@@ -38,9 +38,9 @@ __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "DistributedError",
     "agree",
+    "all_gather_objects",
     "all_reduce_sum",
     "barrier",
-    "configure_threads",
     "lost_contact",
     "rank_device",
     "setup",
@@ -167,23 +167,6 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-def configure_threads(threads: int | None, ctx: Context, device: torch.device) -> int:
-    """Set torch's CPU threads and return the number.
-
-    ``threads`` (``train.threads``) wins when given. Otherwise, with several processes
-    on this node and a CPU device, each process gets ``OMP_NUM_THREADS`` (which
-    torchrun sets to 1 unless you set it) or ``cpu_count // local_world_size`` threads,
-    so that the ranks do not oversubscribe the cores. One process keeps torch's default.
-    """
-    if threads:
-        torch.set_num_threads(threads)
-    elif ctx.enabled and device.type == "cpu" and ctx.local_world_size > 1:
-        omp = os.environ.get("OMP_NUM_THREADS", "")
-        share = max(1, (os.cpu_count() or 1) // ctx.local_world_size)
-        torch.set_num_threads(int(omp) if omp.isdigit() and int(omp) > 0 else share)
-    return torch.get_num_threads()
-
-
 def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     """Sum ``tensor`` over ranks (in place and returned); identity in one process.
 
@@ -192,6 +175,15 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_objects(obj: Any, ctx: Context) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(ctx: Context) -> None:

@@ -1,13 +1,8 @@
-"""Split-level metrics and the evaluation report.
+"""The evaluation report of a model on a split: what papers report, stated honestly.
 
-Every split-level number is a sum over examples divided by the number of
-examples (never a mean of batch means). Work is split into fixed batches whose
-randomness is seeded by the batch number, so the numbers do not depend on how
-many processes share the work: under ``torchrun`` rank ``r`` takes batches
-``r, r + W, r + 2W, ...`` and the float64 sums are all-reduced. Each batch gets the
-same inputs and draws whichever rank computes it, so 1 and N processes agree up to
-the order of float64 additions (about 1e-12 relative). Every rank must call the
-distributed functions; an error on one rank stops all of them (no hang).
+:func:`evaluate` reports on any model and data (see :mod:`vaelab.metrics`);
+:func:`evaluate_run` opens a run directory, loads a split of its dataset and reports on its
+``best`` or ``last`` checkpoint (``vaelab eval``, and the end of ``vaelab train``).
 
 Report fields (``report.json``; nats per example unless stated):
 
@@ -18,188 +13,73 @@ Report fields (``report.json``; nats per example unless stated):
 ``nll``, ``nll_stderr``   -log p(x) by importance sampling with ``iw_samples`` samples
                           (None, with ``nll_unavailable``, when the likelihood is not
                           normalised for the data)
+``nll_mc_stderr``         Monte-Carlo standard error of ``nll`` (delta method)
 ``gap``                   ``nelbo - nll``: an estimate of E KL(q(z|x) || p(z|x))
 ``bits_per_dim``          ``nll`` (or ``nelbo`` when there is no ``nll``) in bits per dimension
 ``active_units``          latent dims with Var_x(E_q[z_j]) > 0.01 (Burda et al. 2016)
 ``kl_per_dim``            average KL of each latent dimension
+``checkpoint``, ``checkpoint_epoch``, ``model_selection``  which weights, and why
 ========================  ===========================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, metrics, objectives, runs, runtime
+from ._io import atomic_write_text
+from .data import ImageSet, load_split
 
-__all__ = ["elbo_metrics", "evaluate", "write_report", "format_table", "ACTIVE_UNIT_THRESHOLD"]
-
-ACTIVE_UNIT_THRESHOLD = 0.01
-_EVAL_NOISE, _EVAL_BINARIZE, _EVAL_IW = 11, 12, 13
-
-
-def _batches(n: int, batch_size: int, ctx: distributed.Context):
-    """This rank's ``(batch_number, index)`` pairs over ``n`` examples."""
-    for number, start in enumerate(range(0, n, batch_size)):
-        if number % ctx.world_size == ctx.rank:
-            yield number, torch.arange(start, min(start + batch_size, n))
-
-
-def _inputs(model: nn.Module, images, index: torch.Tensor, seed: int, number: int):
-    from .train import model_input, seeded_generator
-
-    device = images.images.device
-    gen = seeded_generator(seed, number, _EVAL_BINARIZE, device=device)
-    return model_input(images, index.to(device), model.likelihood, gen)
-
-
-@torch.no_grad()
-def elbo_metrics(
-    model: nn.Module,
-    images,
-    *,
-    batch_size: int = 1000,
-    seed: int = 0,
-    ctx: distributed.Context | None = None,
-) -> dict[str, Any]:
-    """Negative ELBO (beta = 1) over a split, with recon, KL, per-dim KL and active units.
-
-    Returns a dict with ``n``, ``nelbo``, ``nelbo_stderr``, ``recon``, ``kl`` (nats per
-    example), ``kl_per_dim`` (list, nats), ``active_units`` (int) and ``latent_variance``
-    (Var over the data of E_q[z_j], list).
-
-    ``ctx``: share the batches over the ranks of a process group (every rank calls this
-    with the same arguments and gets the same numbers); None: this process alone.
-    """
-    from . import objectives
-    from .train import seeded_generator
-
-    ctx = ctx or distributed.Context()
-    was_training = model.training
-    model.eval()
-    device = images.images.device
-    latent = model.latent_dim
-    # n, sum nelbo, sum nelbo^2, sum recon, sum kl, sum kl_j (L), sum mu_j (L), sum mu_j^2 (L)
-    sums = torch.zeros(5 + 3 * latent, dtype=torch.float64, device=device)
-    with distributed.agree(ctx, "evaluation"):
-        for number, index in _batches(len(images), batch_size, ctx):
-            x = _inputs(model, images, index, seed, number)
-            gen = seeded_generator(seed, number, _EVAL_NOISE, device=device)
-            terms = objectives.elbo_terms(model, x, num_samples=1, generator=gen)
-            nelbo = (-terms.elbo).double()
-            loc = model.encode(x).mean.double()
-            sums[0] += nelbo.numel()
-            sums[1] += nelbo.sum()
-            sums[2] += (nelbo**2).sum()
-            sums[3] += (-terms.recon).double().sum()
-            sums[4] += terms.kl.double().sum()
-            if terms.kl_per_dim is not None:
-                sums[5:5 + latent] += terms.kl_per_dim.double().sum(0)
-            sums[5 + latent:5 + 2 * latent] += loc.sum(0)
-            sums[5 + 2 * latent:] += (loc**2).sum(0)
-    distributed.all_reduce_sum(sums, ctx)
-    model.train(was_training)
-    n = float(sums[0])
-    if n == 0:
-        raise ValueError("cannot evaluate an empty split")
-    mean = float(sums[1]) / n
-    variance = max(float(sums[2]) / n - mean**2, 0.0) * n / max(n - 1, 1)
-    loc_mean = sums[5 + latent:5 + 2 * latent] / n
-    loc_var = (sums[5 + 2 * latent:] / n - loc_mean**2).clamp_min(0) * n / max(n - 1, 1)
-    return {
-        "n": int(n),
-        "nelbo": mean,
-        "nelbo_stderr": math.sqrt(variance / n),
-        "recon": float(sums[3]) / n,
-        "kl": float(sums[4]) / n,
-        "kl_per_dim": (sums[5:5 + latent] / n).tolist(),
-        "latent_variance": loc_var.tolist(),
-        "active_units": int((loc_var > ACTIVE_UNIT_THRESHOLD).sum()),
-    }
-
-
-@torch.no_grad()
-def nll_metrics(
-    model: nn.Module,
-    images,
-    *,
-    iw_samples: int,
-    batch_size: int = 100,
-    seed: int = 0,
-    ctx: distributed.Context | None = None,
-) -> dict[str, Any]:
-    """Importance-sampled -log p(x) over a split: ``nll`` and ``nll_stderr`` (nats).
-
-    ``ctx`` as in :func:`elbo_metrics`: the batches are shared over its ranks.
-    """
-    from . import objectives
-    from .train import seeded_generator
-
-    ctx = ctx or distributed.Context()
-    was_training = model.training
-    model.eval()
-    device = images.images.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    with distributed.agree(ctx, "evaluation"):
-        for number, index in _batches(len(images), batch_size, ctx):
-            x = _inputs(model, images, index, seed, number)
-            gen = seeded_generator(seed, number, _EVAL_IW, device=device)
-            result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
-            nll = -result.per_example.double()
-            sums += torch.stack([torch.tensor(float(nll.numel()), dtype=torch.float64,
-                                              device=device), nll.sum(), (nll**2).sum()])
-    distributed.all_reduce_sum(sums, ctx)
-    model.train(was_training)
-    n = float(sums[0])
-    if n == 0:
-        raise ValueError("cannot evaluate an empty split")
-    mean = float(sums[1]) / n
-    variance = max(float(sums[2]) / n - mean**2, 0.0) * n / max(n - 1, 1)
-    return {"n": int(n), "nll": mean, "nll_stderr": math.sqrt(variance / n)}
+__all__ = ["evaluate", "evaluate_run", "write_report", "format_table", "format_markdown"]
 
 
 def evaluate(
     model: nn.Module,
-    images,
-    cfg,
+    data: metrics.Data,
     *,
-    checkpoint_name: str = "best",
     iw_samples: int = 1000,
     batch_size: int = 100,
     seed: int = 0,
+    checkpoint_name: str | None = None,
     ctx: distributed.Context | None = None,
+    estimator: str = "is",
+    ais_steps: int = 100,
+    ais_chains: int = 32,
 ) -> dict[str, Any]:
-    """The full report for ``model`` on the split ``images`` (see the module docstring).
+    """The full report for ``model`` on the split ``data`` (see the module docstring).
+
+    ``estimator``: how ``nll`` is estimated: ``"is"`` (importance sampling with
+    ``iw_samples`` samples from ``q(z|x)``) or ``"ais"`` (annealed importance sampling with
+    ``ais_steps`` steps and ``ais_chains`` chains; :mod:`vaelab.estimators`).
+
+    ``data``: an :class:`~vaelab.data.ImageSet`, a tensor of inputs in the model's data
+    units, or an iterable of such batches (see :mod:`vaelab.metrics`).
 
     ``ctx``: how the work is shared. None joins the process group when the program was
     launched by ``torchrun`` (``WORLD_SIZE`` > 1; every rank must then call this, and
     all get the same report), else evaluates in this process. Pass
     ``distributed.Context()`` to evaluate in this process alone under torchrun.
     """
-    from . import objectives
-
     if ctx is None:
-        ctx = distributed.setup(images.images.device)
-
-    family = model.likelihood
-    dims = int(np.prod(images.images.shape[1:]))
-    elbo = elbo_metrics(model, images, batch_size=max(batch_size, 500), seed=seed, ctx=ctx)
-    eight_bit_density = family.data_kind == "unit" and images.levels == 256
+        ctx = distributed.setup(metrics.model_device(model))
+    family = getattr(model, "likelihood", None)
+    normalized = bool(getattr(family, "normalized", True))
+    elbo = metrics.elbo_metrics(model, data, batch_size=max(batch_size, 500), seed=seed, ctx=ctx)
+    source = _describe_data(data)
+    dims = source.pop("data_dims")
+    eight_bit_density = getattr(family, "data_kind", None) == "unit" and source["data_levels"] == 256
     report: dict[str, Any] = {
-        "dataset": images.name,
-        "split": images.split,
+        **source,
         "n_examples": elbo["n"],
-        "likelihood": family.name,
-        "likelihood_options": family.config(),
-        "normalized": bool(family.normalized),
-        "binarization": _binarization(images),
-        "data_levels": images.levels,
+        "likelihood": getattr(family, "name", type(family).__name__ if family else "unknown"),
+        "likelihood_options": family.config() if hasattr(family, "config") else {},
+        "normalized": normalized,
         "checkpoint": checkpoint_name,
         "nelbo": elbo["nelbo"],
         "nelbo_stderr": elbo["nelbo_stderr"],
@@ -207,6 +87,7 @@ def evaluate(
         "kl": elbo["kl"],
         "nll": None,
         "nll_stderr": None,
+        "nll_mc_stderr": None,
         "iw_samples": iw_samples,
         "gap": None,
         "bits_per_dim": None,
@@ -218,18 +99,24 @@ def evaluate(
         "data_dims": dims,
         "units": "nats per example",
         "seed": seed,
+        "warnings": [],
     }
-    if family.normalized:
-        nll = nll_metrics(model, images, iw_samples=iw_samples, batch_size=batch_size,
-                          seed=seed, ctx=ctx)
+    if normalized:
+        nll = metrics.nll_metrics(model, data, iw_samples=iw_samples, batch_size=batch_size,
+                                  seed=seed, ctx=ctx, estimator=estimator,
+                                  ais_steps=ais_steps, ais_chains=ais_chains)
         report.update(nll=nll["nll"], nll_stderr=nll["nll_stderr"],
-                      gap=elbo["nelbo"] - nll["nll"])
+                      nll_mc_stderr=nll["nll_mc_stderr"], gap=elbo["nelbo"] - nll["nll"],
+                      estimator=nll["estimator"], pareto_k=nll["pareto_k"],
+                      ess_median=nll["ess_median"])
+        if nll["pareto_k"]["warn"]:
+            report["warnings"].append(_pareto_warning(nll["pareto_k"], estimator))
         report["bits_per_dim"] = objectives.bits_per_dim(
             nll["nll"], dims, eight_bit_density=eight_bit_density)
         report["bits_per_dim_of"] = "nll"
     else:
         report["nll_unavailable"] = (
-            f"{family.name} with unnormalized=True is not a normalised likelihood for "
+            f"{report['likelihood']} with unnormalized=True is not a normalised likelihood for "
             "grey-level data (BCE on grey levels), so no NLL or bits/dim is claimed; "
             "nelbo is the training objective's value, not a bound on -log p(x)"
         )
@@ -238,6 +125,96 @@ def evaluate(
             "a density on [0,1] scored on 8-bit data; bits_per_dim includes the "
             "D ln 256 correction to the discrete scale"
         )
+    return report
+
+
+def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
+    share = 100 * summary["fraction_above"]
+    if estimator == "is":
+        what, fix = "importance weights", ("use more samples (--iw-samples), a better "
+                                           "encoder, or AIS (--estimator ais)")
+    else:
+        what, fix = "AIS weights", "use more annealing steps (--ais-steps) or chains"
+    return (f"{share:.1f}% of the examples have a Pareto k-hat above "
+            f"{summary['threshold']:.2f} (max {summary['max']:.2f}): their {what} are too "
+            "heavy-tailed for the estimate to be reliable, so the NLL is likely too high and "
+            f"its standard error too small; {fix}")
+
+
+def _describe_data(data: metrics.Data) -> dict[str, Any]:
+    """dataset, split, binarization, data_levels and data_dims of what is evaluated."""
+    if isinstance(data, ImageSet):
+        return {"dataset": data.name, "split": data.split, "binarization": _binarization(data),
+                "data_levels": data.levels, "data_dims": int(torch.tensor(data.event_shape).prod())}
+    if isinstance(data, torch.Tensor):
+        dims = int(torch.tensor(data.shape[1:]).prod())
+        return {"dataset": "tensor", "split": "given", "binarization": "as given",
+                "data_levels": None, "data_dims": dims}
+    first = next(iter(data))
+    first = first[0] if isinstance(first, (tuple, list)) else first
+    return {"dataset": "batches", "split": "given", "binarization": "as given",
+            "data_levels": None, "data_dims": int(torch.tensor(first.shape[1:]).prod())}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    checkpoint: str = "best",
+    iw_samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    limit: int | None = None,
+    data_dir: str | None = None,
+    device: torch.device | str = "auto",
+    ctx: distributed.Context | None = None,
+    estimator: str = "is",
+    ais_steps: int = 100,
+    ais_chains: int = 32,
+    bdmc_examples: int | None = None,
+) -> dict[str, Any]:
+    """The report of the run in ``run_dir`` on one split of its dataset.
+
+    ``estimator``, ``ais_steps``, ``ais_chains``: as for :func:`evaluate`. ``bdmc_examples``:
+    also run bidirectional Monte Carlo with the AIS settings on that many examples simulated
+    from the model (:func:`vaelab.metrics.bdmc_metrics`), reported under ``bdmc``.
+
+    Defaults come from the run's ``[eval]`` section (``iw_samples``, ``batch_size``,
+    ``seed``). ``limit`` evaluates the first N examples; ``data_dir`` overrides where the
+    dataset files are. The report also says which checkpoint (and epoch) was evaluated,
+    how it was selected, and the run's preset.
+
+    Raises:
+        CheckpointError: no such run or checkpoint; DataError / ConfigError: the data.
+    """
+    device = runtime.select_device(device) if isinstance(device, str) else device
+    if ctx is None:
+        ctx = distributed.setup(device)
+    if ctx.enabled:
+        device = distributed.rank_device(device, ctx.local_rank)
+    run = runs.open_run(run_dir, checkpoint, device)
+    cfg = run.config
+    data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir,
+                                   train_limit=None, test_limit=None)
+    images = load_split(data_cfg, split, cfg.train.seed)
+    if limit is not None:
+        images = images.subset(torch.arange(min(limit, len(images))))
+    report = evaluate(run.model, images.to(device),
+                      iw_samples=iw_samples if iw_samples is not None else cfg.eval.iw_samples,
+                      batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
+                      seed=seed if seed is not None else cfg.eval.seed,
+                      checkpoint_name=checkpoint, ctx=ctx, estimator=estimator,
+                      ais_steps=ais_steps, ais_chains=ais_chains)
+    if bdmc_examples:
+        report["bdmc"] = metrics.bdmc_metrics(
+            run.model, bdmc_examples, steps=ais_steps, chains=ais_chains,
+            batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
+            seed=seed if seed is not None else cfg.eval.seed, ctx=ctx)
+    report["checkpoint_epoch"] = run.epoch
+    report["model_selection"] = (
+        "lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
+        and cfg.data.validation_size else "the last epoch")
+    report["preset"] = cfg.preset
     return report
 
 
@@ -253,8 +230,6 @@ def _binarization(images) -> str:
 
 def write_report(result: dict[str, Any], run_dir: str | Path, stem: str = "report") -> None:
     """Write ``report.json`` and ``report.md`` into ``run_dir`` (atomically)."""
-    from ._io import atomic_write_text
-
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(run_dir / f"{stem}.md", format_markdown(result))
@@ -276,12 +251,13 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("likelihood", f"{result['likelihood']} {result.get('likelihood_options') or ''}".strip()
          + ("" if result["normalized"] else " (NOT normalised: not a likelihood)")),
         ("binarization", str(result["binarization"])),
-        ("checkpoint", str(result["checkpoint"])),
+        ("checkpoint", _checkpoint_text(result)),
         ("NELBO (nats)", _fmt(result["nelbo"], result["nelbo_stderr"])),
         ("  reconstruction", _fmt(result["recon"])),
         ("  KL", _fmt(result["kl"])),
-        (f"NLL (nats, K={result['iw_samples']})", _fmt(result["nll"], result["nll_stderr"])
+        (f"NLL (nats, {_estimator_text(result)})", _fmt(result["nll"], result["nll_stderr"])
          if result["nll"] is not None else "n/a: " + result.get("nll_unavailable", "")),
+        ("  Pareto k-hat", _pareto_text(result.get("pareto_k"))),
         ("gap NELBO - NLL", _fmt(result["gap"])),
         ("bits/dim", _fmt(result["bits_per_dim"])),
         ("active units", f"{result['active_units']} of {result['latent_dim']}"),
@@ -289,11 +265,38 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _estimator_text(result: dict[str, Any]) -> str:
+    est = result.get("estimator") or {"name": "is", "samples": result["iw_samples"]}
+    if est["name"] == "ais":
+        return f"AIS, {est['steps']} steps x {est['chains']} chains"
+    return f"K={est['samples']}"
+
+
+def _pareto_text(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("median") is None:
+        return "n/a (fewer than 25 samples)" if summary else "n/a"
+    return (f"median {summary['median']:.2f}, max {summary['max']:.2f}, "
+            f"{100 * summary['fraction_above']:.1f}% above {summary['threshold']:.2f}")
+
+
+def _checkpoint_text(result: dict[str, Any]) -> str:
+    text = str(result["checkpoint"])
+    if result.get("checkpoint_epoch") is not None:
+        text += f" (epoch {result['checkpoint_epoch']}"
+        text += f": {result['model_selection']})" if result.get("model_selection") else ")"
+    return text
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """Plain-text table for the terminal."""
+    """Plain-text table for the terminal, then one line per warning."""
     rows = _rows(result)
+    bdmc = result.get("bdmc")
+    if bdmc:
+        rows.append((f"BDMC ({bdmc['n']} simulated)", f"log p(x) in [{bdmc['lower']:.3f}, "
+                     f"{bdmc['upper']:.3f}], gap {bdmc['gap']:.3f} ± {bdmc['gap_stderr']:.3f}"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines + [f"warning: {w}" for w in result.get("warnings", [])])
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -303,6 +306,7 @@ def format_markdown(result: dict[str, Any]) -> str:
               "NELBO uses beta = 1 whatever the training objective was."]
     if result.get("note"):
         lines += ["", f"Note: {result['note']}."]
+    lines += [f"\n**Warning:** {w}." for w in result.get("warnings", [])]
     kl = result.get("kl_per_dim") or []
     if kl:
         order = sorted(range(len(kl)), key=lambda j: -kl[j])

@@ -30,28 +30,36 @@ chunk size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from .config import KL_MODES, ObjectiveConfig
 from .errors import ConfigError, DataError
+from .psis import WeightDiagnostics
+from .registry import Registry
 
 __all__ = [
     "DECODED_PER_CHUNK",
+    "OBJECTIVES",
     "ELBOTerms",
     "LogLikelihood",
+    "Objective",
+    "ELBOObjective",
+    "IWAEObjective",
     "bits_per_dim",
+    "build_objective",
     "elbo_terms",
     "iwae_bound",
     "kl_weight",
     "log_likelihood",
     "mean_and_stderr",
+    "per_example_loss",
     "training_loss",
 ]
-
-KL_MODES = ("auto", "analytic", "mc")
 
 #: Default bound on ``chunk_size * B`` (decoded examples per chunk) in :func:`log_likelihood`.
 #: 2**12 keeps a chunk's decoder outputs (4096 x 784 floats, 12.8 MB) in the CPU's L3 cache:
@@ -89,8 +97,14 @@ class LogLikelihood:
             **not** include the Monte-Carlo error of each estimate (see ``mc_stderr``).
         mc_stderr: ``(B,)`` delta-method estimate of the Monte-Carlo standard error of each
             ``per_example`` value, :math:`\sqrt{(S \sum w^2 / (\sum w)^2 - 1)/(S - 1)}`
-            (NaN for S = 1). It is unreliable when the weights are heavy-tailed.
+            (NaN for S = 1). It is unreliable when the weights are heavy-tailed: read
+            ``pareto_k``.
         num_samples: S, the number of importance samples per example.
+        pareto_k: ``(B,)`` float64 PSIS k-hat of each example's S weights
+            (:mod:`vaelab.psis`): above 0.7 the estimate is unreliable (biased low, with a
+            standard error that looks too small); ``nan`` for S < 25, ``-inf`` for constant
+            weights (an exact posterior).
+        ess: ``(B,)`` float64 effective sample size :math:`(\sum w)^2 / \sum w^2` in [1, S].
     """
 
     per_example: torch.Tensor
@@ -98,6 +112,8 @@ class LogLikelihood:
     stderr: float
     mc_stderr: torch.Tensor
     num_samples: int
+    pareto_k: torch.Tensor
+    ess: torch.Tensor
 
     @property
     def mc_stderr_of_mean(self) -> float:
@@ -310,55 +326,155 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
 # --------------------------------------------------------------------------- training loss
 
 
-def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
-    r"""KL weight at optimizer step ``step``: linear warm-up from 0 to ``beta``.
+def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0, *, epoch: int = 0,
+              warmup_epochs: int = 0) -> float:
+    r"""KL weight of the training objective: ``beta`` after a linear warm-up from 0.
 
-    ``beta * min(1, step / warmup_steps)``; ``beta`` at every step when ``warmup_steps == 0``
-    (Bowman et al. 2016; Sønderby et al. 2016).
+    - ``warmup_steps > 0``: :math:`\beta \min(1, \text{step} / \text{warmup\_steps})` at
+      optimizer step ``step`` (0-based; Bowman et al. 2016; Sønderby et al. 2016).
+    - ``warmup_epochs > 0``: :math:`\beta \min(1, (\text{epoch} + 1) / \text{warmup\_epochs})`
+      during 0-based epoch ``epoch``, constant within the epoch: Tomczak & Welling's VampPrior
+      code (``beta = epoch / warmup`` with 1-based epochs) and pythae's ``linear_scheduling``.
+    - neither: ``beta`` at every step.
 
     Raises:
-        ConfigError: negative ``step``, ``beta`` or ``warmup_steps``.
+        ConfigError: negative arguments, or both warm-ups at once.
     """
-    if step < 0:
-        raise ConfigError(f"step must be >= 0, got {step!r}")
-    if beta < 0:
-        raise ConfigError(f"beta must be >= 0, got {beta!r}")
-    if warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be >= 0 (0 turns warm-up off), got {warmup_steps!r}")
-    if warmup_steps == 0:
-        return float(beta)
-    return float(beta) * min(1.0, step / warmup_steps)
+    for name, value in (("step", step), ("beta", beta), ("warmup_steps", warmup_steps),
+                        ("epoch", epoch), ("warmup_epochs", warmup_epochs)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+    if warmup_steps and warmup_epochs:
+        raise ConfigError("KL warm-up is in steps or in epochs, not both: set "
+                          "objective.warmup_steps or objective.warmup_epochs to 0")
+    if warmup_steps:
+        return float(beta) * min(1.0, step / warmup_steps)
+    if warmup_epochs:
+        return float(beta) * min(1.0, (epoch + 1) / warmup_epochs)
+    return float(beta)
+
+
+def per_example_loss(terms: ELBOTerms, kl_weight: float = 1.0, free_bits: float = 0.0,
+                     kl_per_dim_mean: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The per-example training objective ``(B,)`` whose batch mean is minimised.
+
+    Without free bits: :math:`w\,\mathrm{KL}_b - \mathrm{recon}_b` (``w`` is beta times the
+    warm-up factor). With free bits :math:`\lambda > 0` (Kingma et al. 2016, "Improved
+    variational inference with inverse autoregressive flow", one group per latent
+    dimension) the KL term of the batch is :math:`\sum_j \max(\lambda, \overline{\mathrm{KL}}_j)`
+    with :math:`\overline{\mathrm{KL}}_j` the batch-mean KL of dimension ``j``; each example
+    carries :math:`\mathrm{KL}_b + \sum_j (\max(\lambda, \overline{\mathrm{KL}}_j) -
+    \overline{\mathrm{KL}}_j)`, so the batch mean is exactly that KL term and dimensions below
+    :math:`\lambda` get no KL gradient.
+
+    Args:
+        terms: the beta = 1 terms of :func:`elbo_terms`.
+        kl_weight: ``w`` >= 0.
+        free_bits: :math:`\lambda` >= 0, nats per latent dimension.
+        kl_per_dim_mean: ``(L,)`` batch-mean KL per dimension to clamp instead of
+            ``terms.kl_per_dim.mean(0)`` (data parallelism passes the mean over the global
+            batch, so the objective does not depend on the number of ranks).
+
+    Raises:
+        ConfigError: ``kl_weight < 0``, ``free_bits < 0``, or free bits without ``kl_per_dim``.
+    """
+    if kl_weight < 0:
+        raise ConfigError(f"beta must be >= 0 (the weight of the KL), got {kl_weight!r}")
+    if free_bits < 0:
+        raise ConfigError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits!r}")
+    kl = terms.kl
+    if free_bits > 0:
+        if terms.kl_per_dim is None:
+            raise ConfigError(
+                "free bits need a per-dimension KL, but q(z|x) or p(z) does not factorise: "
+                "set free_bits=0"
+            )
+        mean = terms.kl_per_dim.mean(0) if kl_per_dim_mean is None else kl_per_dim_mean
+        kl = kl + (mean.clamp(min=free_bits) - mean).sum()
+    # kl - recon is -(recon - kl) bit for bit, in one op instead of three
+    weighted = kl if kl_weight == 1.0 else kl_weight * kl
+    return weighted - terms.recon
 
 
 def training_loss(terms: ELBOTerms, beta: float = 1.0, free_bits: float = 0.0) -> torch.Tensor:
-    r"""Scalar training loss: the batch mean of the negative beta-weighted ELBO.
-
-    Without free bits: :math:`\frac1B \sum_b -(\mathrm{recon}_b - \beta\,\mathrm{KL}_b)`.
-
-    With free bits :math:`\lambda > 0` (Kingma et al. 2016, "Improved variational
-    inference with inverse autoregressive flow", one group per latent dimension), the KL
-    term is :math:`\sum_j \max(\lambda, \frac1B \sum_b \mathrm{KL}_{bj})`, so the loss is
-    :math:`-\frac1B \sum_b \mathrm{recon}_b + \beta \sum_j \max(\lambda, \overline{\mathrm{KL}}_j)`.
-    Dimensions whose batch-mean KL is below :math:`\lambda` nats get no KL gradient.
+    r"""Scalar training loss: the batch mean of :func:`per_example_loss`.
 
     The batch is reduced exactly once, here. Report ``terms.elbo``, not this value.
+    """
+    return per_example_loss(terms, beta, free_bits).mean()
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+#: A differentiable sum over the processes sharing a batch (identity in one process).
+GlobalSum = Callable[[torch.Tensor], torch.Tensor]
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+class Objective(nn.Module):
+    r"""The training objective as a module: ``forward`` returns the per-example loss.
+
+    ``forward(x, kl_weight, generator=None, eps=None, batch_total=None)`` returns
+    ``(loss (B,), terms)``; the trainer minimises the mean of ``loss`` over the (global)
+    batch. ``terms`` are the beta = 1 :class:`ELBOTerms` where the objective computes them
+    (else None). The model is a submodule, so DistributedDataParallel can wrap the whole
+    objective and synchronise gradients through its ``forward``.
+
+    Under data parallelism each process passes its shard ``x`` of the global batch, the
+    global batch size ``batch_total`` and, as ``eps``, its slice of the noise drawn for the
+    global batch, so every example gets the ``z`` a one-process run gives it;
+    ``global_sum`` sums a batch statistic over the processes (for free bits).
+
+    Subclasses are registered in :data:`OBJECTIVES` under ``objective.kind``.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ObjectiveConfig,
+                 global_sum: GlobalSum | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.global_sum = global_sum
+
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0,
+                generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
+                batch_total: int | None = None) -> tuple[torch.Tensor, ELBOTerms | None]:
+        raise NotImplementedError
+
+
+@OBJECTIVES.register("elbo")
+class ELBOObjective(Objective):
+    """The (beta-weighted) negative ELBO with ``cfg.samples`` draws of z, free bits and the
+    KL weight of :func:`kl_weight`; see :func:`per_example_loss`."""
+
+    def forward(self, x, kl_weight=1.0, generator=None, eps=None, batch_total=None):
+        terms = elbo_terms(self.model, x, num_samples=self.cfg.samples, kl=self.cfg.kl,
+                           generator=generator, eps=eps)
+        mean = None
+        if self.cfg.free_bits > 0 and self.global_sum is not None and terms.kl_per_dim is not None:
+            total = batch_total if batch_total is not None else x.shape[0]
+            mean = self.global_sum(terms.kl_per_dim.sum(0)) / total
+        return per_example_loss(terms, kl_weight, self.cfg.free_bits, mean), terms
+
+
+@OBJECTIVES.register("iwae")
+class IWAEObjective(Objective):
+    """The negative importance-weighted bound with ``k = cfg.samples`` (Burda et al. 2016);
+    no beta, warm-up or free bits."""
+
+    def forward(self, x, kl_weight=1.0, generator=None, eps=None, batch_total=None):
+        return -iwae_bound(self.model, x, self.cfg.samples, generator=generator, eps=eps), None
+
+
+def build_objective(model: nn.Module, cfg: ObjectiveConfig,
+                    global_sum: GlobalSum | None = None) -> Objective:
+    """The objective ``cfg.kind`` for ``model``.
 
     Raises:
-        ConfigError: ``beta < 0``, ``free_bits < 0``, or free bits without ``kl_per_dim``.
+        ConfigError: an unknown kind (the message lists the registered ones).
     """
-    if beta < 0:
-        raise ConfigError(f"beta must be >= 0, got {beta!r}")
-    if free_bits < 0:
-        raise ConfigError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits!r}")
-    if free_bits == 0:
-        return -(terms.recon - beta * terms.kl).mean()
-    if terms.kl_per_dim is None:
-        raise ConfigError(
-            "free bits need a per-dimension KL, but q(z|x) or p(z) does not factorise: "
-            "set free_bits=0"
-        )
-    kl_term = terms.kl_per_dim.mean(0).clamp(min=free_bits).sum()
-    return -terms.recon.mean() + beta * kl_term
+    return OBJECTIVES[cfg.kind](model, cfg, global_sum)
 
 
 # --------------------------------------------------------------------------- IWAE and log p(x)
@@ -443,24 +559,25 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
     with torch.no_grad():
         q = model.encode(x)
         prior = model.prior(x.device)
-        lse_w = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-        lse_w2 = lse_w.clone()
+        # running log sum w, log sum w^2 and the largest weights (for k-hat): flat in S
+        weights = WeightDiagnostics(num_samples, x.shape[0], device=x.device)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
             z, noise = _draw(q, count, generator)
             # x is checked against the likelihood with the first chunk only
-            log_w = _log_weights(model, x, q, prior, z, noise,
-                                 validate=None if start == 0 else False).double()
-            lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, dim=0))
-            lse_w2 = torch.logaddexp(lse_w2, torch.logsumexp(2 * log_w, dim=0))
-    per_example = lse_w - math.log(num_samples)
+            weights.update(_log_weights(model, x, q, prior, z, noise,
+                                        validate=None if start == 0 else False))
+    per_example = weights.log_sum_w - math.log(num_samples)
     mean, stderr = mean_and_stderr(per_example)
+    diagnostics = weights.result()
     return LogLikelihood(
         per_example=per_example,
         mean=mean,
         stderr=stderr,
-        mc_stderr=_delta_method_stderr(lse_w, lse_w2, num_samples),
+        mc_stderr=_delta_method_stderr(weights.log_sum_w, weights.log_sum_w2, num_samples),
         num_samples=num_samples,
+        pareto_k=diagnostics.pareto_k,
+        ess=diagnostics.ess,
     )
 
 

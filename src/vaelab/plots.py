@@ -1,31 +1,31 @@
-r"""Figures of a run: image grids (Pillow) and the analysis figures (matplotlib).
+r"""Figures: functions of tensors that return matplotlib figures, and ``plot_run``.
 
-Two kinds of output:
+Each ``*_figure`` function takes tensors (and, where it must decode, a model with
+``decode(z).mean`` and ``latent_dim``) and returns a ``matplotlib.figure.Figure`` drawn by
+the Agg canvas (pyplot is never imported: no global state, safe headless). Use them on any
+model; :func:`save_figure` writes one as PNG. :func:`plot_run` only loads a run (its
+checkpoint, test split, metrics and report) and calls them:
 
-- :func:`save_image_grid`, :func:`epoch_samples` and :func:`sample_figure` write bare
-  image grids with Pillow only (fast; the trainer calls :func:`epoch_samples` every
-  epoch with the same fixed ``z``, so the grids of successive epochs are comparable).
-- :func:`plot_run` writes the analysis figures of a finished run with matplotlib
-  (Agg canvas, imported lazily, no global pyplot state):
+===========================  ==========================================================
+``reconstructions.png``      :func:`reconstructions_figure`: the first 16 test examples and
+                             the decoder mean at :math:`z = \mathbb{E}_q[z]`
+``samples.png``              :func:`samples_figure`: decoder means for 64 fixed
+                             :math:`z \sim N(0, I)` (the same ``z`` as the per-epoch grids)
+``manifold.png``             :func:`manifold_figure`: decoder means on an inverse-normal-CDF
+                             grid over the two latent dimensions with the largest KL, the
+                             others at zero (Kingma & Welling 2014, fig. 4)
+``latent_scatter.png``       :func:`latent_scatter_figure`: encoder means of up to 2000
+                             test examples coloured by label (PCA beyond two dimensions)
+``training_curves.png``      :func:`training_curves_figure`: train and validation NELBO,
+                             reconstruction and KL per epoch
+``kl_per_dim.png``           :func:`kl_per_dim_figure`: KL of each latent dimension, sorted,
+                             active units marked (Burda et al. 2016: Var_x E_q[z_j] > 0.01)
+``traversals.png``           :func:`traversals_figure`: one latent dimension at a time from
+                             -3 to 3 prior standard deviations, dimensions ordered by KL
+===========================  ==========================================================
 
-  ===========================  ==========================================================
-  ``reconstructions.png``      the first 16 test examples and the decoder mean at
-                               :math:`z = \mathbb{E}_q[z]`
-  ``samples.png``              decoder means for 64 fixed :math:`z \sim N(0, I)` (the same
-                               ``z`` as the per-epoch grids)
-  ``manifold.png``             decoder means on an inverse-normal-CDF grid over the two
-                               latent dimensions with the largest KL, the others at zero
-                               (Kingma & Welling 2014, fig. 4)
-  ``latent_scatter.png``       encoder means of up to 2000 test examples coloured by label
-                               (PCA to two dimensions beyond two latent dimensions)
-  ``training_curves.png``      train and validation NELBO, reconstruction and KL per epoch
-  ``kl_per_dim.png``           KL of each latent dimension, sorted, active units marked
-                               (Burda et al. 2016: Var_x E_q[z_j] > 0.01)
-  ``traversals.png``           one latent dimension at a time from -3 to 3 prior standard
-                               deviations, dimensions ordered by KL
-  ===========================  ==========================================================
-
-Every figure states the split, the checkpoint (and its epoch) and its units.
+Every figure of a run states the split, the checkpoint (and its epoch) and its units.
+:func:`sample_figure` writes a bare grid of samples with Pillow (``vaelab sample``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +41,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import grids, metrics
+from .data import ImageSet, load_split
 from .errors import CheckpointError, ConfigError, VaelabError
+from .metrics import ACTIVE_UNIT_THRESHOLD
+from .rng import Purpose, seeded_generator
+from .runs import Run, open_run
 
 __all__ = [
     "FIGURES",
     "FASHION_MNIST_CLASSES",
-    "make_grid",
-    "save_image_grid",
-    "epoch_samples",
+    "reconstructions_figure",
+    "samples_figure",
+    "manifold_figure",
+    "latent_scatter_figure",
+    "training_curves_figure",
+    "kl_per_dim_figure",
+    "traversals_figure",
+    "save_figure",
     "sample_figure",
     "plot_run",
     "read_metrics",
     "top_kl_dims",
-    "gaussian_kl_per_dim",
     "manifold_grid",
     "traversal_latents",
     "pca_2d",
@@ -77,9 +84,6 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 
-ACTIVE_UNIT_THRESHOLD = 0.01
-"""Burda et al. (2016): dimension j is active when Var_x(E_q[z_j]) > 0.01."""
-
 _N_RECONSTRUCTIONS = 16
 _N_SCATTER = 2000
 _N_SAMPLES = 64
@@ -87,154 +91,6 @@ _MANIFOLD_SIZE = 15
 _TRAVERSAL_DIMS = 8
 _TRAVERSAL_STEPS = 9
 _DPI = 100
-# Generator purpose for the inputs of the figures (dynamic binarisation); see train.py.
-_FIGURE_BINARIZE = 21
-_SAMPLE_DRAW = 22
-
-
-# --------------------------------------------------------------------------- image grids
-
-
-def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> Tensor:
-    """Tile ``images (N, C, H, W)`` in [0, 1] into one image ``(C, H', W')``.
-
-    Images fill rows of ``nrow`` left to right, top to bottom (the last row may be
-    short; empty cells keep ``pad_value``). With ``r = ceil(N / nrow)`` rows and
-    ``c = min(N, nrow)`` columns, ``H' = r (H + padding) + padding`` and
-    ``W' = c (W + padding) + padding``; image ``i`` starts at row
-    ``padding + (i // nrow) (H + padding)`` and column ``padding + (i % nrow) (W + padding)``.
-
-    Raises:
-        VaelabError: wrong shape, channel count not 1 or 3, NaN/Inf values, ``nrow < 1``
-            or ``padding < 0``.
-    """
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        raise VaelabError(
-            f"an image grid needs images shaped (N, C, H, W) with N >= 1 and C in (1, 3), got "
-            f"{tuple(images.shape)}: reshape the batch (e.g. x.view(-1, 1, 28, 28))"
-        )
-    if nrow < 1 or padding < 0:
-        raise VaelabError(f"nrow must be >= 1 and padding >= 0, got nrow={nrow}, "
-                          f"padding={padding}")
-    images = images.detach().to("cpu", torch.float32)
-    if not torch.isfinite(images).all():
-        bad = int((~torch.isfinite(images)).sum())
-        raise VaelabError(f"cannot draw {bad} NaN/Inf pixel values: check the decoder output")
-    n, channels, height, width = images.shape
-    cols = min(n, nrow)
-    rows = math.ceil(n / nrow)
-    grid = torch.full(
-        (channels, rows * (height + padding) + padding, cols * (width + padding) + padding),
-        float(pad_value),
-    )
-    for i in range(n):
-        top = padding + (i // nrow) * (height + padding)
-        left = padding + (i % nrow) * (width + padding)
-        grid[:, top:top + height, left:left + width] = images[i]
-    return grid.clamp(0.0, 1.0)
-
-
-def _to_uint8(grid: Tensor) -> np.ndarray:
-    """``(C, H, W)`` floats in [0, 1] -> ``(H, W)`` or ``(H, W, 3)`` uint8 (round to nearest)."""
-    array = (grid.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
-    return array.numpy()
-
-
-def _write_bytes(path: Path, data: bytes) -> Path:
-    from ._io import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data, sync_dir=False)
-    return path
-
-
-def save_image_grid(
-    images: Tensor,
-    path: str | Path,
-    nrow: int = 8,
-    padding: int = 2,
-    pad_value: float = 1.0,
-) -> Path:
-    """Write ``images (N, C, H, W)`` in [0, 1] as one PNG grid (see :func:`make_grid`).
-
-    Pixels are ``round(255 * x)``; C = 1 gives a greyscale PNG, C = 3 an RGB one. The
-    file is written atomically and its directory is created.
-
-    Returns:
-        the path written.
-    """
-    from PIL import Image
-
-    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
-    buffer = io.BytesIO()
-    Image.fromarray(_to_uint8(grid)).save(buffer, format="PNG")
-    return _write_bytes(Path(path), buffer.getvalue())
-
-
-def _unit_images(x: Tensor, family: nn.Module) -> Tensor:
-    """Model inputs or samples in data units -> floats in [0, 1] for display."""
-    if getattr(family, "data_kind", None) == "uint8" or not x.is_floating_point():
-        return x.float() / 255.0
-    return x.float().clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def epoch_samples(model: nn.Module, z_fixed: Tensor, path: str | Path) -> Path:
-    """Decode the fixed ``z_fixed (N, L)`` and save the decoder means as a grid PNG.
-
-    The trainer calls this after every epoch with the same ``z``, so that grids of
-    successive epochs show how the same latent points evolve.
-    """
-    means = model.decode(z_fixed).mean
-    return save_image_grid(means, path, nrow=_grid_columns(len(z_fixed)))
-
-
-def _grid_columns(n: int) -> int:
-    return max(1, math.ceil(math.sqrt(n)))
-
-
-def sample_figure(
-    run_dir: str | Path,
-    n: int = 64,
-    seed: int = 0,
-    checkpoint: str = "best",
-    mean: bool = False,
-    out: str | Path | None = None,
-) -> Path:
-    """Draw ``n`` samples from the prior of a run's model into a grid PNG.
-
-    ``z ~ N(0, I)`` is drawn from a generator seeded by ``seed``; the image is a sample
-    of p(x|z) (``mean=False``, also seeded) or the decoder mean. The same arguments give
-    the same file.
-
-    Returns:
-        the path written; default ``RUN_DIR/figures/samples-<checkpoint>-seed<seed>.png``
-        (``...-mean.png`` for decoder means).
-
-    Raises:
-        CheckpointError: the run directory or checkpoint is missing.
-        VaelabError: ``n < 1``.
-    """
-    from .runs import open_run
-    from .train import seeded_generator
-
-    if n < 1:
-        raise VaelabError(f"the number of samples must be positive, got n={n}")
-    run = open_run(run_dir, checkpoint)
-    model = run.model
-    z = torch.randn(n, model.latent_dim, generator=seeded_generator(seed, 0, _SAMPLE_DRAW))
-    with torch.no_grad():
-        px = model.decode(z)
-        if mean:
-            images = px.mean
-        else:
-            images = _unit_images(px.sample(generator=seeded_generator(seed, 1, _SAMPLE_DRAW)),
-                                  model.likelihood)
-    if out is None:
-        suffix = "-mean" if mean else ""
-        out = run.directory / "figures" / f"samples-{checkpoint}-seed{seed}{suffix}.png"
-    return save_image_grid(images, out, nrow=_grid_columns(n))
 
 
 # --------------------------------------------------------------------------- latent helpers
@@ -248,21 +104,6 @@ def top_kl_dims(kl_per_dim: Sequence[float] | Tensor, k: int) -> list[int]:
     values = torch.as_tensor(kl_per_dim, dtype=torch.float64).flatten()
     order = sorted(range(values.numel()), key=lambda j: (-float(values[j]), j))
     return order[: max(0, k)]
-
-
-def gaussian_kl_per_dim(loc: Tensor, scale: Tensor) -> Tensor:
-    r"""Average over examples of KL(N(loc, scale^2) || N(0, 1)) per dimension, in nats.
-
-    .. math:: \mathrm{KL}_j = \tfrac12(\mu_j^2 + \sigma_j^2 - 1) - \log \sigma_j
-
-    Args:
-        loc, scale: ``(B, L)`` encoder means and standard deviations.
-
-    Returns:
-        ``(L,)`` float64.
-    """
-    loc, scale = loc.double(), scale.double()
-    return (0.5 * (loc**2 + scale**2 - 1.0) - torch.log(scale)).mean(0)
 
 
 def manifold_grid(
@@ -328,7 +169,7 @@ def pca_2d(points: Tensor) -> tuple[Tensor, Tensor]:
     return centred @ components.T, explained
 
 
-# --------------------------------------------------------------------------- run context
+# --------------------------------------------------------------------------- metrics
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -365,110 +206,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-@dataclass
-class _Context:
-    """Everything the figures share: the run, the test data and their encodings."""
-
-    run: Any
-    test: Any
-    out_dir: Path
-    where: str  # "fashion-mnist test split, checkpoint best (epoch 3)"
-    inputs: Tensor  # (n_enc, C, H, W) model inputs in [0, 1] units
-    loc: Tensor  # (n_enc, L) encoder means
-    labels: Tensor | None  # (n_enc,)
-    kl_per_dim: Tensor  # (L,) float64 nats
-    latent_variance: Tensor  # (L,) float64
-    kl_source: str
-
-    @property
-    def model(self) -> nn.Module:
-        return self.run.model
-
-
-@torch.no_grad()
-def _encode_subset(run, test, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Model inputs (display units), encoder means and scales of the first ``n`` test images."""
-    from .train import model_input, seeded_generator
-
-    model = run.model
-    family = model.likelihood
-    device = next(model.parameters()).device
-    inputs, locs, scales = [], [], []
-    for number, start in enumerate(range(0, n, 1000)):
-        index = torch.arange(start, min(start + 1000, n))
-        gen = seeded_generator(run.config.eval.seed, number, _FIGURE_BINARIZE)
-        x = model_input(test, index, family, gen).to(device)
-        qz = model.encode(x)
-        inputs.append(_unit_images(x, family).cpu())
-        locs.append(qz.mean.cpu())
-        scales.append(qz.base_dist.scale.cpu() if hasattr(qz, "base_dist") else qz.stddev.cpu())
-    labels = test.labels[:n].cpu() if test.labels is not None else None
-    return torch.cat(inputs), torch.cat(locs), torch.cat(scales), labels
-
-
-def _report_stats(run, checkpoint: str) -> dict[str, Any] | None:
-    """``report.json`` when it describes this checkpoint and latent size, else None."""
-    path = run.directory / "report.json"
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    kl = report.get("kl_per_dim")
-    if (
-        report.get("checkpoint") != checkpoint
-        or report.get("split") != "test"
-        or not isinstance(kl, list)
-        or len(kl) != run.model.latent_dim
-    ):
-        return None
-    return report
-
-
-def _grey_originals(cfg, test, n: int) -> Tensor | None:
-    """The first ``n`` test images in grey levels when the model sees them binarised."""
-    from .train import load_split
-
-    if test.binarize == "none":
-        return None
-    grey_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, binarize="none"))
-    grey = load_split(grey_cfg, "test")
-    if grey.levels != 256 or tuple(grey.images.shape[1:]) != tuple(test.images.shape[1:]):
-        return None
-    return grey.images[:n].float() / 255.0
-
-
-def _context(run_dir: str | Path, checkpoint: str, out_dir: str | Path | None, device) -> _Context:
-    from .runs import open_run
-    from .train import load_split
-
-    run = open_run(run_dir, checkpoint, device)
-    test = load_split(run.config, "test")
-    if len(test) == 0:
-        raise VaelabError(f"the test split of {run_dir} is empty: set data.test_limit to >= 1")
-    n_enc = min(len(test), _N_SCATTER)
-    inputs, loc, scale, labels = _encode_subset(run, test, n_enc)
-    report = _report_stats(run, checkpoint)
-    if report is not None:
-        kl = torch.tensor(report["kl_per_dim"], dtype=torch.float64)
-        variance = report.get("latent_variance")
-        if not isinstance(variance, list) or len(variance) != kl.numel():
-            variance = loc.double().var(0).tolist()
-        source = f"report.json, {report.get('n_examples', '?')} test examples"
-    else:
-        kl = gaussian_kl_per_dim(loc, scale)
-        variance = loc.double().var(0).tolist() if n_enc > 1 else [0.0] * kl.numel()
-        source = f"first {n_enc} test examples"
-    epoch = (run.meta.get("train_state") or {}).get("epoch", "?")
-    where = f"{test.name} test split, checkpoint {checkpoint} (epoch {epoch})"
-    out = Path(out_dir) if out_dir is not None else run.directory / "figures"
-    return _Context(run=run, test=test, out_dir=out, where=where, inputs=inputs, loc=loc,
-                    labels=labels, kl_per_dim=kl,
-                    latent_variance=torch.tensor(variance, dtype=torch.float64),
-                    kl_source=source)
-
-
 # --------------------------------------------------------------------------- matplotlib
 
 
@@ -486,12 +223,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
-    """Render ``fig`` to PNG, write it atomically, and release the figure's artists."""
+def save_figure(fig, path: str | Path) -> Path:
+    """Render ``fig`` to PNG, write it atomically (creating the directory), and release the
+    figure's artists; return the path."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     fig.clear()
-    return _write_bytes(path, buffer.getvalue())
+    return grids.write_png_bytes(Path(path), buffer.getvalue())
 
 
 def _show_grid(ax, grid: Tensor) -> None:
@@ -514,36 +252,36 @@ def _tile_ticks(ax, axis: str, count: int, size: int, labels: Sequence[str], eve
 
 
 def _decode_means(model: nn.Module, z: Tensor) -> Tensor:
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return model.decode(z.to(device)).mean.float().cpu().clamp(0.0, 1.0)
+        return model.decode(z.to(metrics.model_device(model))).mean.float().cpu().clamp(0.0, 1.0)
 
 
-def _plot_reconstructions(ctx: _Context, path: Path) -> Path:
-    n = min(_N_RECONSTRUCTIONS, len(ctx.inputs))
+def _dim_label(kl_per_dim: Tensor, dim: int) -> str:
+    return f"$z_{{{dim}}}$ (KL {float(kl_per_dim[dim]):.2f} nats)"
+
+
+def reconstructions_figure(inputs: Tensor, reconstructions: Tensor, *,
+                           originals: Tensor | None = None, input_label: str = "original",
+                           title: str = ""):
+    """Inputs and their reconstructions, ``(N, C, H, W)`` in [0, 1] each, 8 per row; with
+    ``originals`` (e.g. the grey levels behind binarised inputs) a third row per block."""
+    n = len(inputs)
     cols = min(n, 8)
-    inputs = ctx.inputs[:n]
-    recon = _decode_means(ctx.model, ctx.loc[:n])
-    binarised = ctx.test.binarize != "none"
     row_kinds: list[tuple[str, Tensor]] = []
-    grey = _grey_originals(ctx.run.config, ctx.test, n)
-    if grey is not None:
-        row_kinds.append(("original\n(grey levels)", grey))
-    row_kinds.append((f"model input\n({ctx.test.binarize} binarisation)" if binarised
-                      else "original", inputs))
-    row_kinds.append(("reconstruction\n(decoder mean)", recon))
-    # interleave: for each block of `cols` examples, one row per kind
+    if originals is not None:
+        row_kinds.append(("original\n(grey levels)", originals))
+    row_kinds.append((input_label, inputs))
+    row_kinds.append(("reconstruction\n(decoder mean)", reconstructions))
     rows, names = [], []
-    for start in range(0, n, cols):
+    for start in range(0, n, cols):  # interleave: per block of `cols` examples, one row per kind
         for name, images in row_kinds:
             block = images[start:start + cols]
             if len(block) < cols:
-                pad = torch.ones(cols - len(block), *block.shape[1:])
-                block = torch.cat([block, pad])
+                block = torch.cat([block, torch.ones(cols - len(block), *block.shape[1:])])
             rows.append(block)
             names.append(name)
-    grid = make_grid(torch.cat(rows), nrow=cols, padding=2)
-    height, width = ctx.inputs.shape[-2:]
+    grid = grids.make_grid(torch.cat(rows), nrow=cols, padding=2)
+    height, width = inputs.shape[-2:]
     fig = _figure(1.0 + 0.75 * cols, 0.9 + 0.75 * len(rows))
     ax = fig.add_subplot()
     _show_grid(ax, grid)
@@ -552,80 +290,65 @@ def _plot_reconstructions(ctx: _Context, path: Path) -> Path:
                   [str(i) for i in range(cols)], fontsize=8)
     ax.set_xlabel(f"test examples 0-{n - 1} (column = example mod {cols}); "
                   r"reconstruction decodes $z = \mathrm{E}_q[z|x]$")
-    ax.set_title(f"Reconstructions: {ctx.where}", fontsize=10)
-    return _save(fig, path)
+    ax.set_title(f"Reconstructions: {title}", fontsize=10)
+    return fig
 
 
-def _plot_samples(ctx: _Context, path: Path) -> Path:
-    from .train import _SAMPLES, seeded_generator
-
-    seed = ctx.run.config.train.seed
-    # The trainer's fixed z (same seed and purpose), so this matches figures/samples/epoch-*.png.
-    z = torch.randn(_N_SAMPLES, ctx.model.latent_dim, generator=seeded_generator(seed, 0, _SAMPLES))
-    means = _decode_means(ctx.model, z)
-    grid = make_grid(means, nrow=8, padding=2)
+def samples_figure(means: Tensor, *, caption: str = "", title: str = ""):
+    """Decoder means ``(N, C, H, W)`` in [0, 1] as a grid of 8 per row."""
     fig = _figure(6.0, 6.6)
     ax = fig.add_subplot()
-    _show_grid(ax, grid)
+    _show_grid(ax, grids.make_grid(means, nrow=8, padding=2))
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(rf"decoder mean of p(x|z) for {_N_SAMPLES} fixed $z \sim N(0, I)$ "
-                  f"(seed {seed}, the same z as the per-epoch grids)", fontsize=8)
-    ax.set_title(f"Samples from the prior\n{ctx.where.replace('test split, ', '')}",
-                 fontsize=10)
-    return _save(fig, path)
+    ax.set_xlabel(caption, fontsize=8)
+    ax.set_title(f"Samples from the prior\n{title}", fontsize=10)
+    return fig
 
 
-def _dim_label(ctx: _Context, dim: int) -> str:
-    return f"$z_{{{dim}}}$ (KL {float(ctx.kl_per_dim[dim]):.2f} nats)"
-
-
-def _plot_manifold(ctx: _Context, path: Path) -> Path:
-    latent = ctx.model.latent_dim
-    dims = top_kl_dims(ctx.kl_per_dim, 2)
+def manifold_figure(model: nn.Module, kl_per_dim: Tensor, *, title: str = ""):
+    """Decoder means over the two latent dimensions with the largest ``kl_per_dim (L,)``
+    (a row for one latent dimension), the others at 0 (see :func:`manifold_grid`)."""
+    latent = model.latent_dim
+    dims = top_kl_dims(kl_per_dim, 2)
     z, values = manifold_grid(latent, dims, _MANIFOLD_SIZE)
-    means = _decode_means(ctx.model, z)
+    means = _decode_means(model, z)
     n = len(values)
-    grid = make_grid(means, nrow=n, padding=0)
+    grid = grids.make_grid(means, nrow=n, padding=0)
     height, width = means.shape[-2:]
     labels = [f"{float(v):.2f}" for v in values]
     fig = _figure(7.0, 7.6 if len(dims) > 1 else 2.4)
     ax = fig.add_subplot()
     _show_grid(ax, grid)
     _tile_ticks(ax, "x", n, width, labels, every=2)
-    ax.set_xlabel(f"{_dim_label(ctx, dims[0])}, values at prior quantiles 5%..95%")
+    ax.set_xlabel(f"{_dim_label(kl_per_dim, dims[0])}, values at prior quantiles 5%..95%")
     others = "all other dimensions at 0" if latent > len(dims) else "no other dimensions"
     if len(dims) > 1:
         _tile_ticks(ax, "y", n, height, labels[::-1], every=2)
-        ax.set_ylabel(f"{_dim_label(ctx, dims[1])}, values at prior quantiles 5%..95%")
+        ax.set_ylabel(f"{_dim_label(kl_per_dim, dims[1])}, values at prior quantiles 5%..95%")
         what = "the two latent dimensions with the largest KL" if latent > 2 else "both latents"
     else:
         ax.set_yticks([])
         what = "the only latent dimension"
-    ax.set_title(f"Latent manifold: decoder mean over {what}\n({others}); "
-                 f"{ctx.where.replace('test split, ', '')}\nKL from {ctx.kl_source}",
-                 fontsize=9)
-    return _save(fig, path)
+    ax.set_title(f"Latent manifold: decoder mean over {what}\n({others}); {title}", fontsize=9)
+    return fig
 
 
-def _class_names(ctx: _Context, classes: list[int]) -> list[str]:
-    if ctx.test.name == "fashion-mnist" and all(0 <= c < 10 for c in classes):
-        return [f"{c}: {FASHION_MNIST_CLASSES[c]}" for c in classes]
-    return [f"class {c}" for c in classes]
-
-
-def _plot_latent_scatter(ctx: _Context, path: Path) -> Path:
-    loc = ctx.loc
+def latent_scatter_figure(loc: Tensor, labels: Tensor | None = None,
+                          class_names: Sequence[str] | None = None, *, title: str = ""):
+    """Encoder means ``loc (N, L)`` coloured by ``labels (N,)``: the two coordinates for
+    L = 2, PCA to two for L > 2, a jittered strip for L = 1. ``class_names[c]`` names class
+    ``c`` in the legend."""
     n, latent = loc.shape
     fig = _figure(7.5, 6.0)
     ax = fig.add_subplot()
     if latent == 1:
         # A strip plot: one row per class (or one row), with a fixed vertical jitter.
         jitter = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        rows = ctx.labels.double() if ctx.labels is not None else torch.zeros(n).double()
+        rows = labels.double() if labels is not None else torch.zeros(n).double()
         points = torch.stack([loc[:, 0].double(), rows + 0.6 * (jitter - 0.5)], 1)
         xlabel = r"$\mathrm{E}_q[z_0|x]$ (the only latent dimension)"
-        ylabel = "label (rows jittered vertically)" if ctx.labels is not None else (
+        ylabel = "label (rows jittered vertically)" if labels is not None else (
             "random vertical jitter (no meaning)")
     elif latent == 2:
         points = loc.double()
@@ -635,30 +358,32 @@ def _plot_latent_scatter(ctx: _Context, path: Path) -> Path:
         xlabel = f"principal component 1 ({100 * float(explained[0]):.1f}% of variance)"
         ylabel = f"principal component 2 ({100 * float(explained[1]):.1f}% of variance)"
     xy = points.numpy()
-    if ctx.labels is None:
+    if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6, color="tab:blue", linewidths=0)
         coloured = "no labels"
     else:
-        labels = ctx.labels.numpy()
-        classes = sorted(int(c) for c in np.unique(labels))
+        values = labels.numpy()
+        classes = sorted(int(c) for c in np.unique(values))
         if len(classes) <= 20:
             cmap = _colormap("tab10" if len(classes) <= 10 else "tab20")
-            for i, (cls, name) in enumerate(zip(classes, _class_names(ctx, classes))):
-                mask = labels == cls
+            for i, cls in enumerate(classes):
+                name = f"{cls}: {class_names[cls]}" if class_names and cls < len(class_names) \
+                    else f"class {cls}"
+                mask = values == cls
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=4, alpha=0.6, color=cmap(i),
                            linewidths=0, label=name)
             ax.legend(title="label", loc="center left", bbox_to_anchor=(1.0, 0.5),
                       markerscale=3, fontsize=8, frameon=False)
         else:
-            sc = ax.scatter(xy[:, 0], xy[:, 1], s=4, c=labels, cmap="viridis", linewidths=0)
+            sc = ax.scatter(xy[:, 0], xy[:, 1], s=4, c=values, cmap="viridis", linewidths=0)
             fig.colorbar(sc, ax=ax, label="class index")
         coloured = "coloured by label"
     projection = "" if latent <= 2 else f", PCA of {latent} dimensions"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"Encoder means of {n} test examples ({coloured}{projection})\n{ctx.where}",
+    ax.set_title(f"Encoder means of {n} test examples ({coloured}{projection})\n{title}",
                  fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def _colormap(name: str):
@@ -672,7 +397,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pairs], [float(p[1]) for p in pairs]
 
 
-def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any]]) -> Path:
+def training_curves_figure(records: list[dict[str, Any]], *, checkpoint: str | None = None,
+                           checkpoint_epoch: int | None = None, title: str = ""):
+    """Train and validation NELBO, reconstruction and KL per epoch from ``metrics.jsonl``
+    records; a dotted line at ``checkpoint_epoch``."""
     from matplotlib.ticker import MaxNLocator
 
     has_nelbo = any(r.get("train_nelbo") is not None for r in records)
@@ -684,11 +412,10 @@ def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any
     train_name = "train (mean over the epoch's batches)"
     if not has_nelbo:
         train_name = "train objective (negative IWAE bound)"
-    epoch = (ctx.run.meta.get("train_state") or {}).get("epoch")
     last_epoch = max(int(r["epoch"]) for r in records)
     fig = _figure(12.0, 3.8)
     axes = fig.subplots(1, 3)
-    for ax, (title, train_key, val_key) in zip(axes, panels):
+    for ax, (panel, train_key, val_key) in zip(axes, panels):
         xs, ys = _series(records, train_key)
         if xs:
             ax.plot(xs, ys, "o-", color="tab:blue", markersize=3, label=train_name)
@@ -696,10 +423,10 @@ def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any
         if xs:
             ax.plot(xs, ys, "s-", color="tab:orange", markersize=3,
                     label="validation (beta = 1, end of epoch)")
-        if isinstance(epoch, int):
-            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1,
-                       label=f"checkpoint {ctx.run.checkpoint} (epoch {epoch})")
-        ax.set_title(title, fontsize=10)
+        if isinstance(checkpoint_epoch, int):
+            ax.axvline(checkpoint_epoch, color="grey", linestyle=":", linewidth=1,
+                       label=f"checkpoint {checkpoint} (epoch {checkpoint_epoch})")
+        ax.set_title(panel, fontsize=10)
         if last_epoch <= 12:
             ax.set_xticks(range(1, last_epoch + 1))
         else:
@@ -709,18 +436,19 @@ def _plot_training_curves(ctx: _Context, path: Path, records: list[dict[str, Any
         ax.set_ylabel("nats per example")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    dataset = ctx.test.name
-    fig.suptitle(f"Training curves of {ctx.run.directory.name} ({dataset}; train and "
-                 "validation splits)", fontsize=11)
-    return _save(fig, path)
+    fig.suptitle(f"Training curves of {title} (train and validation splits)", fontsize=11)
+    return fig
 
 
-def _plot_kl_per_dim(ctx: _Context, path: Path) -> Path:
-    kl = ctx.kl_per_dim
-    latent = kl.numel()
-    order = top_kl_dims(kl, latent)
-    active = ctx.latent_variance > ACTIVE_UNIT_THRESHOLD
-    values = [float(kl[j]) for j in order]
+def kl_per_dim_figure(kl_per_dim: Tensor, latent_variance: Tensor, *, title: str = ""):
+    """Bars of ``kl_per_dim (L,)`` sorted, coloured by activity (``latent_variance (L,)`` of
+    the encoder means above :data:`~vaelab.metrics.ACTIVE_UNIT_THRESHOLD`)."""
+    from matplotlib.patches import Patch
+
+    latent = kl_per_dim.numel()
+    order = top_kl_dims(kl_per_dim, latent)
+    active = latent_variance > ACTIVE_UNIT_THRESHOLD
+    values = [float(kl_per_dim[j]) for j in order]
     colours = ["tab:blue" if bool(active[j]) else "tab:grey" for j in order]
     fig = _figure(max(6.0, 0.3 * latent + 2.0), 4.2)
     ax = fig.add_subplot()
@@ -732,27 +460,24 @@ def _plot_kl_per_dim(ctx: _Context, path: Path) -> Path:
         for x, v in zip(positions, values):
             ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7,
                         xytext=(0, 2), textcoords="offset points")
-    from matplotlib.patches import Patch
-
     ax.legend(handles=[Patch(color="tab:blue", label="active: Var$_x$ E$_q[z_j]$ > 0.01"),
                        Patch(color="tab:grey", label="inactive")], fontsize=8)
     ax.set_xlabel("latent dimension, sorted by KL")
     ax.set_ylabel("KL (nats per example)")
     ax.set_title(f"KL per latent dimension: {int(active.sum())} of {latent} active units, "
-                 f"total KL {float(kl.sum()):.2f} nats\n{ctx.where}\n"
-                 f"KL from {ctx.kl_source}", fontsize=9)
+                 f"total KL {float(kl_per_dim.sum()):.2f} nats\n{title}", fontsize=9)
     ax.margins(y=0.12)
-    return _save(fig, path)
+    return fig
 
 
-def _plot_traversals(ctx: _Context, path: Path) -> Path:
-    latent = ctx.model.latent_dim
-    dims = top_kl_dims(ctx.kl_per_dim, min(latent, _TRAVERSAL_DIMS))
-    base = ctx.loc[0]
+def traversals_figure(model: nn.Module, base: Tensor, kl_per_dim: Tensor, *, title: str = ""):
+    """Decoder means when the (up to 8) dimensions with the largest ``kl_per_dim`` are varied
+    one at a time from -3 to 3, the others at ``base (L,)`` (see :func:`traversal_latents`)."""
+    dims = top_kl_dims(kl_per_dim, min(model.latent_dim, _TRAVERSAL_DIMS))
     z, values = traversal_latents(base, dims)
-    means = _decode_means(ctx.model, z)
+    means = _decode_means(model, z)
     steps = len(values)
-    grid = make_grid(means, nrow=steps, padding=1)
+    grid = grids.make_grid(means, nrow=steps, padding=1)
     height, width = means.shape[-2:]
     fig = _figure(1.6 + 0.7 * steps, 1.2 + 0.7 * len(dims))
     ax = fig.add_subplot()
@@ -760,13 +485,91 @@ def _plot_traversals(ctx: _Context, path: Path) -> Path:
     ax.set_xticks([1 + (i + 0.5) * (width + 1) for i in range(steps)],
                   [f"{float(v):+g}" if float(v) else "0" for v in values], fontsize=8)
     ax.set_yticks([1 + (i + 0.5) * (height + 1) for i in range(len(dims))],
-                  [_dim_label(ctx, d) for d in dims], fontsize=8)
+                  [_dim_label(kl_per_dim, d) for d in dims], fontsize=8)
     ax.set_xlabel("value of the traversed dimension (prior standard deviations)")
     ax.set_ylabel("traversed dimension (largest KL on top)")
     ax.set_title("Latent traversals: one dimension varied, the others at "
-                 r"$\mathrm{E}_q[z|x]$ of test example 0"
-                 f"\n{ctx.where}", fontsize=9)
-    return _save(fig, path)
+                 r"$\mathrm{E}_q[z|x]$ of test example 0" f"\n{title}", fontsize=9)
+    return fig
+
+
+# --------------------------------------------------------------------------- a run's figures
+
+
+def _unit_images(x: Tensor, family: nn.Module | None) -> Tensor:
+    """Model inputs or samples in data units -> floats in [0, 1] for display."""
+    if getattr(family, "data_kind", None) == "uint8" or not x.is_floating_point():
+        return x.float() / 255.0
+    return x.float().clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def _encode_subset(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor]:
+    """Model inputs (display units) and encoder means of the first ``n`` test images."""
+    model, family = run.model, getattr(run.model, "likelihood", None)
+    kind = getattr(family, "data_kind", "unit")
+    device = metrics.model_device(model)
+    inputs, locs = [], []
+    for number, start in enumerate(range(0, n, 1000)):
+        index = torch.arange(start, min(start + 1000, n))
+        gen = seeded_generator(run.config.eval.seed, number, Purpose.FIGURE_BINARIZE)
+        x = test.inputs(index, kind, gen).to(device)
+        inputs.append(_unit_images(x, family).cpu())
+        locs.append(model.encode(x).mean.cpu())
+    return torch.cat(inputs), torch.cat(locs)
+
+
+def _report_stats(run: Run) -> dict[str, Any] | None:
+    """``report.json`` when it describes this checkpoint and latent size, else None."""
+    path = run.directory / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    kl, variance = report.get("kl_per_dim"), report.get("latent_variance")
+    if (report.get("checkpoint") != run.checkpoint or report.get("split") != "test"
+            or not isinstance(kl, list) or len(kl) != run.model.latent_dim
+            or not isinstance(variance, list) or len(variance) != len(kl)):
+        return None
+    return report
+
+
+def _kl_statistics(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor, str]:
+    """KL per latent dimension and Var_x E_q[z_j] ``(L,)`` float64, and where they come from:
+    the run's test report when it fits, else :func:`vaelab.metrics.elbo_metrics` on the first
+    ``n`` test examples. Without a per-dimension KL (a prior that does not factorise), the
+    variances rank the dimensions."""
+    report = _report_stats(run)
+    if report is not None:
+        stats, source = report, f"report.json, {report.get('n_examples', '?')} test examples"
+    else:
+        stats = metrics.elbo_metrics(run.model, test.subset(torch.arange(n)),
+                                     seed=run.config.eval.seed)
+        source = f"first {n} test examples"
+    variance = torch.tensor(stats["latent_variance"], dtype=torch.float64)
+    if stats["kl_per_dim"] is None:
+        return variance, variance, f"{source} (no per-dimension KL: ranked by Var E_q[z_j])"
+    return torch.tensor(stats["kl_per_dim"], dtype=torch.float64), variance, source
+
+
+def _grey_originals(run: Run, test: ImageSet, n: int) -> Tensor | None:
+    """The first ``n`` test images in grey levels when the model sees them binarised."""
+    if test.binarize == "none":
+        return None
+    grey_cfg = dataclasses.replace(run.config.data, binarize="none")
+    grey = load_split(grey_cfg, "test", run.config.train.seed)
+    if grey.levels != 256 or grey.event_shape != test.event_shape:
+        return None
+    return grey.images[:n].float() / 255.0
+
+
+def _class_names(test: ImageSet) -> Sequence[str] | None:
+    names = test.metadata.get("class_names")
+    if names:
+        return names
+    return FASHION_MNIST_CLASSES if test.name == "fashion-mnist" else None
 
 
 def plot_run(
@@ -793,35 +596,94 @@ def plot_run(
     Raises:
         CheckpointError: the run directory, checkpoint or ``metrics.jsonl`` is missing.
         ConfigError: an unknown figure name.
+        VaelabError: an empty test split.
     """
     wanted = list(FIGURES) if figures is None else list(figures)
     unknown = [name for name in wanted if name not in FIGURES]
     if unknown:
-        raise ConfigError(
-            f"unknown figure {unknown[0]!r}: choose from {', '.join(FIGURES)}"
-        )
+        raise ConfigError(f"unknown figure {unknown[0]!r}: choose from {', '.join(FIGURES)}")
     if not Path(run_dir).is_dir():
-        raise CheckpointError(
-            f"run directory {run_dir} does not exist: give the --out directory of a vaelab "
-            "train run"
-        )
+        raise CheckpointError(f"run directory {run_dir} does not exist: give the --out "
+                              "directory of a vaelab train run")
     records = read_metrics(run_dir)
-    ctx = _context(run_dir, checkpoint, out_dir, device)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    was_training = ctx.model.training
-    ctx.model.eval()
+    run = open_run(run_dir, checkpoint, device)
+    test = load_split(run.config.data, "test", run.config.train.seed)
+    if len(test) == 0:
+        raise VaelabError(f"the test split of {run_dir} is empty: set data.test_limit to >= 1")
+    n = min(len(test), _N_SCATTER)
+    inputs, loc = _encode_subset(run, test, n)
+    kl, variance, kl_source = _kl_statistics(run, test, n)
+    where = f"{test.name} test split, checkpoint {checkpoint} (epoch {run.epoch})"
+    model_where = where.replace("test split, ", "")
+    seed = run.config.train.seed
+    shown = min(_N_RECONSTRUCTIONS, n)
+    binarised = test.binarize != "none"
+    # The trainer's fixed z (same seed and purpose), so samples.png matches the epoch grids.
+    z_fixed = torch.randn(_N_SAMPLES, run.model.latent_dim,
+                          generator=seeded_generator(seed, 0, Purpose.SAMPLES))
     drawers = {
-        "reconstructions": _plot_reconstructions,
-        "samples": _plot_samples,
-        "manifold": _plot_manifold,
-        "latent_scatter": _plot_latent_scatter,
-        "training_curves": lambda c, path: _plot_training_curves(c, path, records),
-        "kl_per_dim": _plot_kl_per_dim,
-        "traversals": _plot_traversals,
+        "reconstructions": lambda: reconstructions_figure(
+            inputs[:shown], _decode_means(run.model, loc[:shown]),
+            originals=_grey_originals(run, test, shown),
+            input_label=f"model input\n({test.binarize} binarisation)" if binarised
+            else "original", title=where),
+        "samples": lambda: samples_figure(
+            _decode_means(run.model, z_fixed), title=model_where,
+            caption=rf"decoder mean of p(x|z) for {_N_SAMPLES} fixed $z \sim N(0, I)$ "
+                    f"(seed {seed}, the same z as the per-epoch grids)"),
+        "manifold": lambda: manifold_figure(run.model, kl,
+                                            title=f"{model_where}\nKL from {kl_source}"),
+        "latent_scatter": lambda: latent_scatter_figure(
+            loc, test.labels[:n].cpu() if test.labels is not None else None,
+            _class_names(test), title=where),
+        "training_curves": lambda: training_curves_figure(
+            records, checkpoint=checkpoint, checkpoint_epoch=run.epoch,
+            title=f"{run.directory.name} ({test.name})"),
+        "kl_per_dim": lambda: kl_per_dim_figure(kl, variance,
+                                                title=f"{where}\nKL from {kl_source}"),
+        "traversals": lambda: traversals_figure(run.model, loc[0], kl, title=where),
     }
-    try:
-        written = [drawers[name](ctx, ctx.out_dir / f"{name}.png")
-                   for name in FIGURES if name in wanted]
-    finally:
-        ctx.model.train(was_training)
-    return written
+    out = Path(out_dir) if out_dir is not None else run.directory / "figures"
+    return [save_figure(drawers[name](), out / f"{name}.png")
+            for name in FIGURES if name in wanted]
+
+
+def sample_figure(
+    run_dir: str | Path,
+    n: int = 64,
+    seed: int = 0,
+    checkpoint: str = "best",
+    mean: bool = False,
+    out: str | Path | None = None,
+) -> Path:
+    """Draw ``n`` samples from the prior of a run's model into a grid PNG (Pillow).
+
+    ``z ~ N(0, I)`` is drawn from a generator seeded by ``seed``; the image is a sample
+    of p(x|z) (``mean=False``, also seeded) or the decoder mean. The same arguments give
+    the same file.
+
+    Returns:
+        the path written; default ``RUN_DIR/figures/samples-<checkpoint>-seed<seed>.png``
+        (``...-mean.png`` for decoder means).
+
+    Raises:
+        CheckpointError: the run directory or checkpoint is missing.
+        VaelabError: ``n < 1``.
+    """
+    if n < 1:
+        raise VaelabError(f"the number of samples must be positive, got n={n}")
+    run = open_run(run_dir, checkpoint)
+    model = run.model
+    z = torch.randn(n, model.latent_dim, generator=seeded_generator(seed, 0, Purpose.SAMPLE_DRAW))
+    with torch.no_grad():
+        px = model.decode(z)
+        if mean:
+            images = px.mean
+        else:
+            images = _unit_images(px.sample(generator=seeded_generator(seed, 1,
+                                                                       Purpose.SAMPLE_DRAW)),
+                                  getattr(model, "likelihood", None))
+    if out is None:
+        suffix = "-mean" if mean else ""
+        out = run.directory / "figures" / f"samples-{checkpoint}-seed{seed}{suffix}.png"
+    return grids.save_image_grid(images, out, nrow=grids.grid_columns(n))

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
 from . import config as config_mod
+from . import models
 from .errors import CheckpointError
 
 __all__ = ["Run", "open_run", "CHECKPOINT_NAMES"]
@@ -19,24 +21,33 @@ CHECKPOINT_NAMES = ("best", "last")
 
 @dataclass
 class Run:
+    """A run directory with one checkpoint loaded: ``model`` is in eval mode."""
+
     directory: Path
     config: config_mod.RunConfig
     model: nn.Module
     checkpoint: str
     meta: dict[str, Any]
 
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the checkpoint was written after."""
+        return (self.meta.get("train_state") or {}).get("epoch")
+
 
 def open_run(
-    run_dir: str | Path, checkpoint: str = "best", device: torch.device | str = "cpu"
+    run_dir: str | Path, checkpoint: str = "best", device: torch.device | str = "cpu",
+    model: nn.Module | None = None,
 ) -> Run:
     """Rebuild the model of ``run_dir`` and load ``checkpoint`` (``best`` or ``last``) into it.
+
+    Args:
+        model: your own model, if the run trained one (``train_and_evaluate(model=...)``);
+            default: the model the run's config describes.
 
     Raises:
         CheckpointError: the directory, or the checkpoint in it, is missing or unusable.
     """
-    from . import checkpoint as ckpt
-    from .train import build_from_config
-
     run_dir = Path(run_dir)
     if checkpoint not in CHECKPOINT_NAMES:
         raise CheckpointError(
@@ -60,7 +71,9 @@ def open_run(
     event_shape = tuple(meta.get("event_shape") or ())
     if not event_shape:
         raise CheckpointError(f"{path}.json records no event_shape: re-run training")
-    model = build_from_config(cfg, event_shape).to(device)
+    if model is None:
+        model = models.build_from_config(cfg, event_shape)
+    model = model.to(device)
     ckpt.load_checkpoint(path, model=model, map_location=device, expect_config=meta["config"])
     model.eval()
     return Run(directory=run_dir, config=cfg, model=model, checkpoint=checkpoint, meta=meta)

@@ -1,65 +1,69 @@
-"""The training loop: ``train(config, run_dir)``.
+"""Training: ``train_and_evaluate(cfg, run_dir)``, in the shape of Flax's examples.
 
-One readable function in short stages (setup, data, model, resume, epochs,
-report). Conventions:
+- :func:`train_step`: one optimizer step on one batch.
+- :func:`train_epoch`: the epoch's shuffle, batches, steps and float64 running sums.
+- :func:`evaluate`: the validation NELBO (beta = 1, fixed noise, so epochs are comparable).
+- :func:`train_and_evaluate`: setup, then per epoch train, evaluate, keep the best, save.
 
-- Randomness is a pure function of ``(seed, epoch, batch, purpose)``
-  (:func:`seeded_generator`), so a run resumed at an epoch boundary continues
-  bitwise-identically, and distributed ranks can reproduce a one-process run.
+The final test report and the figures are not part of training: the caller runs them on
+the saved run (``vaelab train`` does: :func:`vaelab.evaluate.evaluate_run`, then
+:func:`vaelab.plots.plot_run`).
+
+Conventions:
+
+- Randomness is a pure function of ``(seed, epoch, purpose)`` (:mod:`vaelab.rng`), so a
+  run resumed at an epoch boundary continues bitwise, and N processes reproduce a
+  one-process run up to float rounding.
 - The batch is reduced once: the loss is the mean over the *global* batch of the
-  per-example objective; split-level metrics are sums over examples divided by
-  the number of examples (all-reduced across ranks).
-- Only rank 0 writes files. Checkpoints are written at the end of every epoch
-  (``last``, and ``best`` by validation ELBO) before ``metrics.jsonl``, which is
-  rewritten from the checkpoint's history, so the two never disagree.
+  objective's per-example values; epoch figures are sums over examples / their number.
+- Only rank 0 writes. ``checkpoints/last`` is written last in an epoch (after ``best``,
+  ``metrics.jsonl`` and the sample grid): it is the resume point, so a kill never leaves
+  those behind.
 
 Run directory layout::
 
     RUN_DIR/config.toml  metrics.jsonl  checkpoints/{last,best}.json+.safetensors
-           figures/*.png  report.json  report.md  .lock
+           figures/samples/epoch-NNN.png  .lock   (report.* and figures/*.png: the caller)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import config as config_mod
-from . import distributed
+from . import checkpoint, config, distributed, grids, metrics, models, objectives, runtime
+from ._io import atomic_write_text
 from .config import RunConfig
+from .data import ImageSet, load_split
 from .errors import CheckpointError, ConfigError, VaelabError
+from .registry import Registry
+from .rng import Purpose, seeded_generator
+from .schedules import learning_rate
 
 __all__ = [
-    "train",
-    "TrainingDiverged",
-    "RunLocked",
-    "select_device",
-    "seeded_generator",
-    "learning_rate",
-    "make_optimizer",
-    "build_from_config",
-    "load_split",
+    "OPTIMIZERS",
     "RESUMABLE_KEYS",
-    "TrainingObjective",
+    "RunLocked",
+    "TrainingDiverged",
+    "evaluate",
     "global_batch_noise",
+    "make_optimizer",
+    "run_lock",
+    "train_and_evaluate",
+    "train_epoch",
+    "train_step",
 ]
-
-log = logging.getLogger("vaelab.train")
-
-# Purposes of the seeded generators (kept apart so changing one use never shifts another).
-_PERMUTATION, _BINARIZE, _NOISE, _SAMPLES = 1, 2, 3, 4
 
 # Config keys that may change when resuming a run (everything else must match).
 RESUMABLE_KEYS = {
@@ -77,146 +81,80 @@ class RunLocked(VaelabError):
     """Another process is writing to the same run directory."""
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device = {name!r} is not a device: use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but CUDA is not available: use cpu or auto")
-    return device
+# --------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
 
-def seeded_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator whose state is a pure function of ``(seed, *keys)``."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return gen
-
-
-def make_optimizer(model: nn.Module, cfg: config_mod.TrainConfig,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """Adam for ``model`` (eps 1e-4 with the ``iwae`` schedule, as Burda et al.; else 1e-8).
-
-    Uses torch's fused Adam kernel on CPU and CUDA (one pass over each parameter instead of
-    about ten per-tensor ops: 14% faster epochs at batch 128 on a 2-core CPU; the updates
-    equal the default implementation's to float rounding); falls back to the default where
-    torch has no fused kernel for the device (CPU before torch 2.4).
-    """
-    params = list(model.parameters())
-    options = {"lr": cfg.lr, "eps": 1e-4 if cfg.lr_schedule == "iwae" else 1e-8}
+@OPTIMIZERS.register("adam")
+def _adam(params: list[nn.Parameter], cfg: config.TrainConfig,
+          device: torch.device) -> torch.optim.Optimizer:
+    """Adam; eps ``train.adam_eps`` (default 1e-4 with the iwae schedule, as Burda et al.;
+    else PyTorch's 1e-8). torch's fused kernel on CPU and CUDA (one pass per parameter
+    instead of about ten per-tensor ops: 14% faster epochs at batch 128 on a 2-core CPU; the
+    same updates to float rounding), the default implementation elsewhere."""
+    eps = cfg.adam_eps if cfg.adam_eps is not None else (
+        1e-4 if cfg.lr_schedule == "iwae" else 1e-8)
     if device.type in ("cpu", "cuda"):
         try:
-            return torch.optim.Adam(params, fused=True, **options)
+            return torch.optim.Adam(params, lr=cfg.lr, eps=eps, fused=True)
         except (RuntimeError, TypeError, ValueError):
             pass
-    return torch.optim.Adam(params, **options)
+    return torch.optim.Adam(params, lr=cfg.lr, eps=eps)
 
 
-def learning_rate(cfg: config_mod.TrainConfig, epoch: int) -> float:
-    """Learning rate for 0-based ``epoch`` (stateless, so resume is exact); see
-    :mod:`vaelab.schedules`."""
-    from .schedules import learning_rate as schedule
-
-    return schedule(cfg, epoch)
-
-
-# --------------------------------------------------------------------------- building blocks
+@OPTIMIZERS.register("rmsprop")
+def _rmsprop(params: list[nn.Parameter], cfg: config.TrainConfig,
+             device: torch.device) -> torch.optim.Optimizer:
+    """RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8): pythae's vamp.py."""
+    return torch.optim.RMSprop(params, lr=cfg.lr)
 
 
-def load_split(cfg: RunConfig, split: str):
-    """Load one split of the configured dataset (an :class:`vaelab.data.ImageSet`)."""
-    from . import data
+def make_optimizer(model: nn.Module, cfg: config.TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` over ``model``'s parameters.
 
-    images = data.load(
-        cfg.data.dataset,
-        split=split,
-        data_dir=cfg.data.data_dir,
-        binarize=cfg.data.binarize,
-        validation_size=cfg.data.validation_size,
-        seed=cfg.train.seed,
-    )
-    limit = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}.get(split)
-    if limit is not None and limit < len(images):
-        images = images.subset(torch.arange(limit))
-    return images
-
-
-def build_from_config(cfg: RunConfig, event_shape: tuple[int, ...]) -> nn.Module:
-    """The VAE described by ``cfg`` for images of ``event_shape`` (C, H, W)."""
-    from . import likelihoods, models
-
-    family = likelihoods.get(cfg.likelihood.name, **cfg.likelihood.options())
-    return models.build_model(
-        cfg.model.kind,
-        event_shape=event_shape,
-        latent_dim=cfg.model.latent_dim,
-        likelihood=family,
-        hidden=cfg.model.hidden,
-        activation=cfg.model.activation,
-        channels=cfg.model.channels,
-        encoder_scale=cfg.model.encoder_scale,
-    )
-
-
-def model_input(images, index: torch.Tensor, family: nn.Module, generator=None) -> torch.Tensor:
-    """The batch ``index`` of ``images`` in the likelihood's data units."""
-    if family.data_kind == "uint8":
-        return images.batch_uint8(index)
-    return images.batch(index, generator=generator)
-
-
-class TrainingObjective(nn.Module):
-    """Wraps the VAE so that ``forward`` returns per-example objective terms.
-
-    DistributedDataParallel synchronises gradients through ``forward``, so the
-    whole objective runs inside it. Returns ``(per_example_loss (B,), terms)``.
-
-    Under data parallelism each rank passes its shard ``x`` of the global batch, the
-    global batch size ``batch_total`` and, as ``eps``, its slice of the noise drawn for
-    the global batch, so every example gets the ``z`` a one-process run would give it.
-    Free bits clamp the *global* batch-mean KL per dimension (a differentiable sum over
-    ranks), so the objective and its gradient do not depend on the number of ranks.
+    Raises:
+        ConfigError: an unknown optimizer (the message lists the registered ones).
     """
+    return OPTIMIZERS[cfg.optimizer](list(model.parameters()), cfg, device)
 
-    def __init__(self, model: nn.Module, cfg: config_mod.ObjectiveConfig,
-                 ctx: distributed.Context | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.ctx = ctx or distributed.Context()
 
-    def forward(self, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None,
-                eps: torch.Tensor | None = None, batch_total: int | None = None):
-        from . import objectives
+# --------------------------------------------------------------------------- one step
 
-        if self.cfg.kind == "iwae":
-            bound = objectives.iwae_bound(self.model, x, self.cfg.samples,
-                                          generator=generator, eps=eps)
-            return -bound, None
-        terms = objectives.elbo_terms(
-            self.model, x, num_samples=self.cfg.samples, kl=self.cfg.kl, generator=generator,
-            eps=eps,
-        )
-        kl = terms.kl
-        if self.cfg.free_bits > 0:
-            # Free bits act on the batch-mean KL per dimension (Kingma et al. 2016),
-            # over the global batch when the batch is split across ranks.
-            if self.ctx.enabled:
-                total = batch_total if batch_total is not None else x.shape[0]
-                per_dim_mean = distributed.sum_over_ranks(terms.kl_per_dim.sum(0),
-                                                          self.ctx) / total
-            else:
-                per_dim_mean = terms.kl_per_dim.mean(0)
-            clamped = torch.clamp(per_dim_mean, min=self.cfg.free_bits)
-            kl = kl + (clamped - per_dim_mean).sum()
-        # kl - recon is -(recon - kl) bit for bit, in one op instead of three
-        weighted_kl = kl if kl_weight == 1.0 else kl_weight * kl
-        return weighted_kl - terms.recon, terms
+
+class _NonFinite(Exception):
+    """The loss of a batch is NaN/Inf (raised before any update)."""
+
+    def __init__(self, per_example: torch.Tensor, terms: objectives.ELBOTerms | None) -> None:
+        super().__init__("non-finite loss")
+        self.per_example, self.terms = per_example, terms
+
+
+def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, *,
+               kl_weight: float, generator: torch.Generator | None = None,
+               eps: torch.Tensor | None = None, batch_total: int | None = None,
+               world_size: int = 1, grad_clip: float | None = None
+               ) -> tuple[torch.Tensor, objectives.ELBOTerms | None]:
+    """One optimizer step on the batch ``x``; returns the objective's ``(per_example, terms)``.
+
+    The loss is the sum of the per-example values / ``batch_total`` x ``world_size``: the
+    global batch mean once DDP averages the gradients of ``world_size`` processes.
+
+    Raises:
+        _NonFinite: the loss is NaN/Inf; nothing was updated.
+    """
+    batch_total = batch_total if batch_total is not None else x.shape[0]
+    per_example, terms = objective(x, kl_weight, generator, eps, batch_total)
+    loss = per_example.sum() * (world_size / batch_total)
+    if not math.isfinite(loss.item()):  # one op; torch.isfinite costs five
+        raise _NonFinite(per_example, terms)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
+    optimizer.step()
+    return per_example, terms
 
 
 def global_batch_noise(samples: int, batch_total: int, latent_dim: int,
@@ -234,25 +172,331 @@ def global_batch_noise(samples: int, batch_total: int, latent_dim: int,
     return torch.stack(blocks).to(device)
 
 
-def _nan_message(
-    loss: torch.Tensor, terms: Any, step: int, epoch: int, batch: int, run_dir: Path,
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class _Loop:
+    """What the epochs share (built once by :func:`train_and_evaluate`)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    objective: nn.Module  # the objective, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    train_set: ImageSet
+    val_set: ImageSet | None
+    ctx: distributed.Context
+    device: torch.device
+    run_dir: Path
+    progress: bool
+
+    @property
+    def data_kind(self) -> str:
+        return getattr(getattr(self.model, "likelihood", None), "data_kind", "unit")
+
+
+def _kl_weight(cfg: config.ObjectiveConfig, step: int, epoch: int) -> float:
+    return objectives.kl_weight(step, cfg.beta, cfg.warmup_steps, epoch=epoch,
+                                warmup_epochs=cfg.warmup_epochs)
+
+
+def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any]:
+    """Train one epoch (0-based ``epoch``); return its record: lr, train objective, NELBO,
+    recon and KL (sums over the epoch's examples / their number, all ranks), seconds.
+
+    Raises:
+        TrainingDiverged: a loss became NaN/Inf (names the term, step, epoch and batch), or
+            a parameter did after an update.
+    """
+    cfg, ctx, device = loop.cfg, loop.ctx, loop.device
+    seed, global_batch = cfg.train.seed, cfg.train.batch_size
+    lr = learning_rate(cfg.train, epoch)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    loop.model.train()
+    family = getattr(loop.model, "likelihood", None)
+    started = time.perf_counter()
+    n_train = len(loop.train_set)
+    perm = torch.randperm(n_train, generator=seeded_generator(seed, epoch, Purpose.PERMUTATION))
+    perm = perm.to(device)
+    binarize_gen = seeded_generator(seed, epoch, Purpose.BINARIZE, device=device)
+    # One noise stream for the global batch; under data parallelism every rank draws the
+    # global batch's noise and keeps its slice (see global_batch_noise).
+    noise_gen = seeded_generator(seed, epoch, Purpose.NOISE, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # objective, ELBO, recon, KL
+    count, terms = 0, None
+    steps = math.ceil(n_train / global_batch)
+    batches = _progress(range(steps), f"epoch {epoch + 1}/{cfg.train.epochs}", loop.progress)
+    with _data_checked(family):
+        for batch in batches:
+            index = perm[batch * global_batch:(batch + 1) * global_batch]
+            # Drawn for the global batch, so every rank sees the pixels of a one-process run.
+            x = loop.train_set.inputs(index, loop.data_kind, binarize_gen)
+            x = x.tensor_split(ctx.world_size)[ctx.rank]
+            kl_weight = _kl_weight(cfg.objective, state["step"], epoch)
+            eps, gen = None, noise_gen
+            if ctx.enabled:
+                eps = global_batch_noise(cfg.objective.samples, index.numel(),
+                                         loop.model.latent_dim, noise_gen, device,
+                                         next(loop.model.parameters()).dtype)
+                eps, gen = eps.tensor_split(ctx.world_size, dim=1)[ctx.rank], None
+            try:
+                per_example, terms = train_step(
+                    loop.objective, loop.optimizer, x, kl_weight=kl_weight, generator=gen,
+                    eps=eps, batch_total=index.numel(), world_size=ctx.world_size,
+                    grad_clip=cfg.train.grad_clip)
+            except _NonFinite as bad:
+                raise TrainingDiverged(_nan_message(bad, state["step"], epoch, batch,
+                                                    loop.run_dir, ctx)) from None
+            state["step"] += 1
+            count += per_example.numel()
+            with torch.no_grad():  # one reduction for all four terms
+                if terms is None:
+                    sums[0] += per_example.sum(dtype=torch.float64)
+                else:
+                    sums += torch.stack((per_example, terms.elbo, terms.recon, terms.kl)
+                                        ).sum(1, dtype=torch.float64)
+            if loop.progress and batch % 20 == 0:
+                batches.set_postfix(loss=f"{float(sums[0]) / count:.2f}")
+    if not all(torch.isfinite(p).all() for p in loop.model.parameters()):
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch + 1}: a parameter became NaN/Inf after an "
+            f"optimizer step; the last good checkpoint is {loop.run_dir / 'checkpoints' / 'last'}"
+            f": resume with a lower learning rate or set train.grad_clip"
+        )
+    totals = torch.cat((torch.tensor([float(count)], dtype=torch.float64, device=device), sums))
+    n, objective_sum, elbo_sum, recon_sum, kl_sum = distributed.all_reduce_sum(totals, ctx).tolist()
+    seconds = time.perf_counter() - started
+    has_terms = terms is not None
+    return {
+        "epoch": epoch + 1,
+        "step": state["step"],
+        "lr": lr,
+        "train_objective": objective_sum / n,
+        "train_nelbo": -elbo_sum / n if has_terms else None,
+        "train_recon": -recon_sum / n if has_terms else None,  # -E log p(x|z)
+        "train_kl": kl_sum / n if has_terms else None,
+        "seconds": round(seconds, 3),
+        "examples_per_second": round(n / seconds, 1),
+    }
+
+
+@contextlib.contextmanager
+def _data_checked(family: nn.Module | None) -> Iterator[None]:
+    """Skip the likelihood's per-batch data check inside (the data were checked once)."""
+    if family is None or not hasattr(family, "validate_data"):
+        yield
+        return
+    family.validate_data = False
+    try:
+        yield
+    finally:
+        family.validate_data = True
+
+
+def evaluate(loop: _Loop) -> dict[str, Any]:
+    """The validation NELBO, recon and KL (beta = 1, the same z every epoch); empty without
+    a validation split."""
+    if loop.val_set is None or len(loop.val_set) == 0:
+        return {}
+    val = metrics.elbo_metrics(loop.model, loop.val_set, batch_size=loop.cfg.train.eval_batch_size,
+                               seed=loop.cfg.train.seed, ctx=loop.ctx)
+    return {"val_nelbo": val["nelbo"], "val_recon": val["recon"], "val_kl": val["kl"]}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] | None = None,
     ctx: distributed.Context | None = None,
-) -> str:
-    where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx is not None and ctx.enabled else ""
-    if terms is None:
-        term, bad = "IWAE bound", ~torch.isfinite(loss)
-    elif not torch.isfinite(terms.recon).all():
-        term, bad = "reconstruction", ~torch.isfinite(terms.recon)
-    elif not torch.isfinite(terms.kl).all():
-        term, bad = "KL", ~torch.isfinite(terms.kl)
+) -> dict[str, Any]:
+    """Train the model of ``cfg`` into ``run_dir``, evaluating on the validation split after
+    every epoch; return a summary (run_dir, epochs, steps, best_epoch).
+
+    Args:
+        cfg: the resolved run configuration (saved as ``config.toml`` and in checkpoints).
+        run_dir: where config, metrics, checkpoints and the sample grids go.
+        resume: continue from ``run_dir/checkpoints/last`` (``cfg`` must match the saved
+            config except for :data:`RESUMABLE_KEYS`).
+        model: your own model (``encode``, ``decode``, ``prior``, ``latent_dim``; see
+            :mod:`vaelab.objectives`) instead of the one ``cfg.model`` describes; pass the
+            same model again to resume.
+        progress: show a tqdm bar (default: when stderr is a terminal).
+        echo: where per-epoch lines go (default: ``print`` on rank 0).
+        ctx: the process group (default: joined here when launched by torchrun, and left
+            at the end).
+
+    Raises:
+        TrainingDiverged: a loss term became NaN/Inf (``last`` keeps the last good state).
+        RunLocked, ConfigError, DataError, CheckpointError: bad input, one-line messages.
+    """
+    run_dir = Path(run_dir)
+    device = runtime.select_device(cfg.train.device)
+    own_group = ctx is None
+    ctx = ctx if ctx is not None else distributed.setup(device)
+    device = distributed.rank_device(device, ctx.local_rank) if ctx.enabled else device
+    runtime.configure_threads(cfg.train.threads, device, ctx.local_world_size)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    echo = echo or (print if ctx.is_main else (lambda _line: None))
+    with contextlib.ExitStack() as stack:
+        if own_group:
+            stack.callback(distributed.teardown, ctx)
+        # Everything before the first training collective runs inside `agree`: an error on
+        # any rank stops every rank with its message instead of leaving the others waiting.
+        with distributed.agree(ctx, "setup"):
+            loop, state = _setup(cfg, run_dir, resume, model, ctx, device,
+                                 progress and ctx.is_main, stack, echo)
+        # A failed collective from here on (a rank died or hangs) ends with a clear message.
+        stack.enter_context(distributed.lost_contact(ctx, "training"))
+        z_fixed = torch.randn(64, loop.model.latent_dim,
+                              generator=seeded_generator(cfg.train.seed, 0, Purpose.SAMPLES))
+        for epoch in range(state["epoch"], cfg.train.epochs):
+            if state["stopped_early"]:
+                break
+            record = train_epoch(loop, epoch, state)
+            record.update(evaluate(loop))
+            _keep_best(state, record, cfg.train.patience)
+            if ctx.is_main:
+                _save_epoch(loop, state, z_fixed.to(device))
+            echo(_epoch_line(record, cfg.train.epochs))
+            if state["stopped_early"]:
+                echo(f"early stopping: no better validation ELBO for {cfg.train.patience} epochs")
+        distributed.barrier(ctx)  # every file of rank 0 is written when any rank returns
+    return {"run_dir": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
+            "best_epoch": state["best_epoch"]}
+
+
+def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
+           ctx: distributed.Context, device: torch.device, progress: bool,
+           stack: contextlib.ExitStack, echo: Callable[[str], None]
+           ) -> tuple[_Loop, dict[str, Any]]:
+    """Checks, data, model, objective, optimizer, lock, state: everything before epoch 1."""
+    _check_run_dir(cfg, run_dir, resume, ctx)  # writes nothing
+    seed = cfg.train.seed
+    # --- data: uint8 images stay in memory (on the device); floats are made per batch
+    train_set = load_split(cfg.data, "train", seed).to(device)
+    val_set = load_split(cfg.data, "validation", seed).to(device) if cfg.data.validation_size \
+        else None
+    if len(train_set) == 0:
+        raise ConfigError("the training split is empty: use a larger dataset or train_limit")
+    # --- model (seeded before construction: same seed, same weights) and objective
+    torch.manual_seed(seed)
+    if model is None:
+        model = models.build_from_config(cfg, train_set.event_shape)
+    model = model.to(device)
+    if cfg.model.output_bias == "data-mean" and hasattr(model, "init_output_bias"):
+        model.init_output_bias(train_set.pixel_mean().to(device))
+    _check_data_once(model, train_set, seed, device)
+    objective = objectives.build_objective(
+        model, cfg.objective,
+        (lambda t: distributed.sum_over_ranks(t, ctx)) if ctx.enabled else None)
+    optimizer = make_optimizer(model, cfg.train, device)
+    # --- from here on we write: lock the run directory (rank 0 writes, others read)
+    if ctx.is_main:
+        stack.enter_context(run_lock(run_dir))
+        if not resume and (run_dir / "checkpoints" / "last.json").exists():
+            raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume")
+    state: dict[str, Any] = {
+        "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
+        "epochs_since_best": 0, "history": [], "stopped_early": False,
+    }
+    if resume:
+        meta = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last", model=model,
+                                          optimizer=optimizer, map_location=device,
+                                          restore_global_rng=True)
+        state.update(meta["train_state"])
+        echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
+    if ctx.is_main:
+        atomic_write_text(run_dir / "config.toml", config.to_toml(cfg))
+    # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
+    # weights to every rank); each rank computes the objective on its shard of the batch.
+    wrapped: nn.Module = objective
+    if ctx.enabled:
+        with distributed.lost_contact(ctx, "setup"):
+            wrapped = nn.parallel.DistributedDataParallel(
+                objective, device_ids=[device.index] if device.type == "cuda" else None)
+    loop = _Loop(cfg, model, wrapped, optimizer, train_set, val_set, ctx, device, run_dir,
+                 progress)
+    state["data"] = {"train": train_set.metadata,
+                     "validation": val_set.metadata if val_set is not None else None}
+    return loop, state
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed.Context) -> None:
+    """A resume needs a run whose config matches; a new run needs an unused directory."""
+    last = run_dir / "checkpoints" / "last"
+    if resume:
+        if not last.with_suffix(".json").is_file():
+            raise CheckpointError(
+                f"nothing to resume in {run_dir}: no checkpoints/last.json (start a new run "
+                "with --out instead)" + _shared_fs_hint(ctx))
+        saved = config.from_dict(checkpoint.read_meta(last)["config"])
+        _check_resume_config(saved, cfg)
+    elif ctx.is_main and last.with_suffix(".json").exists():
+        raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume "
+                              f"{run_dir} or choose another --out")
+
+
+def _check_data_once(model: nn.Module, train_set: ImageSet, seed: int,
+                     device: torch.device) -> None:
+    """Check the data against the likelihood once, up front (a clear error, not a NaN
+    later); every batch has the same kind of values, so the loop skips the check."""
+    family = getattr(model, "likelihood", None)
+    if family is None or not hasattr(family, "validate"):
+        return
+    index = torch.arange(min(len(train_set), 1024), device=device)
+    gen = seeded_generator(seed, 0, Purpose.BINARIZE, device=device)
+    family.validate(train_set.inputs(index, family.data_kind, gen))
+
+
+def _keep_best(state: dict[str, Any], record: dict[str, Any], patience: int | None) -> None:
+    """Update the best epoch (lowest validation NELBO; every epoch without validation) and
+    the early-stopping counter; append ``record`` to the history."""
+    best = state["best_val_nelbo"]
+    improved = "val_nelbo" not in record or best is None or record["val_nelbo"] < best
+    if improved:
+        state.update(best_val_nelbo=record.get("val_nelbo"), best_epoch=record["epoch"],
+                     epochs_since_best=0)
     else:
-        term, bad = "loss", ~torch.isfinite(loss)
-    return (
-        f"training diverged{where} at step {step} (epoch {epoch + 1}, batch {batch}): "
-        f"the {term} term is NaN/Inf for {int(bad.sum())} of {bad.numel()} examples; the last "
-        f"good checkpoint is {run_dir / 'checkpoints' / 'last'}: resume with a lower learning "
-        f"rate, e.g. vaelab train --resume {run_dir} --set train.lr=1e-4"
-    )
+        state["epochs_since_best"] += 1
+    state["improved"] = improved
+    if patience is not None and state["epochs_since_best"] >= patience:
+        state["stopped_early"] = True
+    state["epoch"] = record["epoch"]
+    state["history"].append(record)
+
+
+def _save_epoch(loop: _Loop, state: dict[str, Any], z_fixed: torch.Tensor) -> None:
+    """Rank 0's files of an epoch: ``best`` (if improved), ``metrics.jsonl``, the sample grid,
+    then ``last`` (the resume point, so a kill before it re-runs this epoch bitwise)."""
+    ckpt_dir = loop.run_dir / "checkpoints"
+    train_state = {k: v for k, v in state.items() if k not in ("data", "improved")}
+    meta = {"config": config.to_dict(loop.cfg), "train_state": train_state,
+            "data": state["data"], "event_shape": list(loop.train_set.event_shape),
+            "world_size": loop.ctx.world_size}
+    if state["improved"]:
+        checkpoint.save_checkpoint(ckpt_dir / "best", model=loop.model, meta=meta)
+    text = "".join(json.dumps(r) + "\n" for r in state["history"])
+    atomic_write_text(loop.run_dir / "metrics.jsonl", text)
+    with torch.no_grad():
+        loop.model.eval()
+        means = loop.model.decode(z_fixed).mean
+        loop.model.train()
+    grids.save_image_grid(means, loop.run_dir / "figures" / "samples"
+                          / f"epoch-{state['epoch']:03d}.png", nrow=grids.grid_columns(len(means)))
+    checkpoint.save_checkpoint(ckpt_dir / "last", model=loop.model, optimizer=loop.optimizer,
+                               meta=meta)
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 @contextlib.contextmanager
@@ -282,8 +526,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _check_resume_config(saved: RunConfig, requested: RunConfig) -> None:
-    saved_d, req_d = config_mod.to_dict(saved), config_mod.to_dict(requested)
-    for section in config_mod.SECTIONS:
+    saved_d, req_d = config.to_dict(saved), config.to_dict(requested)
+    for section in config.SECTIONS:
         keys = set(saved_d.get(section, {})) | set(req_d.get(section, {}))
         for key in sorted(keys):
             a, b = saved_d.get(section, {}).get(key), req_d.get(section, {}).get(key)
@@ -294,297 +538,24 @@ def _check_resume_config(saved: RunConfig, requested: RunConfig) -> None:
                 )
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train(
-    cfg: RunConfig,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool | None = None,
-    report: bool = True,
-    echo: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train the VAE described by ``cfg`` into ``run_dir``; return the final summary.
-
-    Args:
-        cfg: the resolved run configuration.
-        run_dir: where config, metrics, checkpoints, figures and the report go.
-        resume: continue from ``run_dir/checkpoints/last`` (``cfg`` must match the
-            saved config except for :data:`RESUMABLE_KEYS`).
-        progress: show a tqdm bar (default: when stderr is a terminal).
-        report: evaluate the best checkpoint on the test split and write the report.
-        echo: where per-epoch lines go (default: ``print`` on rank 0).
-
-    Raises:
-        TrainingDiverged: a loss term became NaN/Inf (``last`` keeps the last good state).
-        RunLocked, ConfigError, DataError, CheckpointError: bad input, one-line messages.
-    """
-    from . import checkpoint, evaluate
-
-    run_dir = Path(run_dir)
-    # --- setup: device, process group (under torchrun), threads, seeds
-    device = select_device(cfg.train.device)
-    ctx = distributed.setup(device)
-    if ctx.enabled:
-        device = distributed.rank_device(device, ctx.local_rank)
-    distributed.configure_threads(cfg.train.threads, ctx, device)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    progress = progress and ctx.is_main
-    echo = echo or (print if ctx.is_main else (lambda _line: None))
-    seed = cfg.train.seed
-
-    with contextlib.ExitStack() as stack:
-        stack.callback(distributed.teardown, ctx)
-        # Everything up to the first training collective runs inside `agree`: an error on
-        # any rank (bad config, missing data, locked run) stops every rank with its message
-        # instead of leaving the others waiting in a collective.
-        with distributed.agree(ctx, "setup"):
-            # --- checks that write nothing: a bad option or dataset leaves no run directory
-            if resume:
-                last = run_dir / "checkpoints" / "last"
-                if not last.with_suffix(".json").is_file():
-                    raise CheckpointError(
-                        f"nothing to resume in {run_dir}: no checkpoints/last.json (start a "
-                        "new run with --out instead)" + _shared_fs_hint(ctx)
-                    )
-                saved_cfg = config_mod.from_dict(checkpoint.read_meta(last)["config"])
-                _check_resume_config(saved_cfg, cfg)
-            elif ctx.is_main and (run_dir / "checkpoints" / "last.json").exists():
-                raise CheckpointError(
-                    f"{run_dir} already holds a run: continue it with --resume {run_dir} "
-                    "or choose another --out"
-                )
-
-            # --- data: uint8 images stay in memory (on the device); floats are made per batch
-            train_set = load_split(cfg, "train").to(device)
-            val_set = (load_split(cfg, "validation").to(device)
-                       if cfg.data.validation_size else None)
-            if len(train_set) == 0:
-                raise ConfigError(
-                    "the training split is empty: use a larger dataset or train_limit"
-                )
-            event_shape = tuple(train_set.images.shape[1:])
-
-            # --- model and optimizer (seeded before construction: same seed, same weights)
-            torch.manual_seed(seed)
-            model = build_from_config(cfg, event_shape).to(device)
-            family = model.likelihood
-            if cfg.model.output_bias == "data-mean":
-                model.init_output_bias(train_set.pixel_mean().to(device))
-            # Check the data against the likelihood once, up front (a clear error, not a NaN
-            # later); every batch has the same kind of values, so the loop skips the check.
-            family.validate(model_input(train_set, torch.arange(min(len(train_set), 1024),
-                                                                device=device), family,
-                                        seeded_generator(seed, 0, _BINARIZE, device=device)))
-            objective = TrainingObjective(model, cfg.objective, ctx)
-            optimizer = make_optimizer(model, cfg.train, device)
-
-            # --- from here on we write: lock the run directory (rank 0 writes, others read)
-            if ctx.is_main:
-                stack.enter_context(run_lock(run_dir))
-                if not resume and (run_dir / "checkpoints" / "last.json").exists():
-                    raise CheckpointError(
-                        f"{run_dir} already holds a run: continue it with --resume"
-                    )
-
-            # --- state: fresh, or restored from the last checkpoint
-            state: dict[str, Any] = {
-                "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
-                "epochs_since_best": 0, "history": [], "stopped_early": False,
-            }
-            if resume:
-                meta = checkpoint.load_checkpoint(
-                    run_dir / "checkpoints" / "last", model=model, optimizer=optimizer,
-                    map_location=device, restore_global_rng=True,
-                )
-                state.update(meta["train_state"])
-                echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
-            if ctx.is_main:
-                from ._io import atomic_write_text
-
-                atomic_write_text(run_dir / "config.toml", config_mod.to_toml(cfg))
-            data_meta = {"train": train_set.metadata,
-                         "validation": val_set.metadata if val_set is not None else None}
-
-        # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
-        # weights to every rank); each rank computes the objective on its shard of the batch.
-        wrapped: nn.Module = objective
-        model_dtype = next(model.parameters()).dtype
-        if ctx.enabled:
-            with distributed.lost_contact(ctx, "setup"):
-                wrapped = nn.parallel.DistributedDataParallel(
-                    objective, device_ids=[device.index] if device.type == "cuda" else None
-                )
-        # A failed collective from here on (a rank died or hangs) ends with a clear message.
-        stack.enter_context(distributed.lost_contact(ctx, "training"))
-
-        # A fixed z, so that the per-epoch sample grids are comparable across epochs.
-        z_fixed = torch.randn(64, cfg.model.latent_dim,
-                              generator=seeded_generator(seed, 0, _SAMPLES)).to(device)
-        global_batch = cfg.train.batch_size
-        n_train = len(train_set)
-        steps_per_epoch = math.ceil(n_train / global_batch)
-
-        # --- epochs
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            if state["stopped_early"]:
-                break
-            lr = learning_rate(cfg.train, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            family.validate_data = False
-            started = time.perf_counter()
-            perm = torch.randperm(n_train, generator=seeded_generator(seed, epoch, _PERMUTATION))
-            perm = perm.to(device)
-            binarize_gen = seeded_generator(seed, epoch, _BINARIZE, device=device)
-            # One noise stream for the global batch; under data parallelism every rank draws
-            # the global batch's noise and keeps its slice, so N ranks give every example the
-            # draws of a one-process run (results then differ only by float rounding).
-            noise_gen = seeded_generator(seed, epoch, _NOISE, device=device)
-            # float64 sums over the epoch's examples: objective, ELBO, recon, KL
-            sums = torch.zeros(4, dtype=torch.float64, device=device)
-            count = 0
-            batches = _progress(range(steps_per_epoch), steps_per_epoch,
-                                f"epoch {epoch + 1}/{cfg.train.epochs}", progress)
-            for batch in batches:
-                global_index = perm[batch * global_batch:(batch + 1) * global_batch]
-                n_global = global_index.numel()
-                # Dynamic binarisation is drawn for the global batch, so every rank sees the
-                # same pixels a one-process run would; each rank then keeps its own shard.
-                x_global = model_input(train_set, global_index, family, binarize_gen)
-                x = x_global.tensor_split(ctx.world_size)[ctx.rank]
-                kl_weight = _kl_weight(cfg.objective, state["step"])
-                if ctx.enabled:
-                    eps = global_batch_noise(cfg.objective.samples, n_global, model.latent_dim,
-                                             noise_gen, device, model_dtype)
-                    eps = eps.tensor_split(ctx.world_size, dim=1)[ctx.rank]
-                    per_example, terms = wrapped(x, kl_weight, None, eps, n_global)
-                else:
-                    per_example, terms = wrapped(x, kl_weight, noise_gen)
-                # DDP averages gradients over ranks, so scale the local sum to give the
-                # mean over the global batch.
-                loss = per_example.sum() * (ctx.world_size / n_global)
-                if not math.isfinite(loss.item()):  # one op; torch.isfinite costs five
-                    raise TrainingDiverged(
-                        _nan_message(per_example, terms, state["step"], epoch, batch, run_dir,
-                                     ctx)
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                state["step"] += 1
-                count += per_example.numel()
-                with torch.no_grad():  # one reduction for all four terms
-                    if terms is None:
-                        sums[0] += per_example.sum(dtype=torch.float64)
-                    else:
-                        sums += torch.stack((per_example, terms.elbo, terms.recon, terms.kl)
-                                            ).sum(1, dtype=torch.float64)
-                if progress and batch % 20 == 0:
-                    batches.set_postfix(loss=f"{float(sums[0]) / count:.2f}")
-            family.validate_data = True
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise TrainingDiverged(
-                    f"training diverged in epoch {epoch + 1}: a parameter became NaN/Inf after an "
-                    f"optimizer step; the last good checkpoint is {run_dir / 'checkpoints' / 'last'}"
-                    f": resume with a lower learning rate or set train.grad_clip"
-                )
-            totals = torch.cat((torch.tensor([float(count)], dtype=torch.float64,
-                                             device=device), sums))
-            n, objective_sum, elbo_sum, recon_sum, kl_sum = distributed.all_reduce_sum(
-                totals, ctx).tolist()
-            seconds = time.perf_counter() - started
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": state["step"],
-                "lr": lr,
-                "train_objective": objective_sum / n,
-                "train_nelbo": -elbo_sum / n if terms is not None else None,
-                "train_recon": -recon_sum / n if terms is not None else None,  # -E log p
-                "train_kl": kl_sum / n if terms is not None else None,
-            }
-
-            # --- validation ELBO (beta = 1, fixed noise, so epochs are comparable)
-            improved = True
-            if val_set is not None and len(val_set):
-                val = evaluate.elbo_metrics(
-                    model, val_set, batch_size=cfg.train.eval_batch_size,
-                    seed=seed, ctx=ctx,
-                )
-                record.update(val_nelbo=val["nelbo"], val_recon=val["recon"], val_kl=val["kl"])
-                best = state["best_val_nelbo"]
-                improved = best is None or val["nelbo"] < best
-            record["seconds"] = round(seconds, 3)
-            record["examples_per_second"] = round(n / seconds, 1)
-            if improved:
-                state.update(best_val_nelbo=record.get("val_nelbo"), best_epoch=epoch + 1,
-                             epochs_since_best=0)
-            else:
-                state["epochs_since_best"] += 1
-            patience = cfg.train.patience
-            if patience is not None and state["epochs_since_best"] >= patience:
-                state["stopped_early"] = True
-            state["epoch"] = epoch + 1
-            state["history"].append(record)
-
-            # --- files (rank 0 only). `last` is the resume point, so it is written last: a
-            # kill before it re-runs this epoch on resume, which rewrites `best`, the metrics
-            # and the sample grid bitwise; a kill after it leaves nothing behind.
-            if ctx.is_main:
-                meta = {
-                    "config": config_mod.to_dict(cfg),
-                    "train_state": state,
-                    "data": data_meta,
-                    "event_shape": list(event_shape),
-                    "world_size": ctx.world_size,
-                }
-                if improved:
-                    checkpoint.save_checkpoint(run_dir / "checkpoints" / "best", model=model,
-                                               meta=meta)
-                _write_metrics(run_dir, state["history"])
-                _epoch_samples(model, z_fixed, run_dir / "figures" / "samples"
-                               / f"epoch-{epoch + 1:03d}.png")
-                checkpoint.save_checkpoint(run_dir / "checkpoints" / "last", model=model,
-                                           optimizer=optimizer, meta=meta)
-            echo(_epoch_line(record, cfg.train.epochs))
-            if state["stopped_early"]:
-                echo(f"early stopping: no better validation ELBO for {patience} epochs")
-
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "epochs": state["epoch"],
-                                   "steps": state["step"], "best_epoch": state["best_epoch"]}
-        # --- final report on the test split with the best checkpoint
-        if report:
-            # Every rank evaluates its share with the best weights: wait until rank 0 has
-            # written the last checkpoints, then all ranks read the same file.
-            distributed.barrier(ctx)
-            if (run_dir / "checkpoints" / "best.json").exists():
-                checkpoint.load_checkpoint(run_dir / "checkpoints" / "best", model=model,
-                                           map_location=device)
-            test_set = load_split(cfg, "test").to(device)
-            result = evaluate.evaluate(
-                model, test_set, cfg, checkpoint_name="best", iw_samples=cfg.eval.iw_samples,
-                batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, ctx=ctx,
-            )
-            if ctx.is_main:
-                evaluate.write_report(result, run_dir)
-                echo(evaluate.format_table(result))
-                _make_figures(run_dir, echo)
-            summary["report"] = result
-        return summary
+def _nan_message(bad: _NonFinite, step: int, epoch: int, batch: int, run_dir: Path,
+                 ctx: distributed.Context) -> str:
+    where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx.enabled else ""
+    terms, loss = bad.terms, bad.per_example
+    if terms is None:
+        term, nonfinite = "IWAE bound", ~torch.isfinite(loss)
+    elif not torch.isfinite(terms.recon).all():
+        term, nonfinite = "reconstruction", ~torch.isfinite(terms.recon)
+    elif not torch.isfinite(terms.kl).all():
+        term, nonfinite = "KL", ~torch.isfinite(terms.kl)
+    else:
+        term, nonfinite = "loss", ~torch.isfinite(loss)
+    return (
+        f"training diverged{where} at step {step} (epoch {epoch + 1}, batch {batch}): "
+        f"the {term} term is NaN/Inf for {int(nonfinite.sum())} of {nonfinite.numel()} "
+        f"examples; the last good checkpoint is {run_dir / 'checkpoints' / 'last'}: resume "
+        f"with a lower learning rate, e.g. vaelab train --resume {run_dir} --set train.lr=1e-4"
+    )
 
 
 def _shared_fs_hint(ctx: distributed.Context) -> str:
@@ -594,10 +565,12 @@ def _shared_fs_hint(ctx: distributed.Context) -> str:
             "on a file system that every node shares")
 
 
-def _kl_weight(cfg: config_mod.ObjectiveConfig, step: int) -> float:
-    from .objectives import kl_weight
+def _progress(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
 
-    return kl_weight(step, beta=cfg.beta, warmup_steps=cfg.warmup_steps)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -611,29 +584,3 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
                      f"+ kl {record['val_kl']:.2f})")
     parts.append(f"{record['seconds']:.1f} s ({record['examples_per_second']:.0f} ex/s)")
     return " | ".join(parts)
-
-
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    from ._io import atomic_write_text
-
-    text = "".join(json.dumps(r) + "\n" for r in history)
-    atomic_write_text(run_dir / "metrics.jsonl", text)
-
-
-def _epoch_samples(model: nn.Module, z: torch.Tensor, path: Path) -> None:
-    from . import plots
-
-    was_training = model.training
-    model.eval()
-    plots.epoch_samples(model, z, path)
-    model.train(was_training)
-
-
-def _make_figures(run_dir: Path, echo: Callable[[str], None]) -> None:
-    try:
-        from . import plots
-    except ImportError as exc:  # matplotlib missing: figures are optional
-        echo(f"figures skipped: {exc}")
-        return
-    written = plots.plot_run(run_dir)
-    echo(f"wrote {len(written)} figures to {run_dir / 'figures'}")

@@ -34,7 +34,7 @@ from .imageset import (
     split_indices,
     validation_indices,
 )
-from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load
+from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load, load_split
 from .options import UserOptions
 from .registry import DATASETS, DatasetSpec, RemoteFile
 from .sources import (
@@ -51,6 +51,7 @@ from .sources import (
 
 __all__ = [
     "load",
+    "load_split",
     "ImageSet",
     "BINARIZE_MODES",
     "REGISTERED_SPLITS",

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..config import BINARIZE_MODES
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "bernoulli_binarize",
 ]
 
-BINARIZE_MODES = ("none", "dynamic", "static")
 _CHUNK = 8192  # images per chunk in whole-set passes (bounded float32 temporaries)
 
 
@@ -122,6 +122,15 @@ class ImageSet:
             # images): uniform_ and lt_ are vectorised, bernoulli_ is not.
             return torch.empty_like(p).uniform_(generator=generator).lt_(p)
         return p
+
+    def inputs(self, index: torch.Tensor | Any, data_kind: str,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``index`` in a likelihood's data units (its ``data_kind``): uint8 grey levels
+        for ``"uint8"`` (:meth:`batch_uint8`), else float32 in [0, 1] (:meth:`batch`, which
+        draws dynamic binarisation from ``generator``)."""
+        if data_kind == "uint8":
+            return self.batch_uint8(index)
+        return self.batch(index, generator=generator)
 
     def batch_uint8(self, index: torch.Tensor | Any) -> torch.Tensor:
         """Images ``index`` as uint8 grey levels ``(B, C, H, W)``.

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .binarize import TEST_BINARIZATION_SEED, binarize_images
 from .formats import read_part
@@ -17,7 +18,7 @@ from .registry import DATASETS, DatasetSpec
 from .sources import resolve
 from .user import ARRAY_SUFFIXES, USER_SPLITS, load_user
 
-__all__ = ["load", "REGISTERED_SPLITS", "USER_SPLITS", "TEST_BINARIZATION_SEED"]
+__all__ = ["load", "load_split", "REGISTERED_SPLITS", "USER_SPLITS", "TEST_BINARIZATION_SEED"]
 
 REGISTERED_SPLITS = ("train", "validation", "test")
 
@@ -124,6 +125,21 @@ def load(
         f"unknown dataset {text!r}: choose one of {', '.join(DATASETS.names())}, or give a "
         f".npz/.npy file or a folder of images"
     )
+
+
+def load_split(cfg: DataConfig, split: str, seed: int) -> ImageSet:
+    """One split of the dataset a run's ``[data]`` section describes.
+
+    :func:`load` with the section's dataset, data_dir, binarize and validation_size, and
+    ``seed`` (the run's ``train.seed``); then ``train_limit`` / ``test_limit`` keep the
+    first examples of the train / test split.
+    """
+    images = load(cfg.dataset, split=split, data_dir=cfg.data_dir, binarize=cfg.binarize,
+                  validation_size=cfg.validation_size, seed=seed)
+    limit = {"train": cfg.train_limit, "test": cfg.test_limit}.get(split)
+    if limit is not None and limit < len(images):
+        images = images.subset(torch.arange(limit))
+    return images
 
 
 def _check_registered_options(spec: DatasetSpec, options: UserOptions) -> None:

@@ -9,13 +9,26 @@
 from __future__ import annotations
 
 from .conv import SUPPORTED_SIZES, ConvDecoder, ConvEncoder
-from .mlp import ACTIVATIONS, MLPDecoder, MLPEncoder, make_activation
-from .vae import ENCODER_SCALES, MODELS, VAE, build_model, from_config, num_parameters
+from .init import INITS, initialise
+from .mlp import ACTIVATIONS, GatedDense, MLPDecoder, MLPEncoder, make_activation
+from .vae import (
+    ENCODER_SCALES,
+    MODELS,
+    VAE,
+    build_from_config,
+    build_model,
+    from_config,
+    num_parameters,
+)
 
 __all__ = [
     "MODELS",
     "ACTIVATIONS",
     "ENCODER_SCALES",
+    "INITS",
+    "initialise",
+    "build_from_config",
+    "GatedDense",
     "SUPPORTED_SIZES",
     "VAE",
     "build_model",

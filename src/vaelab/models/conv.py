@@ -74,6 +74,7 @@ class ConvEncoder(nn.Sequential):
         channels: Sequence[int],
         hidden: Sequence[int],
         activation: str,
+        gated: bool = False,
     ) -> None:
         h, w = conv_feature_size(event_shape, channels)
         layers: list[nn.Module] = []
@@ -81,7 +82,7 @@ class ConvEncoder(nn.Sequential):
             layers += [nn.Conv2d(c_in, c_out, _KERNEL, _STRIDE, _PADDING),
                        make_activation(activation)]
         flat = channels[-1] * h * w
-        layers += [nn.Flatten(), *dense_layers((flat, *hidden), activation)]
+        layers += [nn.Flatten(), *dense_layers((flat, *hidden), activation, gated)]
         layers.append(nn.Linear(hidden[-1] if hidden else flat, 2 * latent_dim))
         super().__init__(*layers)
 
@@ -97,13 +98,14 @@ class ConvDecoder(nn.Module):
         channels: Sequence[int],
         hidden: Sequence[int],
         activation: str,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         h, w = conv_feature_size(event_shape, channels)
         rev = tuple(reversed(tuple(channels)))
         rev_hidden = tuple(reversed(tuple(hidden)))
         layers: list[nn.Module] = dense_layers(
-            (latent_dim, *rev_hidden, rev[0] * h * w), activation
+            (latent_dim, *rev_hidden, rev[0] * h * w), activation, gated
         )
         layers.append(nn.Unflatten(1, (rev[0], h, w)))
         for c_in, c_out in zip(rev, (*rev[1:], rev[-1])):

@@ -28,6 +28,7 @@ __all__ = [
     "ACTIVATIONS",
     "make_activation",
     "dense_layers",
+    "GatedDense",
     "check_sizes",
     "MLPEncoder",
     "MLPDecoder",
@@ -64,11 +65,28 @@ def check_sizes(what: str, sizes: Sequence[int], *, allow_empty: bool = True) ->
     return sizes
 
 
-def dense_layers(sizes: Sequence[int], activation: str) -> list[nn.Module]:
-    """``Linear(sizes[i], sizes[i+1])`` each followed by the activation (also the last)."""
+class GatedDense(nn.Module):
+    r"""A gated dense layer :math:`h(x) \odot \sigma(g(x))` with two ``nn.Linear`` maps
+    (Dauphin et al. 2017; the encoder and decoder of Tomczak & Welling's VampPrior)."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.h = nn.Linear(fan_in, fan_out)
+        self.g = nn.Linear(fan_in, fan_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def dense_layers(sizes: Sequence[int], activation: str, gated: bool = False) -> list[nn.Module]:
+    """``Linear(sizes[i], sizes[i+1])`` each followed by the activation (also the last), or
+    with ``gated`` a :class:`GatedDense` layer each (its gate is the non-linearity)."""
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
+        if gated:
+            layers.append(GatedDense(fan_in, fan_out))
+        else:
+            layers += [nn.Linear(fan_in, fan_out), make_activation(activation)]
     return layers
 
 
@@ -76,12 +94,13 @@ class MLPEncoder(nn.Sequential):
     """``x (B, *event_shape) -> (B, 2 L)``: flatten, hidden layers, linear head."""
 
     def __init__(
-        self, event_shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int], activation: str
+        self, event_shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int],
+        activation: str, gated: bool = False,
     ) -> None:
         d = math.prod(event_shape)
         super().__init__(
             nn.Flatten(),
-            *dense_layers((d, *hidden), activation),
+            *dense_layers((d, *hidden), activation, gated),
             nn.Linear(hidden[-1] if hidden else d, 2 * latent_dim),
         )
 
@@ -96,12 +115,13 @@ class MLPDecoder(nn.Sequential):
         params_per_channel: int,
         hidden: Sequence[int],
         activation: str,
+        gated: bool = False,
     ) -> None:
         rev = tuple(reversed(tuple(hidden)))
         d = math.prod(event_shape)
         out_shape = (params_per_channel * event_shape[0], *event_shape[1:])
         super().__init__(
-            *dense_layers((latent_dim, *rev), activation),
+            *dense_layers((latent_dim, *rev), activation, gated),
             nn.Linear(rev[-1] if rev else latent_dim, params_per_channel * d),
             nn.Unflatten(1, out_shape),
         )

@@ -27,12 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Independent, Normal
 
+from .. import likelihoods
+from ..config import RunConfig
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .conv import ConvDecoder, ConvEncoder
+from .init import INITS, initialise
 from .mlp import MLPDecoder, MLPEncoder, check_sizes, make_activation
 
-__all__ = ["MODELS", "ENCODER_SCALES", "VAE", "build_model", "from_config", "num_parameters"]
+__all__ = ["MODELS", "ENCODER_SCALES", "VAE", "build_model", "from_config", "build_from_config",
+           "num_parameters"]
 
 MIN_SCALE = 1e-6
 """Smallest encoder standard deviation with the softplus parameterisation."""
@@ -49,6 +53,12 @@ def _softplus_scale(raw: torch.Tensor) -> torch.Tensor:
 def _exp_scale(raw: torch.Tensor) -> torch.Tensor:
     # hardtanh is clamp with a one-kernel backward (clamp's takes five small ops)
     return torch.exp(0.5 * F.hardtanh(raw, -30.0, 30.0))
+
+
+@ENCODER_SCALES.register("logvar-hardtanh")
+def _bounded_logvar_scale(raw: torch.Tensor) -> torch.Tensor:
+    # Tomczak & Welling's VampPrior encoder: log-variance through Hardtanh(-6, 2)
+    return torch.exp(0.5 * F.hardtanh(raw, -6.0, 2.0))
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -153,7 +163,12 @@ class VAE(nn.Module):
                 f"pixel_mean has shape {tuple(pixel_mean.shape)}, the model's event shape "
                 f"is {self.event_shape}: compute it as images.float().mean(0) / 255"
             )
-        ref = self.decoder.output_layer.bias
+        if not hasattr(self.decoder, "set_output_bias"):
+            raise ConfigError(
+                f"the decoder {type(self.decoder).__name__} has no set_output_bias(bias): "
+                "give it one or set model.output_bias = none"
+            )
+        ref = next(self.decoder.parameters())
         bias = self.likelihood.output_bias(pixel_mean.to(device=ref.device, dtype=ref.dtype))
         self.decoder.set_output_bias(bias.to(device=ref.device, dtype=ref.dtype))
 
@@ -168,20 +183,20 @@ MODELS: Registry[Callable[..., tuple[nn.Module, nn.Module]]] = Registry("model")
 
 
 @MODELS.register("mlp")
-def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels):
+def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated):
     """Fully connected encoder/decoder; ``channels`` is unused."""
-    encoder = MLPEncoder(event_shape, latent_dim, hidden, activation)
-    decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation)
+    encoder = MLPEncoder(event_shape, latent_dim, hidden, activation, gated)
+    decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation, gated)
     return encoder, decoder
 
 
 @MODELS.register("conv")
-def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels):
+def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated):
     """Stride-2 conv encoder, transposed-conv decoder; ``hidden`` are dense layers between."""
     channels = check_sizes("channels", channels, allow_empty=False)
-    encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation)
+    encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation, gated)
     decoder = ConvDecoder(event_shape, latent_dim, params_per_channel, channels, hidden,
-                          activation)
+                          activation, gated)
     return encoder, decoder
 
 
@@ -194,6 +209,8 @@ def build_model(
     activation: str = "relu",
     channels: Sequence[int] = (32, 64),
     encoder_scale: str = "softplus",
+    gated: bool = False,
+    init: str = "torch",
 ) -> VAE:
     """Build a VAE for data of ``event_shape`` whose decoder feeds ``likelihood``.
 
@@ -205,7 +222,11 @@ def build_model(
         hidden: dense hidden sizes of the encoder; the decoder mirrors them.
         activation: a name in :data:`~vaelab.models.mlp.ACTIVATIONS`.
         channels: conv channels of the encoder (conv only); the decoder mirrors them.
-        encoder_scale: ``"softplus"`` or ``"exp"``.
+        encoder_scale: a name in :data:`ENCODER_SCALES` (``softplus``, ``exp``,
+            ``logvar-hardtanh``).
+        gated: gated dense layers (:class:`~vaelab.models.mlp.GatedDense`) instead of
+            Linear + activation.
+        init: a weight initialisation in :data:`~vaelab.models.init.INITS`.
 
     Raises:
         ConfigError: unknown kind/activation/scale, bad sizes, or an image size the
@@ -220,13 +241,15 @@ def build_model(
     p = getattr(likelihood, "params_per_channel", None)
     if not isinstance(p, int) or p < 1:
         raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
-    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels)
+    INITS[init]  # unknown names fail before anything is built
+    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels, gated)
+    initialise(encoder, init)
+    initialise(decoder, init)
     return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale)
 
 
 def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module) -> VAE:
-    """Build from a ``ModelConfig``-like object (``kind``, ``latent_dim``, ``hidden``,
-    ``activation``, ``channels`` and optionally ``encoder_scale``)."""
+    """Build from a :class:`~vaelab.config.ModelConfig` (or an object with its fields)."""
     return build_model(
         config.kind,
         event_shape,
@@ -236,7 +259,16 @@ def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module) 
         activation=config.activation,
         channels=tuple(config.channels),
         encoder_scale=getattr(config, "encoder_scale", "softplus"),
+        gated=getattr(config, "gated", False),
+        init=getattr(config, "init", "torch"),
     )
+
+
+def build_from_config(cfg: RunConfig, event_shape: Sequence[int]) -> VAE:
+    """The VAE a run's configuration describes, for examples of ``event_shape`` (C, H, W):
+    the likelihood ``cfg.likelihood`` and the model ``cfg.model``."""
+    family = likelihoods.get(cfg.likelihood.name, **cfg.likelihood.options())
+    return from_config(cfg.model, event_shape, family)
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -1,0 +1,248 @@
+"""AIS, BDMC and the weight diagnostics checked on probabilistic PCA, where log p(x) is exact.
+
+pPCA (Tipping & Bishop 1999): z ~ N(0, I_L), x | z ~ N(W z + mu, sigma^2 I_D), so
+p(x) = N(mu, W W^T + sigma^2 I) and the posterior is N(M^-1 W^T (x - mu), sigma^2 M^-1),
+M = W^T W + sigma^2 I. With orthogonal columns of W (scaled 2, 1, 0.5) the posterior is a
+diagonal Gaussian with standard deviations 0.24, 0.45 and 0.71, so encoders that are
+exact, too wide, too narrow or shifted are easy to build. Everything is float64; every
+Monte-Carlo check states its seed and compares with the estimator's own standard error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from vaelab import likelihoods
+from vaelab.errors import ConfigError
+from vaelab.estimators import (
+    SCHEDULES,
+    AISEstimate,
+    ais,
+    bdmc,
+    linear_schedule,
+    sigmoid_schedule,
+)
+from vaelab.models import build_model
+from vaelab.objectives import _draw, _log_weights, log_likelihood, mean_and_stderr
+from vaelab.psis import effective_sample_size, pareto_k
+
+D, L, SIGMA = 6, 3, 0.5
+
+
+class PPCA:
+    """Linear-Gaussian VAE whose encoder is the exact posterior with its standard deviations
+    multiplied by ``width`` and its mean moved by ``shift`` in every latent dimension."""
+
+    def __init__(self, width: float = 1.0, shift: float = 0.0) -> None:
+        g = gen(0)
+        w = torch.linalg.qr(torch.randn(D, L, generator=g, dtype=torch.float64))[0]
+        self.w = w * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+        self.mu = torch.randn(D, generator=g, dtype=torch.float64)
+        self.width, self.shift, self.latent_dim = width, shift, L
+
+    def encode(self, x):
+        m = self.w.T @ self.w + SIGMA**2 * torch.eye(L, dtype=torch.float64)  # diagonal
+        mean = torch.linalg.solve(m, self.w.T @ (x - self.mu).T).T
+        std = (SIGMA**2 / m.diagonal()).sqrt().expand_as(mean)
+        return Independent(Normal(mean + self.shift, self.width * std), 1)
+
+    def decode(self, z):
+        return Independent(Normal(z @ self.w.T + self.mu, SIGMA), 1)
+
+    def prior(self, device):
+        zeros = torch.zeros(L, dtype=torch.float64, device=device)
+        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+    def log_px(self, x):
+        cov = self.w @ self.w.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
+        return MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of tiny tensor ops: a second intra-op thread only adds synchronisation
+    (4.5x slower on a loaded 2-core machine), so these tests run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def data(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D, generator=gen(seed), dtype=torch.float64)
+
+
+def importance_log_weights(model, x, num: int, seed: int) -> torch.Tensor:
+    """``(num, B)`` log-weights of importance sampling with q, by objectives' draw rule."""
+    q = model.encode(x)
+    z, eps = _draw(q, num, gen(seed))
+    return _log_weights(model, x, q, model.prior("cpu"), z, eps)
+
+
+# --------------------------------------------------------------------------- AIS
+
+
+def test_ais_matches_the_closed_form_within_its_standard_error():
+    # encoder 1.5x too wide and shifted by 0.2 (0.8 posterior sd in dim 1); seed 0
+    model, x = PPCA(width=1.5, shift=0.2), data(10)
+    est = ais(model, x, steps=50, chains=16, generator=gen(0), leapfrog_steps=5)
+    err = est.per_example - model.log_px(x)
+    assert (err.abs() < 3 * est.mc_stderr).all()
+    assert abs(est.mean - float(model.log_px(x).mean())) < 3 * est.mc_stderr_of_mean
+    assert (est.mc_stderr < 0.2).all()  # the check has power
+    # 16 annealed chains beat 16 importance samples by a factor > 2 in standard error
+    is16 = log_likelihood(model, x, num_samples=16, generator=gen(0))
+    assert est.mc_stderr_of_mean < is16.mc_stderr_of_mean / 2
+    assert isinstance(est, AISEstimate) and est.per_example.dtype == torch.float64
+    assert est.num_samples == est.chains == 16 and est.steps == 50
+    assert est.mean == pytest.approx(float(est.per_example.mean()), abs=1e-12)
+    assert est.stderr == pytest.approx(mean_and_stderr(est.per_example)[1], rel=1e-12)
+    assert ((est.acceptance > 0.4) & (est.acceptance < 0.95)).all()  # adapted towards 0.65
+
+
+def test_ais_weights_are_unbiased_with_pilot_adapted_step_sizes():
+    # E[w] = p(x) exactly: with 1000 chains the log of the mean weight has a small
+    # Monte-Carlo error, so a bias from the step-size adaptation would show (seed 0)
+    model, x = PPCA(width=1.5, shift=0.2), data(5)
+    est = ais(model, x, steps=5, chains=1000, generator=gen(0), leapfrog_steps=5)
+    err = est.per_example - model.log_px(x)
+    assert (err.abs() < 3 * est.mc_stderr).all()
+    assert (est.mc_stderr < 0.03).all()
+    assert (est.pareto_k < 0.5).all()  # the weights have a finite variance: the SE holds
+
+
+def test_ais_from_the_exact_posterior_is_exact():
+    # log p(x, z) - log q*(z|x) = log p(x) for every z: every weight is exact
+    model, x = PPCA(), data(4)
+    for steps in [1, 7]:
+        est = ais(model, x, steps=steps, chains=30, generator=gen(2), leapfrog_steps=2)
+        torch.testing.assert_close(est.per_example, model.log_px(x), rtol=0, atol=1e-10)
+        assert (est.pareto_k == -math.inf).all()  # constant weights
+        torch.testing.assert_close(est.ess, torch.full((4,), 30.0, dtype=torch.float64))
+    sim = bdmc(model, 4, steps=5, chains=3, generator=gen(3), leapfrog_steps=2)
+    torch.testing.assert_close(sim.lower, model.log_px(sim.x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(sim.upper, model.log_px(sim.x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7, 20])
+def test_one_step_is_importance_sampling_with_the_same_draws(chunk_size):
+    model, x = PPCA(width=1.5, shift=0.2), data(5)
+    est = ais(model, x, steps=1, chains=20, generator=gen(4), chunk_size=chunk_size)
+    ref = log_likelihood(model, x, num_samples=20, generator=gen(4))
+    torch.testing.assert_close(est.per_example, ref.per_example, rtol=0, atol=1e-10)
+    torch.testing.assert_close(est.mc_stderr, ref.mc_stderr, rtol=0, atol=1e-10)
+    assert torch.isnan(est.acceptance).all()  # no transitions
+
+
+def test_ais_is_reproducible_and_chunking_keeps_it_correct():
+    model, x = PPCA(width=1.5, shift=0.2), data(4)
+    a = ais(model, x, steps=10, chains=6, generator=gen(5), leapfrog_steps=2)
+    b = ais(model, x, steps=10, chains=6, generator=gen(5), leapfrog_steps=2)
+    c = ais(model, x, steps=10, chains=6, generator=gen(6), leapfrog_steps=2)
+    assert torch.equal(a.per_example, b.per_example)
+    assert not torch.allclose(a.per_example, c.per_example)
+    # chunks of 2 chains (a pilot each): other draws, the same answer within the errors
+    d = ais(model, x, steps=10, chains=6, generator=gen(5), leapfrog_steps=2, chunk_size=2)
+    se = torch.hypot(a.mc_stderr, d.mc_stderr)
+    assert ((a.per_example - d.per_example).abs() < 4 * se).all()
+    assert not torch.equal(a.per_example, d.per_example)
+
+
+def test_ais_runs_on_a_vaelab_vae_under_no_grad():
+    # float32 MLP VAE with a Bernoulli likelihood; binary data simulated by bdmc
+    torch.manual_seed(0)
+    vae = build_model("mlp", (12,), 2, likelihoods.get("bernoulli"), hidden=(16,)).eval()
+    sim = bdmc(vae, 5, steps=4, chains=3, generator=gen(7), leapfrog_steps=2)
+    assert sim.x.shape == (5, 12) and set(sim.x.unique().tolist()) <= {0.0, 1.0}
+    assert sim.z.dtype == torch.float32 and sim.lower.dtype == torch.float64
+    with torch.no_grad():
+        est = ais(vae, sim.x, steps=4, chains=3, generator=gen(8), leapfrog_steps=2)
+    assert torch.isfinite(est.per_example).all() and (est.per_example < 0).all()
+    assert all(p.grad is None for p in vae.parameters())  # gradients in z only
+    again = bdmc(vae, 5, steps=4, chains=3, generator=gen(7), leapfrog_steps=2)
+    assert torch.equal(sim.x, again.x) and torch.equal(sim.gap, again.gap)
+
+
+# --------------------------------------------------------------------------- BDMC
+
+
+def test_bdmc_brackets_log_px_and_the_gap_closes_as_steps_grow():
+    # start at the prior (a poor proposal), 50 simulated examples, 8 chains, seed 5: the
+    # same generator simulates the same data for every number of steps
+    model, runs = PPCA(width=1.5, shift=0.2), {}
+    for steps in [2, 10, 50]:
+        runs[steps] = bdmc(model, 50, steps=steps, chains=8, generator=gen(5),
+                           leapfrog_steps=3, start="prior")
+        sim = runs[steps]
+        truth = model.log_px(sim.x)
+        low, low_se = mean_and_stderr(sim.lower - truth)
+        up, up_se = mean_and_stderr(sim.upper - truth)
+        assert low < 3 * low_se and up > -3 * up_se  # bounds in expectation
+        assert sim.gap_mean == pytest.approx(sim.upper_mean - sim.lower_mean, abs=1e-12)
+    sim, truth = runs[2], model.log_px(runs[2].x)
+    assert sim.lower_mean < float(truth.mean()) < sim.upper_mean  # a wide, clear bracket
+    assert torch.equal(runs[2].x, runs[50].x)
+    for few, many in [(2, 10), (10, 50)]:
+        shrink, se = mean_and_stderr(runs[few].gap - runs[many].gap)  # paired by example
+        assert shrink > 3 * se
+    assert runs[50].gap_mean < 0.3
+
+
+# --------------------------------------------------------------------------- k-hat, ESS
+
+
+def test_khat_and_ess_tell_a_wide_encoder_from_a_too_narrow_one():
+    # K = 2000 importance samples, 5 examples, seed 9. Tail shape of the weights: bounded
+    # (k < 0) for q wider than the posterior; k = 1 - width^2 = 0.94 for width 1/4
+    x, num = data(5), 2000
+    wide = importance_log_weights(PPCA(width=1.2), x, num, seed=9)
+    narrow = importance_log_weights(PPCA(width=0.25), x, num, seed=9)
+    assert (pareto_k(wide) < 0.5).all()
+    assert (pareto_k(narrow) > 0.7).all()
+    assert (effective_sample_size(wide) / num > 0.8).all()
+    assert (effective_sample_size(narrow) / num < 0.1).all()
+    # and the narrow encoder's estimate is biased low, as k-hat warns
+    biased = torch.logsumexp(narrow, 0) - math.log(num) - PPCA().log_px(x)
+    assert (biased < 0).all()
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_schedules_run_from_zero_to_one():
+    for steps in [1, 2, 50]:
+        for betas in [sigmoid_schedule(steps), linear_schedule(steps)]:
+            assert betas.shape == (steps + 1,) and betas[0] == 0 and betas[-1] == 1
+            assert (betas.diff() > 0).all()
+    mid = sigmoid_schedule(100)
+    assert mid.diff()[0] < mid.diff()[50] / 5  # small steps at the ends
+    assert SCHEDULES.names() == ["linear", "sigmoid"]
+
+
+def test_bad_options_are_refused_with_the_rule():
+    model, x = PPCA(), data(2)
+    cases = [
+        (dict(steps=0, chains=2), "steps must be a positive integer"),
+        (dict(steps=2, chains=0), "chains must be a positive integer"),
+        (dict(steps=2, chains=2, leapfrog_steps=0), "leapfrog_steps must be"),
+        (dict(steps=2, chains=2, chunk_size=0), "chunk_size must be"),
+        (dict(steps=2, chains=2, start="posterior"), "unknown AIS start 'posterior'"),
+        (dict(steps=2, chains=2, schedule="cosine"),
+         "unknown annealing schedule 'cosine': choose one of linear, sigmoid"),
+        (dict(steps=2, chains=2, target_acceptance=1.0), r"target_acceptance must be in"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            ais(model, x, **kwargs)
+    with pytest.raises(ConfigError, match="num_examples must be a positive integer"):
+        bdmc(model, 0, steps=2, chains=2)
+    with torch.inference_mode(), pytest.raises(ConfigError, match="not torch.inference_mode"):
+        ais(model, x, steps=2, chains=2)
