@@ -90,6 +90,20 @@ def png_folder(*sizes: tuple[int, int]) -> Callable:
     return make
 
 
+def png_bomb(side: int) -> bytes:
+    """A PNG that declares side x side pixels but holds one tiny IDAT (a decompression bomb's
+    header: decoding it would need side**2 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
 def _idx_header(shape: tuple[int, ...]) -> bytes:
     return bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
 
@@ -282,24 +296,49 @@ ROWS: dict[str, Row] = {
         raw("x.npz", b"PK\x03\x04" + bytes(40))),
     "a file of another kind": Row(
         ["train", "--dataset", "{tmp}/x.csv", *USER, "--out", "{out}"],
-        ("neither a .npz/.npy file nor a folder of PNG images", "np.save or np.savez"),
+        ("neither a .npz/.npy file nor a folder of images", "np.save or np.savez"),
         raw("x.csv", b"1,2,3\n")),
     "a data file that does not exist": Row(
         ["train", "--dataset", "{tmp}/missing.npz", *USER, "--out", "{out}"],
-        ("does not exist", "give an existing .npz/.npy file or PNG folder")),
+        ("does not exist", "give an existing .npz/.npy file or folder of images")),
     # ---- PNG folders
     "a folder with no images": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("holds no .png images", "put the images there"), png_folder()),
+        ("holds no images (.png, .jpg", "put the images there"), png_folder()),
     "a folder of images of mixed sizes": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("is 20x28 with 1 channel but 00.png is 28x28", "resize or convert them"),
+        ("images differ in size: 00.png is 28x28 but 02.png is 28x20",
+         "pass --image-size N or HxW"),
         png_folder((28, 28), (28, 28), (28, 20))),
     "a .png that is not a PNG": Row(
         ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
-        ("is not a readable PNG image", "replace it with an 8-bit PNG file"),
+        ("01.png is not a readable PNG image", "replace it with a valid PNG file"),
         lambda tmp, mp: (png_folder((28, 28))(tmp, mp),
                          (tmp / "pngs" / "01.png").write_bytes(b"GIF89a" + bytes(20)))),
+    "a truncated image in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/01.png is not a readable PNG image", "replace it with a valid PNG file"),
+        lambda tmp, mp: (png_folder((28, 28), (28, 28))(tmp, mp),
+                         (tmp / "pngs" / "01.png").write_bytes(
+                             (tmp / "pngs" / "01.png").read_bytes()[:60]))),
+    "a folder of non-image files only": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("holds no images (.png, .jpg", "skipped .txt: 2", "put the images there"),
+        lambda tmp, mp: (png_folder()(tmp, mp), (tmp / "pngs" / "a.txt").write_text("x"),
+                         (tmp / "pngs" / "b.txt").write_text("y"))),
+    "a decompression bomb in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/01.png is 30000x30000 pixels", "a decompression bomb?", "downscale it"),
+        lambda tmp, mp: (png_folder((28, 28))(tmp, mp),
+                         (tmp / "pngs" / "01.png").write_bytes(png_bomb(30_000)))),
+    "a symbolic link loop in a folder": Row(
+        ["train", "--dataset", "{tmp}/pngs", *USER, "--out", "{out}"],
+        ("pngs/loop is a symbolic link back to", "(a loop): remove the link"),
+        lambda tmp, mp: (png_folder((28, 28))(tmp, mp), os.symlink(".", tmp / "pngs" / "loop"))),
+    "an .npz whose layout is ambiguous": Row(
+        ["train", "--dataset", "{tmp}/x.npz", *USER, "--out", "{out}"],
+        ("images of shape (12, 3, 4, 4) could be NCHW", "set data.layout to 'nchw' or 'nhwc'"),
+        npz("x.npz", images=np.zeros((12, 3, 4, 4), np.uint8))),
     # ---- idx files (registered datasets)
     "idx file with a wrong magic number": Row(
         ["train", "--dataset", TINY, "--data-dir", "{tmp}/tiny", *USER, "--out", "{out}"],

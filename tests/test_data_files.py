@@ -1,4 +1,7 @@
-"""User data: .npz / .npy arrays and PNG folders, and every refusal."""
+"""User data held in .npz / .npy arrays: layouts, values, colour, size, and every refusal.
+
+Folders of images are tested in test_data_folders.py, the splits in test_data_splits.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.data import load, read_array_file, read_png_folder, validation_indices
+from vaelab.data import load, read_array_file, validation_indices
 from vaelab.errors import ConfigError, DataError
 
 RNG = np.random.default_rng(0)
@@ -70,18 +73,85 @@ def test_binary_arrays_are_levels_2(tmp_path, values, levels):
         load(path, split="all", binarize="dynamic")
 
 
-def test_user_splits(tmp_path):
+def test_user_splits_without_a_test_part_match_the_old_validation_rule(tmp_path):
+    """test_size=0: validation is randperm(N, seed)[:size] of the whole file, as before."""
     path = _npz(tmp_path, images=GREY, labels=LABELS)
-    train = load(path, split="train", validation_size=4, seed=2)
-    validation = load(path, split="validation", validation_size=4, seed=2)
+    train = load(path, split="train", validation_size=4, seed=2, test_size=0)
+    validation = load(path, split="validation", validation_size=4, seed=2, test_size=0)
     held_out = validation_indices(12, 4, seed=2).numpy()
     np.testing.assert_array_equal(validation.images[:, 0].numpy(), GREY[held_out])
     assert len(train) == 8 and validation.metadata["validation"]["seed"] == 2
-    with pytest.raises(ConfigError, match=r"a single file has no test split: load your test "
-                                          r"file itself with split='all'"):
-        load(path, split="test")
+    with pytest.raises(DataError, match=r"has no test split \(test_size=0\): give a separate "
+                                        r"test set \(--test-dataset PATH\)"):
+        load(path, split="test", test_size=0)
     static = load(path, split="all", binarize="static")
     assert static.levels == 2 and set(static.images.unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "read_as"),
+    [((4, 3, 5, 6), "auto", "nchw"), ((4, 5, 6, 3), "auto", "nhwc"), ((4, 5, 6, 1), "auto", "nhwc"),
+     ((4, 3, 4, 4), "nchw", "nchw"), ((4, 4, 4, 3), "nhwc", "nhwc"), ((4, 5, 6), "nhwc", "nhw")],
+)
+def test_layouts_detected_or_given(tmp_path, shape, layout, read_as):
+    array = RNG.integers(0, 256, shape, dtype=np.uint8)
+    data = read_array_file(_npz(tmp_path, images=array), layout=layout)
+    expected = {"nchw": array, "nhwc": array.transpose(0, 3, 1, 2) if array.ndim == 4 else None,
+                "nhw": array[:, None]}[read_as]
+    np.testing.assert_array_equal(data.images, expected)
+    assert data.metadata["layout"] == {"requested": layout, "read_as": read_as}
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "message"),
+    [((4, 3, 4, 4), "auto", r"images of shape \(4, 3, 4, 4\) could be NCHW \(3 channels of "
+                            r"4x4\) or NHWC \(4 channels of 3x4\): set data.layout to 'nchw' "
+                            r"or 'nhwc'"),
+     ((4, 1, 8, 3), "auto", r"could be NCHW \(1 channels of 8x3\) or NHWC"),
+     ((4, 28, 28, 1), "nchw", r"read as layout 'nchw' have 28 channels, not 1, 3 or 4: set "
+                              r"data.layout to the layout the array has")],
+)
+def test_ambiguous_or_wrong_layout_is_refused(tmp_path, shape, layout, message):
+    path = _npz(tmp_path, images=np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=message) as info:
+        load(path, split="all", layout=layout)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_array_colour_options(tmp_path, caplog):
+    rgba = RNG.integers(0, 256, (3, 5, 6, 4), dtype=np.uint8)
+    path = _npz(tmp_path, images=rgba)
+    with caplog.at_level("WARNING", logger="vaelab.data"):
+        colour = load(path, split="all")
+    assert "the 4th (alpha, transparency) is dropped" in caplog.text
+    np.testing.assert_array_equal(colour.images.numpy(), rgba[..., :3].transpose(0, 3, 1, 2))
+    grey = load(path, split="all", channels=1)
+    pillow = np.stack([np.asarray(Image.fromarray(image[..., :3]).convert("L")) for image in rgba])
+    np.testing.assert_array_equal(grey.images[:, 0].numpy(), pillow)
+    repeated = load(_npz(tmp_path, "g.npz", images=GREY), split="all", channels="3")
+    assert repeated.images.shape == (12, 3, 5, 6)
+    for c in range(3):
+        np.testing.assert_array_equal(repeated.images[:, c].numpy(), GREY)
+
+
+def test_array_image_size_resizes_like_pillow(tmp_path):
+    rgb = RNG.integers(0, 256, (2, 10, 20, 3), dtype=np.uint8)
+    data = load(_npz(tmp_path, images=rgb), split="all", image_size="4x4")
+    assert data.images.shape == (2, 3, 4, 4)
+    expected = np.asarray(Image.fromarray(rgb[1]).resize((4, 4), Image.Resampling.LANCZOS,
+                                                         box=(5, 0, 15, 10), reducing_gap=3.0))
+    np.testing.assert_array_equal(data.images[1].numpy(), expected.transpose(2, 0, 1))
+    assert data.metadata["image_size"] == {"requested": [4, 4], "original": [10, 20]}
+
+
+def test_binary_arrays_cannot_be_resized_or_turned_grey(tmp_path):
+    path = _npz(tmp_path, images=np.ones((2, 6, 6, 3), bool))
+    with pytest.raises(DataError, match=r"0/1 data cannot be resized from 6x6 to 2x2 without "
+                                        r"making grey levels"):
+        load(path, split="all", image_size=2)
+    with pytest.raises(DataError, match=r"0/1 data cannot be turned grey"):
+        load(path, split="all", channels=1)
+    assert load(path, split="all", image_size=6).levels == 2  # same size: nothing to do
 
 
 ARRAY_ERRORS = {
@@ -92,6 +162,10 @@ ARRAY_ERRORS = {
     "wrong dtype": ({"images": GREY.astype(np.complex64)}, r"dtype complex64 are not supported"),
     "length mismatch": ({"images": GREY, "labels": LABELS[:5]},
                         r"5 labels for 12 images: they must match one to one"),
+    "too many labels": ({"x": GREY, "y": np.arange(13)},
+                        r"13 labels for 12 images: they must match one to one"),
+    "labels not 1-D": ({"images": GREY, "labels": LABELS.reshape(12, 1)},
+                       r"labels must be one integer per image, shape \(12,\), got \(12, 1\)"),
     "non-integer labels": ({"images": GREY, "labels": LABELS + 0.5},
                            r"labels must be integers, got dtype float64"),
     "empty": ({"images": np.zeros((0, 5, 6), np.uint8)}, r"holds no images \(shape \(0, 5, 6\)\)"),
@@ -124,67 +198,5 @@ def test_unreadable_and_unknown_files(tmp_path):
         load(bad, split="all")
     other = tmp_path / "data.csv"
     other.write_text("1,2")
-    with pytest.raises(DataError, match="neither a .npz/.npy file nor a folder"):
+    with pytest.raises(DataError, match="neither a .npz/.npy file nor a folder of images"):
         load(other, split="all")
-
-
-def _png(path, array, mode=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
-
-
-def test_png_folder_sorted_unlabelled(tmp_path):
-    folder = tmp_path / "pngs"
-    names = ["b.png", "a.png", "c.PNG"]
-    for i, name in enumerate(names):
-        _png(folder / name, GREY[i])
-    (folder / "notes.txt").write_text("ignored")
-    data = load(folder, split="all")
-    assert data.labels is None and data.images.shape == (3, 1, 5, 6)
-    order = [1, 0, 2]  # a.png, b.png, c.PNG
-    np.testing.assert_array_equal(data.images[:, 0].numpy(), GREY[order])
-    assert list(data.checksums) == ["pngs/"] and data.metadata["num_files"] == 3
-
-
-def test_png_folder_with_class_subfolders_and_rgb(tmp_path):
-    folder = tmp_path / "classes"
-    rgb = RNG.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
-    _png(folder / "dog" / "1.png", rgb[0])
-    _png(folder / "cat" / "2.png", rgb[1])
-    _png(folder / "cat" / "1.png", rgb[2])
-    data = read_png_folder(folder)
-    assert data.metadata["classes"] == ["cat", "dog"]
-    assert data.labels.tolist() == [0, 0, 1]
-    np.testing.assert_array_equal(data.images, rgb[[2, 1, 0]].transpose(0, 3, 1, 2))
-
-
-@pytest.mark.parametrize(
-    ("layout", "message"),
-    [
-        ("empty", r"holds no .png images"),
-        ("mixed sizes", r"b.png is 7x5 with 1 channel but a.png is 6x5 with 1 channel: all "
-                        r"images must have the same size and mode"),
-        ("mixed modes", r"b.png is 6x5 with 3 channels but a.png is 6x5 with 1 channel"),
-        ("mixed layout", r"holds both PNG files and class sub-folders"),
-        ("16-bit", r"has PIL mode 'I;16'"),
-        ("not a png", r"a.png is not a readable PNG image"),
-    ],
-)
-def test_png_folder_errors(tmp_path, layout, message):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    if layout != "empty" and layout != "not a png":
-        _png(folder / "a.png", GREY[0])
-    if layout == "mixed sizes":
-        _png(folder / "b.png", RNG.integers(0, 256, (5, 7), dtype=np.uint8))
-    elif layout == "mixed modes":
-        _png(folder / "b.png", RNG.integers(0, 256, (5, 6, 3), dtype=np.uint8))
-    elif layout == "mixed layout":
-        _png(folder / "cls" / "c.png", GREY[1])
-    elif layout == "16-bit":
-        (folder / "a.png").unlink()
-        Image.fromarray(GREY[0].astype(np.uint16) * 200).save(folder / "a.png")
-    elif layout == "not a png":
-        (folder / "a.png").write_bytes(b"<html></html>")
-    with pytest.raises(DataError, match=message):
-        load(folder, split="all")

@@ -87,7 +87,9 @@ def test_validation_size_zero_and_bad_sizes(tiny):
     assert len(_load(tiny, split="train", validation_size=0)) == 30
     with pytest.raises(DataError, match=r"validation split is empty \(validation_size=0\)"):
         _load(tiny, split="validation", validation_size=0)
-    with pytest.raises(ConfigError, match=r"validation_size 30 leaves no training data"):
+    with pytest.raises(ConfigError, match=r"validation_size 30 leaves no training data in tiny "
+                                          r"\(30 examples\): choose a smaller value, e\.g\. "
+                                          r"--set data.validation_size=3"):
         _load(tiny, split="train", validation_size=30)
     with pytest.raises(ConfigError, match=r"validation_size must be an integer >= 0"):
         _load(tiny, validation_size=-1)

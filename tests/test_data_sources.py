@@ -190,10 +190,11 @@ def test_overrides_of_cache_system_dirs_and_mirrors(tiny, monkeypatch):
 
 
 def test_unknown_dataset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar10': choose one of "
-                                          r"binarized-mnist, fashion-mnist, kmnist, mnist, or "
-                                          r"give a .npz/.npy file or a folder of PNG images"):
-        load("cifar10")
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar100': choose one of "
+                                          r"binarized-mnist, cifar10, fashion-mnist, kmnist, "
+                                          r"mnist, svhn, or give a .npz/.npy file or a folder "
+                                          r"of images"):
+        load("cifar100")
     with pytest.raises(DataError, match=r"missing.npz does not exist"):
         load("missing.npz")
 
@@ -205,6 +206,8 @@ REGISTRY_EXAMPLES = {
     "fashion-mnist": (4, 256, 26421880),
     "kmnist": (4, 256, 18165135),
     "binarized-mnist": (3, 2, 78400000),
+    "cifar10": (1, 256, 170052171),
+    "svhn": (2, 256, 182040794),
 }
 
 

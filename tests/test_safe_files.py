@@ -277,6 +277,30 @@ def test_np_load_is_only_ever_called_without_pickles(tmp_path, tripwires):
     assert tripwires == [False, False]
 
 
+def test_the_decoded_image_cache_is_never_unpickled(tmp_path, tripwires, monkeypatch):
+    """A folder's cache entry is written and read with allow_pickle=False; a pickle put in
+    its place is refused (the folder is decoded again) and never runs."""
+    from PIL import Image
+
+    from vaelab.data import load
+
+    monkeypatch.setenv("VAELAB_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    assert load(folder, split="all").metadata["cache"]["hit"] is False
+    assert load(folder, split="all").metadata["cache"]["hit"] is True
+    assert tripwires and all(flag is False for flag in tripwires)
+    (images,) = (tmp_path / "cache" / "decoded").glob("*[0-9a-f].npy")
+    marker = tmp_path / "pwned"
+    images.write_bytes(pickle.dumps(Payload(marker)))
+    again = load(folder, split="all")
+    assert again.metadata["cache"]["hit"] is False and not marker.exists()
+    assert again.images[:, 0, 0, 0].tolist() == [0, 60, 120]
+    assert all(flag is False for flag in tripwires)
+
+
 # --------------------------------------------------------------------------- paths
 
 

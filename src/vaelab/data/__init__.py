@@ -1,10 +1,17 @@
-"""Datasets for vaelab: verified MNIST-format files, user arrays and PNG folders, splits, binarisation.
+"""Datasets for vaelab: verified registered datasets (MNIST family, CIFAR-10, SVHN), a user's
+arrays and folders of images, splits, binarisation.
 
 Entry point::
 
     from vaelab.data import load
     train = load("fashion-mnist", split="train", binarize="dynamic")   # 55,000 images
     x = train.batch(torch.arange(128), generator=g)                    # float32 (128, 1, 28, 28)
+    pets = load("~/pets", split="test", image_size=64)                 # a folder, one class per
+                                                                       # sub-folder, 10% held out
+
+A user's data: :mod:`vaelab.data.files` (arrays), :mod:`vaelab.data.folders` (folders),
+:mod:`vaelab.data.images` (decoding, resizing, colour), :mod:`vaelab.data.user` (splits),
+:mod:`vaelab.data.cache` (the decoded-image cache).
 
 Where the files come from (data_dir, ``$VAELAB_DATA_DIR``, the user cache, system
 directories such as Debian's ``/usr/share/datasets/fashion-mnist``, then verified downloads)
@@ -14,8 +21,10 @@ is described in :mod:`vaelab.data.sources`; the checksums and their sources in
 
 from __future__ import annotations
 
-from .files import UserData, read_array_file, read_png_folder
+from .files import UserData, read_array_file
+from .folders import read_image_folder
 from .idx import parse_amat, parse_idx, read_amat, read_idx, write_amat, write_idx
+from .images import IMAGE_FORMATS
 from .imageset import (
     BINARIZE_MODES,
     ImageSet,
@@ -26,6 +35,7 @@ from .imageset import (
     validation_indices,
 )
 from .loader import REGISTERED_SPLITS, TEST_BINARIZATION_SEED, USER_SPLITS, load, load_split
+from .options import UserOptions
 from .registry import DATASETS, DatasetSpec, RemoteFile
 from .sources import (
     SYSTEM_DATA_DIRS,
@@ -58,7 +68,9 @@ __all__ = [
     "write_amat",
     "UserData",
     "read_array_file",
-    "read_png_folder",
+    "read_image_folder",
+    "IMAGE_FORMATS",
+    "UserOptions",
     "validation_indices",
     "split_indices",
     "indices_digest",

@@ -1,23 +1,27 @@
-"""User data: ``.npz`` / ``.npy`` image arrays and folders of PNG images.
+"""User data held in arrays: ``.npz`` / ``.npy`` files, and the :class:`UserData` record.
 
 Accepted arrays and how they are read:
 
 - keys (``.npz``): images under ``images`` or ``x``; optional labels under ``labels`` or
-  ``y`` (integers, one per image). A ``.npy`` file holds images only. Nothing is unpickled.
-- shapes: ``(N, H, W)`` -> ``(N, 1, H, W)``; ``(N, C, H, W)`` with ``C`` in {1, 3, 4} as is;
-  ``(N, H, W, C)`` with ``C`` in {1, 3, 4} (and ``H`` not) -> ``(N, C, H, W)``.
+  ``y`` (integers, one per image; any other number is an error). A ``.npy`` file holds
+  images only. Nothing is unpickled (``np.load(allow_pickle=False)``).
+- shapes: ``(N, H, W)`` -> ``(N, 1, H, W)``; ``(N, C, H, W)`` (NCHW) or ``(N, H, W, C)``
+  (NHWC, transposed) with ``C`` in {1, 3, 4}. The layout is detected when only one reading
+  gives 1, 3 or 4 channels; when both do (e.g. ``(N, 3, 4, 4)``) it is an error asking for
+  ``layout`` (``data.layout``): ``"nchw"`` or ``"nhwc"``.
 - values: ``uint8`` are grey levels 0..255 (``levels=256``). Other integer types must lie in
   0..255. ``bool``, or floats that are all exactly 0 or 1, are binary data (``levels=2``).
-  Other floats must be 8-bit grey levels scaled to [0, 1], i.e. multiples of 1/255 (to
-  within 1e-4 / 255), and become uint8 ``round(255 x)``; any other float is refused rather
-  than silently quantised (the likelihoods treat data as 8-bit, so rounding would change
-  the numbers you report): quantise it yourself if that is what you want.
-
-A PNG folder holds either ``*.png`` files (unlabelled; read in sorted name order) or one
-sub-folder of PNGs per class (label = index of the sub-folder in sorted order; the class
-names are kept in the metadata). All images must share size and mode: ``L`` (grey, 1
-channel), ``RGB`` (3) or ``RGBA`` (4); ``1`` (bilevel) is read as grey 0/255 and ``P``
-(palette) is converted to RGB/RGBA.
+  Other floats must be 8-bit levels scaled to [0, 1], i.e. multiples of 1/255 (to within
+  1e-4 / 255), and become uint8 ``round(255 x)``; any other float is refused rather than
+  silently quantised (the likelihoods treat data as 8-bit, so rounding would change the
+  numbers you report): quantise it yourself (``np.rint(x * 255).astype(np.uint8)``) if that
+  is what you want.
+- colour: 4 channels are RGB + alpha, and the alpha channel is dropped with a warning.
+  ``channels`` = ``"auto"`` keeps grey or RGB; 1 converts RGB to grey (ITU-R 601-2 luma, as
+  Pillow's ``convert("L")``); 3 repeats grey into three channels.
+- size: ``image_size`` = (H, W) resizes every image (shorter side, then centre crop, see
+  :mod:`vaelab.data.images`); 0/1 data cannot be resized or turned grey (that would make
+  grey levels) and is refused.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import numpy as np
 
 from ..errors import DataError, describe_bad_values
 from .idx import describe_start
+from .images import format_size, grey_to_rgb, resize, rgb_to_grey
+from .options import parse_channels, parse_layout
 
-__all__ = ["UserData", "read_array_file", "read_png_folder"]
+__all__ = ["UserData", "read_array_file", "conform"]
 
 log = logging.getLogger("vaelab.data")
 
@@ -66,14 +72,29 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _to_nchw(images: np.ndarray, source: Path) -> np.ndarray:
+def _to_nchw(images: np.ndarray, source: Path, layout: str) -> tuple[np.ndarray, str]:
+    """``images`` as ``(N, C, H, W)`` (a view) and the layout read (``nhw``, ``nchw``, ``nhwc``)."""
     shape = images.shape
     if images.ndim == 3:
-        return images[:, None]
-    if images.ndim == 4 and shape[1] in _CHANNELS:
-        return images
-    if images.ndim == 4 and shape[3] in _CHANNELS:
-        return images.transpose(0, 3, 1, 2)
+        return images[:, None], "nhw"
+    if images.ndim == 4:
+        first, last = shape[1] in _CHANNELS, shape[3] in _CHANNELS
+        if layout == "nchw" and not first or layout == "nhwc" and not last:
+            c = shape[1] if layout == "nchw" else shape[3]
+            raise DataError(
+                f"{source}: images of shape {shape} read as layout {layout!r} have {c} "
+                f"channels, not 1, 3 or 4: set data.layout to the layout the array has"
+            )
+        if layout == "auto" and first and last:
+            raise DataError(
+                f"{source}: images of shape {shape} could be NCHW ({shape[1]} channels of "
+                f"{shape[2]}x{shape[3]}) or NHWC ({shape[3]} channels of {shape[1]}x"
+                f"{shape[2]}): set data.layout to 'nchw' or 'nhwc'"
+            )
+        if layout == "nchw" or layout == "auto" and first:
+            return images, "nchw"
+        if layout == "nhwc" or last:
+            return images.transpose(0, 3, 1, 2), "nhwc"
     raise DataError(
         f"{source}: images have shape {shape}; expected (N, H, W), (N, C, H, W) or (N, H, W, C) "
         f"with C in 1, 3, 4: reshape them (e.g. x.reshape(-1, 28, 28) for flat MNIST vectors)"
@@ -138,28 +159,80 @@ def _labels(labels: np.ndarray, n: int, source: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _check_images(images: np.ndarray, source: Path) -> tuple[np.ndarray, int]:
+def _check_images(images: np.ndarray, source: Path,
+                  layout: str) -> tuple[np.ndarray, int, str]:
     if images.ndim < 1 or images.shape[0] == 0:
         raise DataError(f"{source}: holds no images (shape {images.shape}): save a non-empty "
                         f"array of images")
-    nchw = _to_nchw(images, source)
+    nchw, read_as = _to_nchw(images, source, layout)
     if 0 in nchw.shape:
         raise DataError(f"{source}: images have an empty dimension (shape {images.shape})")
     values, levels = _to_levels(nchw, source)
     if levels == 256 and values.max() <= 1:
         log.warning("%s: uint8 images hold only 0 and 1, read as grey levels 0/255 and 1/255; "
                     "save binary data as bool or float 0/1", source)
-    return np.ascontiguousarray(values), levels
+    return np.ascontiguousarray(values), levels, read_as
 
 
-def read_array_file(path: str | Path) -> UserData:
-    """Read images (and labels) from a ``.npz`` or ``.npy`` file; see the module docstring.
+def conform(images: np.ndarray, levels: int, source: Path, channels: str | int = "auto",
+            image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Apply the colour and size options to uint8 ``(N, C, H, W)`` images, C in {1, 3, 4}.
+
+    Returns the images and a JSON-able record of what was done.
 
     Raises:
+        DataError: 0/1 data that would have to be resized or turned grey.
+    """
+    record: dict[str, Any] = {"channels": {"requested": channels,
+                                           "found": int(images.shape[1])}}
+    binary_hint = ("0/1 data cannot be {what} without making grey levels: {fix}")
+    if images.shape[1] == 4:
+        log.warning("%s: the images have 4 channels: the 4th (alpha, transparency) is dropped "
+                    "and the colour under transparent pixels kept as stored", source)
+        images = np.ascontiguousarray(images[:, :3])
+        record["alpha_dropped"] = True
+    if channels == 1 and images.shape[1] == 3:
+        if levels == 2:
+            raise DataError(f"{source}: " + binary_hint.format(
+                what="turned grey", fix="save it with one channel or set data.channels=3"))
+        images = rgb_to_grey(images)
+        log.info("%s: colour images converted to grey (ITU-R 601-2 luma)", source)
+    elif channels == 3 and images.shape[1] == 1:
+        images = grey_to_rgb(images)
+    record["channels"]["chosen"] = int(images.shape[1])
+    if image_size is not None and tuple(images.shape[2:]) != tuple(image_size):
+        if levels == 2:
+            raise DataError(f"{source}: " + binary_hint.format(
+                what=f"resized from {format_size(images.shape[2:])} to "
+                     f"{format_size(image_size)}", fix="drop image_size or resize it yourself"))
+        out = np.empty((images.shape[0], images.shape[1], *image_size), dtype=np.uint8)
+        for i, image in enumerate(images):
+            pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+            resized = resize(np.ascontiguousarray(pixels), image_size)
+            out[i] = resized if resized.ndim == 2 else resized.transpose(2, 0, 1)
+        record["image_size"] = {"requested": list(image_size),
+                                "original": list(images.shape[2:])}
+        images = out
+    return images, record
+
+
+def read_array_file(path: str | Path, layout: str = "auto", channels: str | int = "auto",
+                    image_size: tuple[int, int] | None = None) -> UserData:
+    """Read images (and labels) from a ``.npz`` or ``.npy`` file; see the module docstring.
+
+    Args:
+        path: the file.
+        layout: ``"auto"``, ``"nchw"`` or ``"nhwc"`` (for 4-D arrays).
+        channels: ``"auto"``, 1 or 3.
+        image_size: ``(H, W)`` to resize to, or None.
+
+    Raises:
+        ConfigError: an unknown layout or channels value.
         DataError: missing keys (the keys found are listed), bad dtype, shape or values,
-            labels/images length mismatch, no images.
+            an ambiguous layout, labels/images length mismatch, no images.
     """
     path = Path(path)
+    layout, channels = parse_layout(layout), parse_channels(channels)
     try:
         loaded = np.load(path, allow_pickle=False)
     except _NUMPY_LOAD_ERRORS as exc:
@@ -185,15 +258,17 @@ def read_array_file(path: str | Path) -> UserData:
             except _NUMPY_LOAD_ERRORS as exc:
                 raise _unreadable(path, exc) from None
             keys = {"images": image_key, "labels": label_key}
-    values, levels = _check_images(images, path)
+    values, levels, read_as = _check_images(images, path, layout)
     label_array = _labels(labels, values.shape[0], path) if labels is not None else None
+    values, record = conform(values, levels, path, channels, image_size)
     return UserData(
-        values,
+        np.ascontiguousarray(values),
         label_array,
         levels,
         {path.name: _file_sha256(path)},
         {"source": "array file", "path": str(path.resolve()), "keys": keys,
-         "original_dtype": str(images.dtype), "original_shape": list(images.shape)},
+         "original_dtype": str(images.dtype), "original_shape": list(images.shape),
+         "layout": {"requested": layout, "read_as": read_as}, **record},
     )
 
 
@@ -220,90 +295,3 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
     detail = describe_start(head) if pickled else f"{describe_start(head)}; {exc}"
     return DataError(f"{path} is not a readable .npy/.npz file ({detail}): save the images "
                      f"with np.save or np.savez")
-
-
-def _png_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
-    def pngs(directory: Path) -> list[Path]:
-        return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-
-    direct = pngs(folder)
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and pngs(p))
-    if direct and classes:
-        raise DataError(
-            f"{folder} holds both PNG files and class sub-folders ({classes[0].name}/, ...): "
-            f"use one layout (all PNGs directly, or one sub-folder per class)"
-        )
-    if direct:
-        return direct, None, None
-    if not classes:
-        raise DataError(f"{folder} holds no .png images (directly or in class sub-folders): "
-                        f"put the images there or give the folder that holds them")
-    files, labels = [], []
-    for label, directory in enumerate(classes):
-        for path in pngs(directory):
-            files.append(path)
-            labels.append(label)
-    return files, labels, [d.name for d in classes]
-
-
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        # formats=("PNG",): never hand the file to another decoder (EPS would run Ghostscript)
-        with Image.open(path, formats=("PNG",)) as image:
-            image.load()
-            if image.mode == "1":
-                image = image.convert("L")
-            elif image.mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-            if image.mode not in ("L", "RGB", "RGBA"):
-                raise DataError(f"{path} has PIL mode {image.mode!r}; vaelab reads 8-bit L, RGB "
-                                f"or RGBA images: convert it")
-            return np.asarray(image, dtype=np.uint8)
-    except DataError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-            SyntaxError) as exc:
-        raise DataError(f"{path} is not a readable PNG image ({exc}): replace it with an "
-                        f"8-bit PNG file") from None
-
-
-def read_png_folder(folder: str | Path) -> UserData:
-    """Read a folder of PNG images (optionally one sub-folder per class).
-
-    Raises:
-        DataError: no images, images of different sizes or modes, unreadable files.
-    """
-    folder = Path(folder)
-    files, labels, classes = _png_files(folder)
-    arrays = []
-    digest = hashlib.sha256()
-    for path in files:
-        array = _read_png(path)
-        if arrays and array.shape != arrays[0].shape:
-            raise DataError(
-                f"{path} is {_describe(array)} but {files[0].name} is {_describe(arrays[0])}: "
-                f"all images must have the same size and mode (resize or convert them)"
-            )
-        arrays.append(array)
-        relative = path.relative_to(folder).as_posix()
-        digest.update(f"{relative}\0{_file_sha256(path)}\n".encode())
-    images = np.stack(arrays)
-    if images.ndim == 4:  # (N, H, W, C) from PIL, whatever H is
-        images = images.transpose(0, 3, 1, 2)
-    values, levels = _check_images(images, folder)
-    label_array = np.asarray(labels, dtype=np.int64) if labels is not None else None
-    metadata: dict[str, Any] = {"source": "png folder", "path": str(folder.resolve()),
-                                "num_files": len(files),
-                                "checksum": "sha256 over sorted 'relative path\\0sha256\\n' lines"}
-    if classes is not None:
-        metadata["classes"] = classes
-    return UserData(values, label_array, levels, {folder.name + "/": digest.hexdigest()},
-                    metadata)
-
-
-def _describe(array: np.ndarray) -> str:
-    height, width = array.shape[:2]
-    channels = 1 if array.ndim == 2 else array.shape[2]
-    return f"{width}x{height} with {channels} channel{'s' if channels != 1 else ''}"

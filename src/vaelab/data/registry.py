@@ -57,13 +57,16 @@ class DatasetSpec:
 
     Attributes:
         name: registry name, also the folder name in data and cache directories.
-        format: ``"idx"`` (images + labels files) or ``"amat"`` (one 0/1 text file per part).
+        format: how a part's files are read (:data:`vaelab.data.formats.PART_READERS`):
+            ``"idx"`` (images + labels files), ``"amat"`` (one 0/1 text file per part),
+            ``"cifar10-bin"`` (the CIFAR-10 binary tar.gz), ``"svhn-mat"`` (a MAT-file).
         parts: official part (``"train"``, ``"test"``, ``"valid"``) -> its files: for idx
-            ``(images, labels)``, for amat ``(images,)``.
+            ``(images, labels)``, for the others ``(file,)`` (CIFAR-10's parts share one).
         mirrors: base URLs tried in order; a file's URL is ``base + "/" + file.name``.
         image_shape: ``(C, H, W)`` of one image.
         levels: 256 for grey levels 0..255, 2 for data that is already 0/1.
         homepage, citation: for the README and reports.
+        classes: label names in label order (for legends), or empty.
     """
 
     name: str
@@ -75,6 +78,7 @@ class DatasetSpec:
     levels: int = 256
     homepage: str = ""
     citation: str = ""
+    classes: tuple[str, ...] = ()
 
     def file(self, name: str) -> RemoteFile:
         for remote in self.files:
@@ -87,6 +91,8 @@ class DatasetSpec:
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+DIGITS = tuple(str(d) for d in range(10))
 
 _TFDS = "tensorflow/datasets: tensorflow_datasets/url_checksums/{}.txt (sha256 + size)"
 _RUBY = "ankane/torchvision-ruby: lib/torchvision/datasets/{}.rb (same sha256)"
@@ -166,6 +172,7 @@ DATASETS.register("mnist")(
         homepage="http://yann.lecun.com/exdb/mnist/",
         citation="LeCun, Bottou, Bengio & Haffner (1998), Gradient-based learning applied "
         "to document recognition",
+        classes=DIGITS,
     )
 )
 
@@ -234,6 +241,9 @@ DATASETS.register("fashion-mnist")(
         homepage="https://github.com/zalandoresearch/fashion-mnist",
         citation="Xiao, Rasul & Vollgraf (2017), Fashion-MNIST: a novel image dataset for "
         "benchmarking machine learning algorithms, arXiv:1708.07747",
+        # the label descriptions of the dataset's README, in label order
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"),
     )
 )
 
@@ -277,6 +287,8 @@ DATASETS.register("kmnist")(
         homepage="https://github.com/rois-codh/kmnist",
         citation="Clanuwat et al. (2018), Deep learning for classical Japanese literature, "
         "arXiv:1812.01718",
+        # the hiragana of kmnist_classmap.csv, in label order
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
     )
 )
 
@@ -317,5 +329,73 @@ DATASETS.register("binarized-mnist")(
         homepage="http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/",
         citation="Larochelle & Murray (2011), The neural autoregressive distribution "
         "estimator, AISTATS",
+    )
+)
+
+# CIFAR-10, binary version (Krizhevsky, 2009): one archive for both official parts, raw
+# records, no pickle (see vaelab.data.cifar). sha256 and size: tensorflow/datasets
+# tensorflow_datasets/url_checksums/cifar10.txt (TFDS downloads this binary version);
+# identical sha256 in ankane/torchvision-ruby lib/torchvision/datasets/cifar10.rb
+# (tgz_sha256).
+DATASETS.register("cifar10")(
+    DatasetSpec(
+        name="cifar10",
+        format="cifar10-bin",
+        files=(
+            RemoteFile(
+                "cifar-10-binary.tar.gz",
+                170052171,
+                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                None,
+                f"{_TFDS.format('cifar10')}; ankane/torchvision-ruby: "
+                f"lib/torchvision/datasets/cifar10.rb (same sha256)",
+            ),
+        ),
+        parts={"train": ("cifar-10-binary.tar.gz",), "test": ("cifar-10-binary.tar.gz",)},
+        mirrors=("https://www.cs.toronto.edu/~kriz", "http://www.cs.toronto.edu/~kriz"),
+        image_shape=(3, 32, 32),
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        citation="Krizhevsky (2009), Learning multiple layers of features from tiny images, "
+        "technical report, University of Toronto",
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"),
+    )
+)
+
+# SVHN, cropped digits (format 2; Netzer et al., 2011): MATLAB level-5 files read by
+# vaelab.data.matfile (no SciPy). Labels 10 (digit 0) become 0. The "extra" set is not
+# included. sha256 and sizes: tensorflow/datasets
+# tensorflow_datasets/url_checksums/svhn_cropped.txt; identical sha256 in pytorch/vision
+# torchvision/prototype/datasets/_builtin/svhn.py (_CHECKSUMS), which also gives the sizes
+# 73,257 (train) and 26,032 (test) and the same X axes and label % 10 mapping.
+DATASETS.register("svhn")(
+    DatasetSpec(
+        name="svhn",
+        format="svhn-mat",
+        files=tuple(
+            RemoteFile(name, size, sha, None,
+                       f"{_TFDS.format('svhn_cropped')}; pytorch/vision: torchvision/prototype/"
+                       f"datasets/_builtin/svhn.py (same sha256)")
+            for name, size, sha in [
+                (
+                    "train_32x32.mat",
+                    182040794,
+                    "435e94d69a87fde4fd4d7f3dd208dfc32cb6ae8af2240d066de1df7508d083b8",
+                ),
+                (
+                    "test_32x32.mat",
+                    64275384,
+                    "cdce80dfb2a2c4c6160906d0bd7c68ec5a99d7ca4831afa54f09182025b6a75b",
+                ),
+            ]
+        ),
+        parts={"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
+        mirrors=("http://ufldl.stanford.edu/housenumbers",),
+        image_shape=(3, 32, 32),
+        homepage="http://ufldl.stanford.edu/housenumbers/",
+        citation="Netzer, Wang, Coates, Bissacco, Wu & Ng (2011), Reading digits in natural "
+        "images with unsupervised feature learning, NIPS Workshop on Deep Learning and "
+        "Unsupervised Feature Learning",
+        classes=DIGITS,
     )
 )

@@ -1,5 +1,6 @@
-"""Helpers for testing code that reads datasets: tiny registered-style datasets and a local
-HTTP mirror on 127.0.0.1 (standard library only).
+"""Helpers for testing code that reads datasets: tiny registered-style datasets (idx, amat,
+CIFAR-10 binary archive, SVHN MAT-files) and a local HTTP mirror on 127.0.0.1 (standard
+library only).
 
 Example::
 
@@ -20,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cifar
 from .idx import write_amat, write_idx
 from .registry import DatasetSpec, RemoteFile
+from .svhn import write_svhn
 
-__all__ = ["write_idx_dataset", "write_amat_dataset", "Route", "LocalHTTPServer"]
+__all__ = ["write_idx_dataset", "write_amat_dataset", "write_cifar10_dataset",
+           "write_svhn_dataset", "Route", "LocalHTTPServer"]
 
 _IDX_NAMES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -92,6 +96,69 @@ def write_amat_dataset(
         parts[part] = (file_name,)
     spec = DatasetSpec(name=name, format="amat", files=tuple(files), parts=parts, mirrors=(),
                        image_shape=(1, *image_shape), levels=2)
+    return spec, arrays
+
+
+def write_cifar10_dataset(
+    directory: str | Path,
+    name: str = "tiny-cifar",
+    per_batch: int = 4,
+    seed: int = 0,
+    mirrors: tuple[str, ...] = (),
+) -> tuple[DatasetSpec, dict[str, np.ndarray]]:
+    """Write ``cifar-10-binary.tar.gz`` in the official layout, ``per_batch`` random images
+    per batch file (five training batches, one test batch).
+
+    Returns:
+        The matching spec and ``{"train_images", "train_labels", "test_images",
+        "test_labels"}`` in file order.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for member in (*cifar.MEMBERS["train"], *cifar.MEMBERS["test"]):
+        batches[member] = (rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8),
+                           rng.integers(0, 10, per_batch, dtype=np.uint8))
+    path = cifar.write_archive(directory / "cifar-10-binary.tar.gz", batches)
+    arrays = {}
+    for part in ("train", "test"):
+        arrays[f"{part}_images"] = np.concatenate([batches[m][0] for m in cifar.MEMBERS[part]])
+        arrays[f"{part}_labels"] = np.concatenate([batches[m][1] for m in cifar.MEMBERS[part]])
+    spec = DatasetSpec(name=name, format="cifar10-bin", files=(_remote(path, None),),
+                       parts={"train": (path.name,), "test": (path.name,)}, mirrors=mirrors,
+                       image_shape=(3, 32, 32), classes=cifar.CLASSES)
+    return spec, arrays
+
+
+def write_svhn_dataset(
+    directory: str | Path,
+    name: str = "tiny-svhn",
+    n_train: int = 12,
+    n_test: int = 5,
+    seed: int = 0,
+    mirrors: tuple[str, ...] = (),
+) -> tuple[DatasetSpec, dict[str, np.ndarray]]:
+    """Write ``train_32x32.mat`` and ``test_32x32.mat`` (SVHN format 2) of random images and
+    digits 0..9 (stored as 1..10).
+
+    Returns:
+        The matching spec and ``{"train_images", "train_labels", "test_images",
+        "test_labels"}`` (labels as digits 0..9).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays, files = {}, []
+    for part, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        labels = np.arange(n) % 10  # every digit, 0 (stored as 10) included
+        arrays[f"{part}_images"], arrays[f"{part}_labels"] = images, labels
+        files.append(_remote(write_svhn(directory / f"{part}_32x32.mat", images, labels), None))
+    spec = DatasetSpec(name=name, format="svhn-mat", files=tuple(files),
+                       parts={"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
+                       mirrors=mirrors, image_shape=(3, 32, 32),
+                       classes=tuple(str(d) for d in range(10)))
     return spec, arrays
 
 
