@@ -14,6 +14,15 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Decoded-folder caches and downloads of the whole session go to a temporary directory
+    (subprocesses inherit it), never to the user's ~/.cache/vaelab."""
+    if "VAELAB_CACHE_DIR" not in os.environ:
+        os.environ["VAELAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("vaelab-cache"))
+    yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
 

@@ -435,7 +435,7 @@ ROWS: dict[str, Row] = {
         ("eval.iw_samples must be positive, got 0", "> 0")),
     "negative importance samples (eval)": Row(
         ["eval", "{run}", "--iw-samples", "-5"],
-        ("--iw-samples and --batch-size must be positive", "e.g. --iw-samples 5000"), run="a"),
+        ("--iw-samples must be positive, got -5", "e.g. --iw-samples 5000"), run="a"),
     "beta < 0": Row(["train", *FAST, "--beta", "-0.5", "--out", "{out}"],
                     ("objective.beta must be >= 0, got -0.5", "give a value >= 0")),
     "zero learning rate": Row(["train", *FAST, "--lr", "0", "--out", "{out}"],

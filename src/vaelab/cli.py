@@ -35,6 +35,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
                    f"(default: {_D.data.dataset})")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
+    p.add_argument("--image-size", metavar="N|HxW",
+                   help="your own images: resize to N x N or HxW (shorter side, then centre "
+                   "crop); without it, images of different sizes are an error")
+    p.add_argument("--test-dataset", metavar="PATH",
+                   help="your own data: a file or folder for the test split (default: hold "
+                   "out data.test_size, 10%% up to 10,000)")
     p.add_argument("--binarize", choices=config_mod.BINARIZE_MODES,
                    help=f"(default: {_D.data.binarize})")
     p.add_argument("--likelihood", help=f"p(x|z) family (default: {_D.likelihood.name})")
@@ -69,8 +75,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run the way papers do (NELBO, IW NLL, ...)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--split", default="test", choices=("train", "validation", "test"),
-                   help="(default: test)")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test", "all"),
+                   help="a split of the run's data; all: every example of your own file or "
+                   "folder (default: test)")
     p.add_argument("--iw-samples", type=int,
                    help="importance samples per example; 5000 is the IWAE paper protocol "
                    f"(default: the run's eval.iw_samples, {_D.eval.iw_samples} unless its "
@@ -193,6 +200,7 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
     """Named flags as a config layer (only those given)."""
     mapping = {
         ("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
+        ("data", "image_size"): args.image_size, ("data", "test_dataset"): args.test_dataset,
         ("data", "binarize"): args.binarize, ("likelihood", "name"): args.likelihood,
         ("likelihood", "scale"): args.scale, ("model", "kind"): args.model,
         ("model", "latent_dim"): args.latent_dim, ("objective", "kind"): args.objective,
@@ -285,10 +293,12 @@ def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed, evaluate, runtime
 
-    if any(v is not None and v <= 0 for v in (args.iw_samples, args.batch_size, args.ais_steps,
-                                                  args.ais_chains, args.bdmc)):
-        raise VaelabError("--iw-samples, --batch-size, --ais-steps, --ais-chains and --bdmc "
-                          "must be positive: e.g. --iw-samples 5000 --batch-size 100")
+    for flag, value, example in (("--iw-samples", args.iw_samples, 5000),
+                                 ("--batch-size", args.batch_size, 100),
+                                 ("--ais-steps", args.ais_steps, 100),
+                                 ("--ais-chains", args.ais_chains, 32), ("--bdmc", args.bdmc, 500)):
+        if value is not None and value <= 0:
+            raise VaelabError(f"{flag} must be positive, got {value}: e.g. {flag} {example}")
     if args.limit is not None and args.limit <= 0:
         raise VaelabError(f"--limit must be positive, got {args.limit}")
     device = runtime.select_device(args.device)

@@ -73,6 +73,19 @@ class DataConfig:
     """Use only the first N training examples (quick runs and tests); None = all."""
     test_limit: int | None = None
     """Evaluate on only the first N test examples; None = all."""
+    image_size: str | None = None
+    """Your own images: resize to N x N or HxW (shorter side, antialiased, then centre crop)."""
+    channels: str = "auto"
+    """Your own images: auto (colour if any image is colour, else grey) | 1 | 3."""
+    layout: str = "auto"
+    """.npy/.npz arrays: auto (detected when unambiguous) | nchw | nhwc."""
+    test_size: float | None = None
+    """Your own data: the held-out test part, a fraction < 1 or a count (default 10%, at
+    most 10,000; 0 = none); ignored with test_dataset."""
+    test_dataset: str | None = None
+    """Your own data: a separate file or folder for the test split."""
+    cache: bool = True
+    """Folders of images: reuse the cache of decoded images (keyed by files, sizes, mtimes)."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from .runs import Run, open_run
 
 __all__ = [
     "FIGURES",
-    "FASHION_MNIST_CLASSES",
     "reconstructions_figure",
     "samples_figure",
     "manifold_figure",
@@ -78,11 +77,6 @@ FIGURES = (
     "traversals",
 )
 """Stems of the PNG files :func:`plot_run` writes, in order."""
-
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 
 _N_RECONSTRUCTIONS = 16
 _N_SCATTER = 2000
@@ -566,10 +560,8 @@ def _grey_originals(run: Run, test: ImageSet, n: int) -> Tensor | None:
 
 
 def _class_names(test: ImageSet) -> Sequence[str] | None:
-    names = test.metadata.get("class_names")
-    if names:
-        return names
-    return FASHION_MNIST_CLASSES if test.name == "fashion-mnist" else None
+    """Label names from the data's metadata (registered datasets, class sub-folders)."""
+    return test.metadata.get("classes") or None
 
 
 def plot_run(

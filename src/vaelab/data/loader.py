@@ -127,15 +127,19 @@ def load(
     )
 
 
-def load_split(cfg: DataConfig, split: str, seed: int) -> ImageSet:
+def load_split(cfg: DataConfig, split: str, seed: int, progress: bool = True) -> ImageSet:
     """One split of the dataset a run's ``[data]`` section describes.
 
-    :func:`load` with the section's dataset, data_dir, binarize and validation_size, and
-    ``seed`` (the run's ``train.seed``); then ``train_limit`` / ``test_limit`` keep the
-    first examples of the train / test split.
+    :func:`load` with the section's options and ``seed`` (the run's ``train.seed``); then
+    ``train_limit`` / ``test_limit`` keep the first examples of the train / test split.
     """
+    test_size = cfg.test_size
+    if test_size is not None and test_size >= 1 and float(test_size).is_integer():
+        test_size = int(test_size)  # a count
     images = load(cfg.dataset, split=split, data_dir=cfg.data_dir, binarize=cfg.binarize,
-                  validation_size=cfg.validation_size, seed=seed)
+                  validation_size=cfg.validation_size, seed=seed, image_size=cfg.image_size,
+                  channels=cfg.channels, layout=cfg.layout, test_size=test_size,
+                  test_path=cfg.test_dataset, cache=cfg.cache, progress=progress)
     limit = {"train": cfg.train_limit, "test": cfg.test_limit}.get(split)
     if limit is not None and limit < len(images):
         images = images.subset(torch.arange(limit))
