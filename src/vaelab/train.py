@@ -316,6 +316,7 @@ def train_and_evaluate(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     ctx: distributed.Context | None = None,
+    on_setup: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``cfg`` into ``run_dir``, evaluating on the validation split after
     every epoch; return a summary (run_dir, epochs, steps, best_epoch).
@@ -332,6 +333,9 @@ def train_and_evaluate(
         echo: where per-epoch lines go (default: ``print`` on rank 0).
         ctx: the process group (default: joined here when launched by torchrun, and left
             at the end).
+        on_setup: called on rank 0 with the model once it is built (and resumed), before
+            the first epoch (``vaelab train`` uses it to say how long the final evaluation
+            will take).
 
     Raises:
         TrainingDiverged: a loss term became NaN/Inf (``last`` keeps the last good state).
@@ -356,6 +360,8 @@ def train_and_evaluate(
                                  progress and ctx.is_main, stack, echo)
         # A failed collective from here on (a rank died or hangs) ends with a clear message.
         stack.enter_context(distributed.lost_contact(ctx, "training"))
+        if on_setup is not None and ctx.is_main:
+            on_setup(loop.model)
         z_fixed = torch.randn(64, loop.model.latent_dim,
                               generator=seeded_generator(cfg.train.seed, 0, Purpose.SAMPLES))
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -394,6 +400,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     model = model.to(device)
     if cfg.model.output_bias == "data-mean" and hasattr(model, "init_output_bias"):
         model.init_output_bias(train_set.pixel_mean().to(device))
+    _check_likelihood_fits(model, cfg, train_set)
     _check_data_once(model, train_set, seed, device)
     objective = objectives.build_objective(
         model, cfg.objective,
@@ -443,6 +450,20 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed
     elif ctx.is_main and last.with_suffix(".json").exists():
         raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume "
                               f"{run_dir} or choose another --out")
+
+
+def _check_likelihood_fits(model: nn.Module, cfg: RunConfig, train_set: ImageSet) -> None:
+    """A density on [0, 1] (gaussian, laplace, continuous-bernoulli) is no likelihood of
+    0/1 values: on binarised data it can grow without bound. Refuse that pairing."""
+    family = getattr(model, "likelihood", None)
+    binarised = cfg.data.binarize != "none" or train_set.levels == 2
+    if (getattr(family, "data_kind", None) == "unit" and getattr(family, "normalized", True)
+            and binarised):
+        raise ConfigError(
+            f"likelihood {family.name} is a density on [0, 1] but the data are binarised "
+            f"(0/1 values, binarize = {cfg.data.binarize}): a density on 0/1 values is not a "
+            "likelihood of them and grows without bound; use --binarize none (grey levels) "
+            "or --likelihood bernoulli")
 
 
 def _check_data_once(model: nn.Module, train_set: ImageSet, seed: int,
