@@ -21,7 +21,7 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "_io", "rng", "schedules", "psis"},
+    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads"},
     {"config"},
     {"runtime", "distributed", "data"},
     {"likelihoods", "priors", "compat", "audit"},

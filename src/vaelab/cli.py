@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from . import threads as cpu_threads
 from .errors import VaelabError
 
 __all__ = ["main", "build_parser", "run_training"]
@@ -363,7 +364,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from . import plots
+    from . import plots, runtime
+
+    runtime.configure_threads()
 
     written = plots.plot_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
     for path in written:
@@ -372,7 +375,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from . import plots
+    from . import plots, runtime
+
+    runtime.configure_threads()
 
     if args.n <= 0:
         raise VaelabError(f"--n must be positive, got {args.n}: e.g. --n 64")
@@ -460,6 +465,15 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+#: The commands that compute (they choose CPU threads) and how to override their choice.
+_OVERRIDE_HINTS = {
+    "train": "set --set train.threads=N or OMP_NUM_THREADS to override",
+    "eval": "set OMP_NUM_THREADS to override",
+    "plot": "set OMP_NUM_THREADS to override",
+    "sample": "set OMP_NUM_THREADS to override",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaelab`` console script; returns the exit status."""
     parser = build_parser()
@@ -469,7 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        if args.command in _OVERRIDE_HINTS:
+            # Before any handler imports torch: libgomp reads OMP_WAIT_POLICY only then.
+            cpu_threads.startup(_OVERRIDE_HINTS[args.command])
+        code = int(args.handler(args) or 0)
+        cpu_threads.report()  # after the work: a command stopped by bad input prints one line
+        return code
     except VaelabError as exc:
         print(f"vaelab: error: {exc}", file=sys.stderr)
         return 2
@@ -480,3 +499,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vaelab: error: {exc.strerror or exc} ({exc.filename or 'no file'}): check "
               "free space and permissions; saved checkpoints are untouched", file=sys.stderr)
         return 1
+    finally:
+        cpu_threads.withdraw()

@@ -229,6 +229,7 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
     batches = _progress(range(steps), f"epoch {epoch + 1}/{cfg.train.epochs}", loop.progress)
     with _data_checked(family):
         for batch in batches:
+            runtime.follow_threads()  # another vaelab run started or ended: share the cores
             index = perm[batch * global_batch:(batch + 1) * global_batch]
             # Drawn for the global batch, so every rank sees the pixels of a one-process run.
             x = loop.train_set.inputs(index, loop.data_kind, binarize_gen)
