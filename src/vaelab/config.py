@@ -194,7 +194,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:N."""
     threads: int | None = None
-    """torch CPU threads; None = torch's default."""
+    """torch CPU threads; None = vaelab's choice from the free cores (vaelab.threads)."""
     eval_batch_size: int = 1000
 
 
