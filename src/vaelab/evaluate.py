@@ -242,6 +242,7 @@ def evaluate_run(
     report["checkpoint_epoch"] = run.epoch
     report["model_selection"] = (
         "lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
+        and cfg.train.select == "best" and cfg.train.validation_split == "validation"
         and cfg.data.validation_size else "the last epoch")
     report["preset"] = cfg.preset
     return report

@@ -184,7 +184,7 @@ class _Loop:
     objective: nn.Module  # the objective, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     train_set: ImageSet
-    val_set: ImageSet | None
+    val_set: ImageSet | None  # evaluated after every epoch (train.validation_split)
     ctx: distributed.Context
     device: torch.device
     run_dir: Path
@@ -296,13 +296,16 @@ def _data_checked(family: nn.Module | None) -> Iterator[None]:
 
 
 def evaluate(loop: _Loop) -> dict[str, Any]:
-    """The validation NELBO, recon and KL (beta = 1, the same z every epoch); empty without
-    a validation split."""
+    """The NELBO, recon and KL (beta = 1, the same z every epoch) of the split evaluated
+    every epoch: ``val_*`` for the validation split, ``test_*`` with
+    ``train.validation_split = test``; empty without one."""
     if loop.val_set is None or len(loop.val_set) == 0:
         return {}
     val = metrics.elbo_metrics(loop.model, loop.val_set, batch_size=loop.cfg.train.eval_batch_size,
                                seed=loop.cfg.train.seed, ctx=loop.ctx)
-    return {"val_nelbo": val["nelbo"], "val_recon": val["recon"], "val_kl": val["kl"]}
+    prefix = "test" if loop.cfg.train.validation_split == "test" else "val"
+    return {f"{prefix}_nelbo": val["nelbo"], f"{prefix}_recon": val["recon"],
+            f"{prefix}_kl": val["kl"]}
 
 
 # --------------------------------------------------------------------------- the run
@@ -370,7 +373,7 @@ def train_and_evaluate(
                 break
             record = train_epoch(loop, epoch, state)
             record.update(evaluate(loop))
-            _keep_best(state, record, cfg.train.patience)
+            _keep_best(state, record, cfg.train)
             if ctx.is_main:
                 _save_epoch(loop, state, z_fixed.to(device))
             echo(_epoch_line(record, cfg.train.epochs))
@@ -390,8 +393,12 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     seed = cfg.train.seed
     # --- data: uint8 images stay in memory (on the device); floats are made per batch
     train_set = load_split(cfg.data, "train", seed).to(device)
-    val_set = load_split(cfg.data, "validation", seed).to(device) if cfg.data.validation_size \
-        else None
+    if cfg.train.validation_split == "test":
+        val_set = load_split(cfg.data, "test", seed).to(device)
+    elif cfg.data.validation_size:
+        val_set = load_split(cfg.data, "validation", seed).to(device)
+    else:
+        val_set = None
     if len(train_set) == 0:
         raise ConfigError("the training split is empty: use a larger dataset or train_limit")
     # --- model (seeded before construction: same seed, same weights) and objective
@@ -479,11 +486,13 @@ def _check_data_once(model: nn.Module, train_set: ImageSet, seed: int,
     family.validate(train_set.inputs(index, family.data_kind, gen))
 
 
-def _keep_best(state: dict[str, Any], record: dict[str, Any], patience: int | None) -> None:
-    """Update the best epoch (lowest validation NELBO; every epoch without validation) and
-    the early-stopping counter; append ``record`` to the history."""
-    best = state["best_val_nelbo"]
-    improved = "val_nelbo" not in record or best is None or record["val_nelbo"] < best
+def _keep_best(state: dict[str, Any], record: dict[str, Any], cfg: config.TrainConfig) -> None:
+    """Update the best epoch (``train.select``: the lowest validation NELBO, or every epoch
+    with ``last`` or without validation) and the early-stopping counter; append ``record``
+    to the history."""
+    best, patience = state["best_val_nelbo"], cfg.patience
+    improved = (cfg.select == "last" or "val_nelbo" not in record or best is None
+                or record["val_nelbo"] < best)
     if improved:
         state.update(best_val_nelbo=record.get("val_nelbo"), best_epoch=record["epoch"],
                      epochs_since_best=0)
@@ -601,8 +610,9 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"train nelbo {record['train_nelbo']:.2f}")
     else:
         parts.append(f"train objective {record['train_objective']:.2f}")
-    if "val_nelbo" in record:
-        parts.append(f"val nelbo {record['val_nelbo']:.2f} (recon {record['val_recon']:.2f} "
-                     f"+ kl {record['val_kl']:.2f})")
+    for prefix in ("val", "test"):
+        if f"{prefix}_nelbo" in record:
+            parts.append(f"{prefix} nelbo {record[f'{prefix}_nelbo']:.2f} (recon "
+                         f"{record[f'{prefix}_recon']:.2f} + kl {record[f'{prefix}_kl']:.2f})")
     parts.append(f"{record['seconds']:.1f} s ({record['examples_per_second']:.0f} ex/s)")
     return " | ".join(parts)
