@@ -201,3 +201,56 @@ def test_report_renders_the_smoke_results(results_dir):
     for missing in {"train", "eval", "memory", "startup"} - names:
         assert f"| {missing} | not run | |" in text
     assert ("Measured on" in text) == bool(names)
+
+
+def _pythae_python() -> str | None:
+    """An interpreter that imports pythae: this one, or ``$PYTHAE_PYTHON``."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("pythae") is not None:
+        return sys.executable
+    candidate = os.environ.get("PYTHAE_PYTHON")
+    if candidate and subprocess.run([candidate, "-c", "import pythae"],
+                                    capture_output=True).returncode == 0:
+        return candidate
+    return None
+
+
+def test_pythae_compare_benchmark(tiny_npz, tmp_path):
+    python = _pythae_python()
+    if python is None:
+        pytest.skip("pythae is not importable (pip install pythae==0.1.2 in a scratch venv "
+                    "and set PYTHAE_PYTHON to its python)")
+    r = _run("pythae_compare.py", tmp_path / "pythae_compare.json", "--dataset",
+             str(tiny_npz), "--pythae-python", python)
+    # 160 images: 40 held out for validation, the other 120 trained on (train_limit 200)
+    (data,) = r["data"]
+    assert data["train"]["n"] == 120 and data["validation"]["n"] == 40 and data["seed"] == 0
+    assert r["epochs_per_run"] == 1 and r["repeats"] == 1 and r["threads"] == 1
+    assert r["order"] == ["pythae", "vaelab"]
+    assert r["versions"]["pythae"] == "0.1.2"
+    (p_run,), (v_run,) = r["pythae"]["runs"], r["vaelab"]["runs"]
+    assert p_run["n_train"] == 120 and p_run["n_validation"] == 40
+    assert p_run["torch_threads"] == v_run["torch_threads"] == 1
+    (p,), (v,) = p_run["epochs"], v_run["epochs"]
+    for e in (p, v):
+        assert e["epoch"] == 1 and e["lr"] == pytest.approx(1e-4)
+        assert 0 < e["train_seconds"] and 0 < e["eval_seconds"]
+        assert e["epoch_seconds"] >= e["train_seconds"] + e["eval_seconds"] - 1e-3
+        # random 28x28 grey images binarised at about half on: about 784 * ln 2 nats at start
+        assert 400 < e["eval_loss"] < 700
+    ratio = r["ratio_pythae_over_vaelab"]
+    assert ratio["train_plus_eval"] == pytest.approx(
+        (p["train_seconds"] + p["eval_seconds"]) / (v["train_seconds"] + v["eval_seconds"]),
+        rel=0.01)
+    assert r["meets_target"] == (ratio["train_plus_eval"] >= 3.0)
+    (row,) = r["eval_loss"]["per_epoch"]
+    assert row["pythae"] == [p["eval_loss"]] and row["vaelab"] == [v["eval_loss"]]
+    # same model, data and optimizer from different initial weights: close after one epoch
+    assert row["difference_pythae_minus_vaelab"] == [pytest.approx(
+        p["eval_loss"] - v["eval_loss"], abs=2e-3)]
+    assert abs(row["mean_difference"]) < 10
+    flops = r["roofline"]["flops_per_example"]  # 784-400-40: 2 FLOPs per multiply-add
+    assert flops["forward"] == 2 * (784 * 400 + 400 * 80 + 40 * 400 + 400 * 784)
+    assert flops["training_executed"] == 3 * flops["forward"] - 2 * 784 * 400
