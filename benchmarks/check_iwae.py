@@ -63,7 +63,8 @@ def make_config(name: str, epochs: int, extra: list[str] = ()) -> config_mod.Run
     return config_mod.resolve(
         preset="iwae-paper",
         overrides=[*OBJECTIVES[name], f"train.epochs={epochs}", f"train.seed={SEED}",
-                   "data.dataset=fashion-mnist", "train.device=cpu", *extra],
+                   "data.dataset=fashion-mnist", "data.validation_size=5000", "train.device=cpu",
+                   *extra],
     )
 
 

@@ -111,7 +111,11 @@ def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int
     overrides = [
         "train.epochs=1", f"train.batch_size={batch_size}", "data.validation_size=0",
         "train.device=cpu", f"data.dataset={dataset}",
+        # the epoch alone: no per-epoch test evaluation
+        "train.validation_split=validation", "train.select=best",
     ]
+    if Path(dataset).suffix in (".npz", ".npy"):
+        overrides.append("data.test_size=0")  # every example of a file is a training example
     if train_limit is not None:
         overrides.append(f"data.train_limit={train_limit}")
     if threads is not None:
@@ -155,7 +159,8 @@ def model_flops(batch_size: int) -> dict[str, float]:
 def _load_images(dataset: str, limit: int | None) -> torch.Tensor:
     from vaelab import data
 
-    images = data.load(dataset, "train", validation_size=0).images
+    user_file = Path(dataset).suffix in (".npz", ".npy")
+    images = data.load(dataset, "all" if user_file else "train", validation_size=0).images
     return images[:limit].contiguous() if limit is not None else images
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch starts its thread pool: a fixed thread count, so that in-process trainings do
+# not follow the machine's load (vaelab.threads) and bitwise comparisons stay deterministic.
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

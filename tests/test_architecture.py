@@ -21,7 +21,7 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "_io", "rng", "schedules", "psis"},
+    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads"},
     {"config"},
     {"runtime", "distributed", "data"},
     {"likelihoods", "priors", "compat", "audit"},
@@ -192,6 +192,7 @@ def test_own_model_trains_without_the_cli(own, tmp_path):
 
     np.savez(data, images=(x.numpy() * 255).astype(np.uint8))
     cfg = config.resolve(overrides=[f"data.dataset={data}", "data.validation_size=8",
+                                    "data.layout=nchw",
                                     "data.binarize=none", "train.epochs=2",
                                     "train.batch_size=8", "train.device=cpu"])
     before = [p.detach().clone() for p in model.parameters()]

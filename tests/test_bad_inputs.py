@@ -443,6 +443,10 @@ ROWS: dict[str, Row] = {
     "iwae with beta": Row(
         ["train", *FAST, "--objective", "iwae", "--beta", "2", "--out", "{out}"],
         ("iwae does not use beta or free bits", "leave them at 1 and 0")),
+    "a density on binarised data": Row(
+        ["train", *FAST, "--likelihood", "continuous-bernoulli", "--out", "{out}"],
+        ("is a density on [0, 1] but the data are binarised", "--binarize none",
+         "--likelihood bernoulli")),
     "a negative likelihood scale": Row(
         ["train", *FAST, "--likelihood", "gaussian", "--scale", "-1", "--out", "{out}"],
         ("gaussian scale must be a positive number", "'learned' or 'per-pixel'")),

@@ -136,6 +136,38 @@ def test_startup_benchmark(results_dir):
     assert set(r["reference"]) == {"python -c pass", "python -c 'import torch'"}
 
 
+
+def test_threads_benchmark(tiny_npz, tmp_path):
+    # not in results_dir: report.py renders train/eval/memory/startup only
+    r = _run("threads.py", tmp_path / "threads.json", "--dataset", str(tiny_npz))
+    assert r["argv"][:4] == ["vaelab", "train", "--preset", "pytorch-example"]
+    assert "--no-report" in r["argv"] and "data.validation_size=0" in r["argv"]
+    assert r["repeats"] == 1 and r["torch_default_threads"] >= 1
+    assert r["old_defaults_env"]["OMP_NUM_THREADS"] == str(r["torch_default_threads"])
+    assert list(r["settings"]) == ["alone_old", "alone_new", "two_old", "two_new"]
+    totals = {}
+    for name, row in r["settings"].items():
+        (trial,) = row["trials"]
+        n_runs = 2 if name.startswith("two") else 1
+        assert len(trial["runs"]) == len(row["per_run_examples_per_second"]) == n_runs
+        assert trial["total_examples_per_second"] == pytest.approx(
+            sum(run["examples_per_second"] for run in trial["runs"]), abs=0.2)
+        assert row["total_examples_per_second"] == trial["total_examples_per_second"]
+        assert 0.0 <= trial["overlap"] <= 1.0 and (n_runs == 2 or trial["overlap"] == 1.0)
+        for run in trial["runs"]:
+            assert run["examples_per_second"] > 0 and run["seconds"] > 0
+            if name.endswith("_old"):  # OMP_NUM_THREADS set: vaelab chooses nothing
+                assert run["thread_message"] is None and run["chosen_threads"] is None
+        totals[name] = row["total_examples_per_second"]
+    ratios = r["ratios"]
+    assert ratios["two_new_total_vs_alone_new"] == pytest.approx(
+        totals["two_new"] / totals["alone_new"], abs=1e-3)
+    assert ratios["alone_new_vs_alone_old"] == pytest.approx(
+        totals["alone_new"] / totals["alone_old"], abs=1e-3)
+    assert r["meets_target"] == (ratios["two_new_total_vs_alone_new"] >= 1.1
+                                 and ratios["alone_new_vs_alone_old"] >= 0.95)
+    assert len(r["table"]) == 6 and r["table"][0].startswith("| set-up |")
+
 def test_matmul_rate_and_flop_counter():
     sys.path.insert(0, str(BENCH))
     try:

@@ -441,9 +441,21 @@ def test_threads_per_rank(monkeypatch, threads, local_world, omp, expected):
         torch.set_num_threads(before)
 
 
-def test_one_process_threads_are_left_alone():
+def test_one_process_follows_the_thread_rule(monkeypatch, tmp_path):
+    """One process: vaelab.threads' choice for the free cores (tests/test_threads.py)."""
+    from vaelab import threads
+
     before = torch.get_num_threads()
-    assert runtime.configure_threads(None, torch.device("cpu")) == before
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(threads.REGISTRY_ENV, str(tmp_path))
+    monkeypatch.setattr(threads, "measure", lambda exclude=tuple: threads.Machine(
+        cores=2, machine_cores=2, busy=1.9))
+    threads.reset()
+    try:
+        assert runtime.configure_threads(None, torch.device("cpu")) == 1  # a core is busy
+    finally:
+        threads.reset()
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -70,7 +70,8 @@ def reference_loop(cfg: config.RunConfig, images: torch.Tensor):
     seed, batch_size = cfg.train.seed, cfg.train.batch_size
     torch.manual_seed(seed)
     model = build_from_config(cfg, tuple(images.shape[1:]))
-    model.init_output_bias((images.double().sum(0) / (len(images) * 255.0)).float())
+    if cfg.model.output_bias == "data-mean":
+        model.init_output_bias((images.double().sum(0) / (len(images) * 255.0)).float())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=False)
     history = []
     for epoch in range(cfg.train.epochs):
@@ -86,7 +87,11 @@ def reference_loop(cfg: config.RunConfig, images: torch.Tensor):
             scale = _encoder_scale(cfg, raw)
             z = loc + scale * torch.randn(loc.shape, generator=noise)
             logits = model.decoder(z)
-            recon = Bernoulli(logits=logits, validate_args=False).log_prob(x).sum((1, 2, 3))
+            if cfg.likelihood.output == "torch-probs":  # the PyTorch example's sigmoid + BCE
+                recon = -F.binary_cross_entropy(torch.sigmoid(logits), x,
+                                                reduction="none").sum((1, 2, 3))
+            else:
+                recon = Bernoulli(logits=logits, validate_args=False).log_prob(x).sum((1, 2, 3))
             kl = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum(-1)
             per_example = -(recon - kl)
             optimizer.zero_grad()
@@ -134,6 +139,7 @@ FAMILY_DATA = {
     "gaussian-per-pixel": ({"scale": "per-pixel"}, "unit"),
     "categorical-256": ({}, "uint8"),
     "discretized-logistic": ({}, "uint8"),
+    "discretized-logistic-mixture": ({}, "uint8"),
 }
 
 

@@ -513,3 +513,21 @@ def test_nan_mid_run_from_the_cli_then_resume_with_a_lower_lr(tmp_path, monkeypa
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["lr"] for r in rows] == [1e-3, 1e-4,
                                                                                    1e-4]
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", *train_flags(200),
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    while not (run / "checkpoints" / "last.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("vaelab: interrupted; the last checkpoint is "
+                           f"{run / 'checkpoints' / 'last'} (epoch "), line
+    assert line.endswith(f"resume with vaelab train --resume {run}")
+    assert "Traceback" not in err

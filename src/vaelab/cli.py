@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from . import threads as cpu_threads
 from .errors import VaelabError
 
 __all__ = ["main", "build_parser", "run_training"]
@@ -261,11 +262,14 @@ def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool
     from . import distributed, evaluate, runtime, train
 
     run_dir = Path(run_dir)
+    _ACTIVE_RUN["train"] = run_dir
     device = runtime.select_device(cfg.train.device)
     ctx = distributed.setup(device)
     quiet = echo if ctx.is_main else (lambda _line: None)
     try:
-        summary = train.train_and_evaluate(cfg, run_dir, resume=resume, ctx=ctx, echo=quiet)
+        note = _evaluation_cost_note(cfg, ctx.world_size, quiet) if report else None
+        summary = train.train_and_evaluate(cfg, run_dir, resume=resume, ctx=ctx, echo=quiet,
+                                           on_setup=note)
         if not report:
             return summary
         result = evaluate.evaluate_run(run_dir, split="test", checkpoint="best",
@@ -278,6 +282,38 @@ def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool
         echo(evaluate.format_table(result))
         _figures(run_dir, echo)
     return summary
+
+
+#: Above this many seconds, `vaelab train` says at the start how long its final evaluation
+#: will take.
+SLOW_EVALUATION_SECONDS = 15 * 60
+
+
+def _evaluation_cost_note(cfg: config_mod.RunConfig, processes: int,
+                          echo: Callable[[str], None]) -> Callable[[Any], None]:
+    """A hook for the start of training: estimate the final test evaluation's time with the
+    freshly built model and say so when it exceeds :data:`SLOW_EVALUATION_SECONDS`."""
+
+    def note(model: Any) -> None:
+        import torch
+
+        from . import evaluate
+        from .data import load_split
+
+        test = load_split(cfg.data, "test", cfg.train.seed, progress=False)
+        if cfg.data.test_limit is not None:
+            test = test.subset(torch.arange(min(cfg.data.test_limit, len(test))))
+        if not getattr(getattr(model, "likelihood", None), "normalized", True) or not len(test):
+            return
+        seconds = evaluate.estimate_seconds(model, test, iw_samples=cfg.eval.iw_samples,
+                                            batch_size=cfg.eval.batch_size) / processes
+        if seconds > SLOW_EVALUATION_SECONDS:
+            echo(f"note: the final test evaluation ({len(test):,} examples x "
+                 f"{cfg.eval.iw_samples:,} importance samples) will take about "
+                 f"{seconds / 60:.0f} min on this machine; lower --iw-samples, or train with "
+                 "--no-report and run vaelab eval later")
+
+    return note
 
 
 def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
@@ -328,7 +364,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from . import plots
+    from . import plots, runtime
+
+    runtime.configure_threads()
 
     written = plots.plot_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
     for path in written:
@@ -337,7 +375,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from . import plots
+    from . import plots, runtime
+
+    runtime.configure_threads()
 
     if args.n <= 0:
         raise VaelabError(f"--n must be positive, got {args.n}: e.g. --n 64")
@@ -397,11 +437,41 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The run directory `vaelab train` is writing (for the Ctrl-C message).
+_ACTIVE_RUN: dict[str, Path] = {}
+
+
+def _where_to_resume() -> str:
+    """After Ctrl-C: where the last checkpoint is and the command that resumes the run."""
+    run_dir = _ACTIVE_RUN.get("train")
+    if run_dir is None:
+        return " (nothing was written: run the same command again)"
+    last = run_dir / "checkpoints" / "last.json"
+    if not last.is_file():
+        return (f"; {run_dir} has no checkpoint yet (no epoch finished): start again with "
+                f"vaelab train --resume {run_dir}")
+    try:
+        epoch = json.loads(last.read_text())["meta"]["train_state"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        epoch = "?"
+    return (f"; the last checkpoint is {run_dir / 'checkpoints' / 'last'} (epoch {epoch}): "
+            f"resume with vaelab train --resume {run_dir}")
+
+
 def _is_main_rank() -> bool:
     """False on the non-zero ranks of a torchrun job (they stay quiet)."""
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+#: The commands that compute (they choose CPU threads) and how to override their choice.
+_OVERRIDE_HINTS = {
+    "train": "set --set train.threads=N or OMP_NUM_THREADS to override",
+    "eval": "set OMP_NUM_THREADS to override",
+    "plot": "set OMP_NUM_THREADS to override",
+    "sample": "set OMP_NUM_THREADS to override",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,14 +483,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        if args.command in _OVERRIDE_HINTS:
+            # Before any handler imports torch: libgomp reads OMP_WAIT_POLICY only then.
+            cpu_threads.startup(_OVERRIDE_HINTS[args.command])
+        code = int(args.handler(args) or 0)
+        cpu_threads.report()  # after the work: a command stopped by bad input prints one line
+        return code
     except VaelabError as exc:
         print(f"vaelab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vaelab: interrupted", file=sys.stderr)
+        print(f"vaelab: interrupted{_where_to_resume()}", file=sys.stderr)
         return 130
     except OSError as exc:
         print(f"vaelab: error: {exc.strerror or exc} ({exc.filename or 'no file'}): check "
               "free space and permissions; saved checkpoints are untouched", file=sys.stderr)
         return 1
+    finally:
+        cpu_threads.withdraw()

@@ -33,6 +33,8 @@ __all__ = [
     "BINARIZE_MODES",
     "KL_MODES",
     "OUTPUT_BIAS_MODES",
+    "VALIDATION_SPLITS",
+    "SELECTIONS",
     "DataConfig",
     "LikelihoodConfig",
     "ModelConfig",
@@ -57,6 +59,9 @@ BINARIZE_MODES = ("none", "dynamic", "static")
 KL_MODES = ("auto", "analytic", "mc")
 #: How the decoder's output bias starts (see :class:`ModelConfig`).
 OUTPUT_BIAS_MODES = ("data-mean", "none")
+#: Which split the trainer evaluates after every epoch, and which checkpoint is "best".
+VALIDATION_SPLITS = ("validation", "test")
+SELECTIONS = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -97,20 +102,26 @@ class LikelihoodConfig:
     """gaussian/laplace: a positive number (fixed sigma), "learned" or "per-pixel"."""
     unnormalized: bool = False
     """bernoulli only: accept grey levels (BCE on grey levels, not a likelihood)."""
+    output: str | None = None
+    """bernoulli only: logits (exact; default) | keras-probs (sigmoid, clipped to
+    [1e-7, 1 - 1e-7], as Keras) | torch-probs (sigmoid, F.binary_cross_entropy)."""
+    components: int | None = None
+    """discretized-logistic-mixture: mixture components per pixel (default 10)."""
     init_scale: float | None = None
     """learned/per-pixel scales: the starting sigma."""
     min_scale: float | None = None
     """learned/per-pixel scales: a floor on sigma."""
-    components: int | None = None
-    """discretized-logistic-mixture: mixture components K per pixel (default 10)."""
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        for key in ("scale", "init_scale", "min_scale", "components"):
+        for key in ("scale", "init_scale", "min_scale"):
             if getattr(self, key) is not None:
                 opts[key] = getattr(self, key)
         if self.unnormalized:
             opts["unnormalized"] = True
+        for key in ("output", "components"):
+            if getattr(self, key) is not None:
+                opts[key] = getattr(self, key)
         return opts
 
 
@@ -199,8 +210,13 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:N."""
     threads: int | None = None
-    """torch CPU threads; None = torch's default."""
+    """torch CPU threads; None = vaelab's choice from the free cores (vaelab.threads)."""
     eval_batch_size: int = 1000
+    validation_split: str = "validation"
+    """Evaluated after every epoch: validation (held out from training) | test (what the
+    Keras and PyTorch examples print every epoch; then select must be last)."""
+    select: str = "best"
+    """The checkpoint called best: best (lowest validation NELBO, as pythae) | last."""
 
 
 @dataclass(frozen=True)
@@ -238,22 +254,33 @@ SECTIONS: dict[str, type] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # The default run: Fashion-MNIST, Bernoulli likelihood on dynamically binarised images.
     "default": {},
-    # The PyTorch examples repository's VAE (examples/vae/main.py): 784-400-20 ReLU MLP,
-    # Adam 1e-3, batch 128, BCE summed over pixels on grey levels (not a likelihood).
+    # The PyTorch examples repository's VAE (pytorch/examples, vae/main.py), as it trains:
+    # MNIST grey levels (transforms.ToTensor), all 60,000 training images, 784-400-20 ReLU
+    # MLP with PyTorch's default nn.Linear initialisation, sigma = exp(logvar / 2), a
+    # sigmoid output and F.binary_cross_entropy summed over pixels (not a likelihood on grey
+    # levels), Adam(1e-3, eps 1e-8), batch 128, 10 epochs, the test loss printed after every
+    # epoch (the last epoch kept).
     "pytorch-example": {
-        "data": {"binarize": "none"},
-        "likelihood": {"name": "bernoulli", "unnormalized": True},
+        "data": {"dataset": "mnist", "binarize": "none", "validation_size": 0},
+        "likelihood": {"name": "bernoulli", "unnormalized": True, "output": "torch-probs"},
         "model": {"kind": "mlp", "latent_dim": 20, "hidden": [400], "activation": "relu",
-                  "encoder_scale": "exp"},
-        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 10},
+                  "encoder_scale": "exp", "init": "torch", "output_bias": "none"},
+        "train": {"batch_size": 128, "lr": 1e-3, "adam_eps": 1e-8, "epochs": 10,
+                  "validation_split": "test", "select": "last"},
     },
-    # The Keras VAE example (keras.io variational_autoencoder, MLP version): 784-512-2 ReLU,
-    # 784 * mean-BCE + summed KL (= the negative ELBO), Adam, batch 128, grey levels.
+    # The Keras VAE example (keras-team/keras examples/variational_autoencoder.py, Keras
+    # 2.2.4, MLP version) as it trains: MNIST / 255, all 60,000 training images, 784-512-2
+    # ReLU with Keras' glorot-uniform weights and zero biases, sigma = exp(z_log_var / 2),
+    # 784 * mean binary_crossentropy (sigmoid output clipped to [1e-7, 1 - 1e-7]) + summed
+    # KL, Adam (Keras' defaults: 1e-3, eps 1e-7), batch 128, 50 epochs, validation_data =
+    # the test set (the last epoch kept).
     "keras-example": {
-        "data": {"binarize": "none"},
-        "likelihood": {"name": "bernoulli", "unnormalized": True},
-        "model": {"kind": "mlp", "latent_dim": 2, "hidden": [512], "activation": "relu"},
-        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 50},
+        "data": {"dataset": "mnist", "binarize": "none", "validation_size": 0},
+        "likelihood": {"name": "bernoulli", "unnormalized": True, "output": "keras-probs"},
+        "model": {"kind": "mlp", "latent_dim": 2, "hidden": [512], "activation": "relu",
+                  "encoder_scale": "exp", "init": "glorot", "output_bias": "none"},
+        "train": {"batch_size": 128, "lr": 1e-3, "adam_eps": 1e-7, "epochs": 50,
+                  "validation_split": "test", "select": "last"},
     },
     # Rezende & Mohamed (2015, Table 2: 89.9 nats) as pythae reproduced it (89.78 nats with
     # 200 importance samples; clementchadebec/benchmark_VAE,
@@ -291,15 +318,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "lr_gamma": 10 ** (-1 / 5)},
         "eval": {"iw_samples": 5000},
     },
-    # Burda, Grosse & Salakhutdinov 2016 (IWAE): 784-200-200-50 tanh, dynamic binarisation,
-    # batch 20, Adam(1e-3, eps 1e-4) with 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7
-    # (3280 epochs). `objective.kind` elbo (VAE) or iwae with k = objective.samples.
+    # Burda, Grosse & Salakhutdinov 2016 (IWAE): MNIST, dynamic binarisation, 400 training
+    # images held out (yburda/iwae README), 784-200-200-50 tanh, batch 20, Adam(1e-3, eps
+    # 1e-4) with 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7 (3280 epochs).
+    # `objective.kind` elbo (VAE) or iwae with k = objective.samples.
     "iwae-paper": {
-        "data": {"binarize": "dynamic"},
+        "data": {"dataset": "mnist", "binarize": "dynamic", "validation_size": 400},
         "likelihood": {"name": "bernoulli"},
         "model": {"kind": "mlp", "latent_dim": 50, "hidden": [200, 200], "activation": "tanh"},
         "objective": {"kind": "iwae", "samples": 5},
-        "train": {"batch_size": 20, "lr": 1e-3, "lr_schedule": "iwae", "epochs": 3280},
+        "train": {"batch_size": 20, "lr": 1e-3, "lr_schedule": "iwae", "adam_eps": 1e-4,
+                  "epochs": 3280},
         "eval": {"iw_samples": 5000},
     },
     # CIFAR-10 (32x32 RGB, 8-bit; 45,000 training images after the 5,000 held out for
@@ -314,7 +343,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2e-3), batch 128, 30 epochs: about 4 minutes per epoch on 2 CPU cores (README,
     # Performance). Evaluation: K = 100 importance samples on the 10,000 test images, one
     # image per batch so that a chunk holds its 100 decoded samples (49 MB of mixture
-    # parameters; the default chunk of 4,096 decodes needs several GB and runs 2-3x slower):
+    # parameters; with batches of 100 a chunk of 4,000 decodes took 6 GB and 1.8x the time):
     # 10^6 decoder passes, about half an hour on 2 cores. Validation batches of 250 images
     # (1000 would hold 0.5 GB of mixture parameters and several GB of intermediates).
     "cifar10": {
@@ -500,6 +529,8 @@ _CHOICES = {
     ("data", "binarize"): BINARIZE_MODES,
     ("objective", "kl"): KL_MODES,
     ("model", "output_bias"): OUTPUT_BIAS_MODES,
+    ("train", "validation_split"): VALIDATION_SPLITS,
+    ("train", "select"): SELECTIONS,
 }
 
 
@@ -550,6 +581,12 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value is not None and not value > 0:
             raise ConfigError(f"{name} must be positive (or unset), got {value}")
+    if cfg.train.validation_split == "test" and (cfg.train.select == "best"
+                                                  or cfg.train.patience is not None):
+        raise ConfigError(
+            "train.validation_split = test evaluates on the test split every epoch, so the "
+            "best epoch or early stopping would be chosen on test data: set train.select=last "
+            "and unset train.patience, or validate on a held-out split")
     if cfg.train.patience is not None and cfg.data.validation_size == 0:
         raise ConfigError(
             "train.patience needs a validation split to watch: set data.validation_size > 0 "

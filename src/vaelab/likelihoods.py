@@ -354,23 +354,48 @@ class Bernoulli(LikelihoodFamily):
     Data must be exactly 0/1 floats. ``unnormalized=True`` also accepts grey levels in
     [0, 1]: that is binary cross-entropy on grey levels (the classic PyTorch VAE example),
     which is *not* a likelihood (``normalized`` becomes False, ``data_kind`` "unit").
+
+    ``output`` says how the decoder's outputs become probabilities, to reproduce code that
+    applies a sigmoid and then a cross-entropy on probabilities:
+
+    - ``"logits"`` (default): the exact, stable log-sigmoid form above;
+    - ``"keras-probs"``: :math:`p = \mathrm{clip}(\sigma(l), 10^{-7}, 1 - 10^{-7})` and the
+      cross-entropy on ``p`` (Keras 3's ``binary_crossentropy`` with ``from_logits=False``
+      on the torch backend: ``keras/src/backend/torch/nn.py``); the clip stops the gradient
+      where :math:`\sigma(l)` leaves the interval;
+    - ``"torch-probs"``: :math:`p = \sigma(l)` and ``F.binary_cross_entropy`` (PyTorch's
+      examples/vae), whose log is clamped at -100 where :math:`\sigma(l)` rounds to 0 or 1.
+
+    The clipped and clamped forms still sum to 1 over {0, 1}, so they stay normalised on
+    0/1 data; they only lose precision (and gradient) for saturated outputs.
     """
 
     name = "bernoulli"
     data_kind = "binary"
     elementwise = True
+    OUTPUTS = ("logits", "keras-probs", "torch-probs")
+    KERAS_EPSILON = 1e-7  # keras.backend.epsilon()
 
-    def __init__(self, unnormalized: bool = False) -> None:
+    def __init__(self, unnormalized: bool = False, output: str = "logits") -> None:
         super().__init__()
         if not isinstance(unnormalized, bool):
             raise ConfigError(f"bernoulli option unnormalized must be true or false, "
                               f"got {unnormalized!r}")
+        if output not in self.OUTPUTS:
+            raise ConfigError(f"bernoulli option output must be one of {', '.join(self.OUTPUTS)}"
+                              f", got {output!r}")
         self.unnormalized = unnormalized
         self.normalized = not unnormalized
         self.data_kind = "unit" if unnormalized else "binary"
+        self.output = output
 
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         x = x.to(params.dtype)
+        if self.output != "logits":
+            p = torch.sigmoid(params)
+            if self.output == "keras-probs":
+                p = torch.clip(p, self.KERAS_EPSILON, 1.0 - self.KERAS_EPSILON)
+            return -F.binary_cross_entropy(p, x, reduction="none")
         if params.dtype in _EXACT_SOFTPLUS and not (torch.is_grad_enabled()
                                                     and params.requires_grad):
             # No autograd (evaluation): x l - softplus(l) in one buffer, written in place;
@@ -393,7 +418,10 @@ class Bernoulli(LikelihoodFamily):
         return torch.logit(pixel_mean.clamp(MEAN_CLAMP, 1 - MEAN_CLAMP))
 
     def config(self) -> dict[str, Any]:
-        return {"unnormalized": self.unnormalized}
+        out: dict[str, Any] = {"unnormalized": self.unnormalized}
+        if self.output != "logits":
+            out["output"] = self.output
+        return out
 
 
 #: Taylor coefficients of log C(l) in powers of l^2 (checked against mpmath in the tests).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -31,11 +32,12 @@ from torch import nn
 
 from . import distributed, estimators, objectives, psis
 from .data import ImageSet
+from .data.progress import Progress
 from .errors import ConfigError, DataError
 from .rng import Purpose, seeded_generator
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "PARETO_K_WARN_FRACTION", "elbo_metrics", "nll_metrics",
-           "bdmc_metrics", "pareto_k_summary", "batches", "model_device"]
+           "bdmc_metrics", "pareto_k_summary", "batches", "model_device", "num_examples"]
 
 #: Burda et al. (2016): latent dimension j is active when Var_x(E_q[z_j]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -87,10 +89,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _split_sums(model: nn.Module, data: Data, batch_size: int, seed: int,
                 ctx: distributed.Context | None,
                 columns: Callable[[int, torch.Tensor], torch.Tensor],
-                width: int) -> tuple[int, torch.Tensor]:
+                width: int, progress: str | None = None) -> tuple[int, torch.Tensor]:
     """``(n, sums)``: the number of examples and the float64 column sums ``(width,)`` of the
     per-example rows ``columns(batch_number, x) -> (B, width)`` over the whole split (all
-    ranks). Runs under ``no_grad`` in eval mode.
+    ranks). Runs under ``no_grad`` in eval mode. ``progress``: what is computed, in words;
+    rank 0 then says so when it starts, and shows its progress with an ETA (a bar on a
+    terminal, else a line every 10%).
 
     Raises:
         DataError: the split is empty.
@@ -98,16 +102,30 @@ def _split_sums(model: nn.Module, data: Data, batch_size: int, seed: int,
     ctx = ctx or distributed.Context()
     device = model_device(model)
     sums = torch.zeros(width + 1, dtype=torch.float64, device=device)
-    with torch.no_grad(), _eval_mode(model), distributed.agree(ctx, "evaluation"):
+    total = num_examples(data)
+    shown = Progress(total or 0, progress or "", enabled=bool(progress) and ctx.is_main
+                     and total is not None, unit="example", delay=2.0)
+    if shown.enabled:
+        print(f"vaelab: {progress}", file=sys.stderr, flush=True)
+    with torch.no_grad(), _eval_mode(model), distributed.agree(ctx, "evaluation"), shown:
         for number, x in batches(data, model, batch_size, seed, ctx):
             rows = columns(number, x).double()
             sums[0] += rows.shape[0]
             sums[1:] += rows.sum(0)
+            shown.update(rows.shape[0] * ctx.world_size)
     distributed.all_reduce_sum(sums, ctx)
     n = int(sums[0])
     if n == 0:
         raise DataError("cannot evaluate an empty split: give at least one example")
     return n, sums[1:]
+
+
+def num_examples(data: Data) -> int | None:
+    """Examples in ``data`` (None for an iterable of batches without a length)."""
+    if isinstance(data, (ImageSet, torch.Tensor)):
+        return len(data)
+    dataset = getattr(data, "dataset", None)  # a DataLoader
+    return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
 
 def _mean_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
@@ -167,7 +185,7 @@ def elbo_metrics(model: nn.Module, data: Data, *, batch_size: int = 1000, seed: 
 def nll_metrics(model: nn.Module, data: Data, *, iw_samples: int = 1000, batch_size: int = 100,
                 seed: int = 0, ctx: distributed.Context | None = None,
                 per_example: bool = False, estimator: str = "is", ais_steps: int = 100,
-                ais_chains: int = 32) -> dict[str, Any]:
+                ais_chains: int = 32, progress: str | None = None) -> dict[str, Any]:
     """:math:`-\\log p(x)` over a split, with the reliability of each example's estimate.
 
     ``estimator="is"``: importance sampling with ``q(z|x)``
@@ -211,7 +229,7 @@ def nll_metrics(model: nn.Module, data: Data, *, iw_samples: int = 1000, batch_s
 
     ctx = ctx or distributed.Context()
     samples = ais_chains if estimator == "ais" else iw_samples
-    n, sums = _split_sums(model, data, batch_size, seed, ctx, columns, 3)
+    n, sums = _split_sums(model, data, batch_size, seed, ctx, columns, 3, progress)
     nll, nll_stderr = _mean_stderr(float(sums[0]), float(sums[1]), n)
     gathered = distributed.all_gather_objects(kept, ctx)
     rows = torch.cat([v for _, v in sorted((item for part in gathered for item in part),

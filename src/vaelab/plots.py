@@ -398,10 +398,11 @@ def training_curves_figure(records: list[dict[str, Any]], *, checkpoint: str | N
     from matplotlib.ticker import MaxNLocator
 
     has_nelbo = any(r.get("train_nelbo") is not None for r in records)
+    split = "test" if any("test_nelbo" in r for r in records) else "val"
     panels = [
-        ("negative ELBO", "train_nelbo" if has_nelbo else "train_objective", "val_nelbo"),
-        ("reconstruction  $-\\mathrm{E}_q \\log p(x|z)$", "train_recon", "val_recon"),
-        ("KL$(q(z|x)\\,\\|\\,p(z))$", "train_kl", "val_kl"),
+        ("negative ELBO", "train_nelbo" if has_nelbo else "train_objective", f"{split}_nelbo"),
+        ("reconstruction  $-\\mathrm{E}_q \\log p(x|z)$", "train_recon", f"{split}_recon"),
+        ("KL$(q(z|x)\\,\\|\\,p(z))$", "train_kl", f"{split}_kl"),
     ]
     train_name = "train (mean over the epoch's batches)"
     if not has_nelbo:
@@ -416,7 +417,8 @@ def training_curves_figure(records: list[dict[str, Any]], *, checkpoint: str | N
         xs, ys = _series(records, val_key)
         if xs:
             ax.plot(xs, ys, "s-", color="tab:orange", markersize=3,
-                    label="validation (beta = 1, end of epoch)")
+                    label=f"{'test' if split == 'test' else 'validation'} (beta = 1, end of "
+                          "epoch)")
         if isinstance(checkpoint_epoch, int):
             ax.axvline(checkpoint_epoch, color="grey", linestyle=":", linewidth=1,
                        label=f"checkpoint {checkpoint} (epoch {checkpoint_epoch})")

@@ -184,7 +184,7 @@ class _Loop:
     objective: nn.Module  # the objective, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     train_set: ImageSet
-    val_set: ImageSet | None
+    val_set: ImageSet | None  # evaluated after every epoch (train.validation_split)
     ctx: distributed.Context
     device: torch.device
     run_dir: Path
@@ -229,6 +229,7 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
     batches = _progress(range(steps), f"epoch {epoch + 1}/{cfg.train.epochs}", loop.progress)
     with _data_checked(family):
         for batch in batches:
+            runtime.follow_threads()  # another vaelab run started or ended: share the cores
             index = perm[batch * global_batch:(batch + 1) * global_batch]
             # Drawn for the global batch, so every rank sees the pixels of a one-process run.
             x = loop.train_set.inputs(index, loop.data_kind, binarize_gen)
@@ -295,13 +296,16 @@ def _data_checked(family: nn.Module | None) -> Iterator[None]:
 
 
 def evaluate(loop: _Loop) -> dict[str, Any]:
-    """The validation NELBO, recon and KL (beta = 1, the same z every epoch); empty without
-    a validation split."""
+    """The NELBO, recon and KL (beta = 1, the same z every epoch) of the split evaluated
+    every epoch: ``val_*`` for the validation split, ``test_*`` with
+    ``train.validation_split = test``; empty without one."""
     if loop.val_set is None or len(loop.val_set) == 0:
         return {}
     val = metrics.elbo_metrics(loop.model, loop.val_set, batch_size=loop.cfg.train.eval_batch_size,
                                seed=loop.cfg.train.seed, ctx=loop.ctx)
-    return {"val_nelbo": val["nelbo"], "val_recon": val["recon"], "val_kl": val["kl"]}
+    prefix = "test" if loop.cfg.train.validation_split == "test" else "val"
+    return {f"{prefix}_nelbo": val["nelbo"], f"{prefix}_recon": val["recon"],
+            f"{prefix}_kl": val["kl"]}
 
 
 # --------------------------------------------------------------------------- the run
@@ -316,6 +320,7 @@ def train_and_evaluate(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     ctx: distributed.Context | None = None,
+    on_setup: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``cfg`` into ``run_dir``, evaluating on the validation split after
     every epoch; return a summary (run_dir, epochs, steps, best_epoch).
@@ -332,6 +337,9 @@ def train_and_evaluate(
         echo: where per-epoch lines go (default: ``print`` on rank 0).
         ctx: the process group (default: joined here when launched by torchrun, and left
             at the end).
+        on_setup: called on rank 0 with the model once it is built (and resumed), before
+            the first epoch (``vaelab train`` uses it to say how long the final evaluation
+            will take).
 
     Raises:
         TrainingDiverged: a loss term became NaN/Inf (``last`` keeps the last good state).
@@ -356,6 +364,8 @@ def train_and_evaluate(
                                  progress and ctx.is_main, stack, echo)
         # A failed collective from here on (a rank died or hangs) ends with a clear message.
         stack.enter_context(distributed.lost_contact(ctx, "training"))
+        if on_setup is not None and ctx.is_main:
+            on_setup(loop.model)
         z_fixed = torch.randn(64, loop.model.latent_dim,
                               generator=seeded_generator(cfg.train.seed, 0, Purpose.SAMPLES))
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -363,7 +373,7 @@ def train_and_evaluate(
                 break
             record = train_epoch(loop, epoch, state)
             record.update(evaluate(loop))
-            _keep_best(state, record, cfg.train.patience)
+            _keep_best(state, record, cfg.train)
             if ctx.is_main:
                 _save_epoch(loop, state, z_fixed.to(device))
             echo(_epoch_line(record, cfg.train.epochs))
@@ -383,8 +393,12 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     seed = cfg.train.seed
     # --- data: uint8 images stay in memory (on the device); floats are made per batch
     train_set = load_split(cfg.data, "train", seed).to(device)
-    val_set = load_split(cfg.data, "validation", seed).to(device) if cfg.data.validation_size \
-        else None
+    if cfg.train.validation_split == "test":
+        val_set = load_split(cfg.data, "test", seed).to(device)
+    elif cfg.data.validation_size:
+        val_set = load_split(cfg.data, "validation", seed).to(device)
+    else:
+        val_set = None
     if len(train_set) == 0:
         raise ConfigError("the training split is empty: use a larger dataset or train_limit")
     # --- model (seeded before construction: same seed, same weights) and objective
@@ -394,6 +408,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     model = model.to(device)
     if cfg.model.output_bias == "data-mean" and hasattr(model, "init_output_bias"):
         model.init_output_bias(train_set.pixel_mean().to(device))
+    _check_likelihood_fits(model, cfg, train_set)
     _check_data_once(model, train_set, seed, device)
     objective = objectives.build_objective(
         model, cfg.objective,
@@ -445,6 +460,20 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed
                               f"{run_dir} or choose another --out")
 
 
+def _check_likelihood_fits(model: nn.Module, cfg: RunConfig, train_set: ImageSet) -> None:
+    """A density on [0, 1] (gaussian, laplace, continuous-bernoulli) is no likelihood of
+    0/1 values: on binarised data it can grow without bound. Refuse that pairing."""
+    family = getattr(model, "likelihood", None)
+    binarised = cfg.data.binarize != "none" or train_set.levels == 2
+    if (getattr(family, "data_kind", None) == "unit" and getattr(family, "normalized", True)
+            and binarised):
+        raise ConfigError(
+            f"likelihood {family.name} is a density on [0, 1] but the data are binarised "
+            f"(0/1 values, binarize = {cfg.data.binarize}): a density on 0/1 values is not a "
+            "likelihood of them and grows without bound; use --binarize none (grey levels) "
+            "or --likelihood bernoulli")
+
+
 def _check_data_once(model: nn.Module, train_set: ImageSet, seed: int,
                      device: torch.device) -> None:
     """Check the data against the likelihood once, up front (a clear error, not a NaN
@@ -457,11 +486,13 @@ def _check_data_once(model: nn.Module, train_set: ImageSet, seed: int,
     family.validate(train_set.inputs(index, family.data_kind, gen))
 
 
-def _keep_best(state: dict[str, Any], record: dict[str, Any], patience: int | None) -> None:
-    """Update the best epoch (lowest validation NELBO; every epoch without validation) and
-    the early-stopping counter; append ``record`` to the history."""
-    best = state["best_val_nelbo"]
-    improved = "val_nelbo" not in record or best is None or record["val_nelbo"] < best
+def _keep_best(state: dict[str, Any], record: dict[str, Any], cfg: config.TrainConfig) -> None:
+    """Update the best epoch (``train.select``: the lowest validation NELBO, or every epoch
+    with ``last`` or without validation) and the early-stopping counter; append ``record``
+    to the history."""
+    best, patience = state["best_val_nelbo"], cfg.patience
+    improved = (cfg.select == "last" or "val_nelbo" not in record or best is None
+                or record["val_nelbo"] < best)
     if improved:
         state.update(best_val_nelbo=record.get("val_nelbo"), best_epoch=record["epoch"],
                      epochs_since_best=0)
@@ -579,8 +610,9 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"train nelbo {record['train_nelbo']:.2f}")
     else:
         parts.append(f"train objective {record['train_objective']:.2f}")
-    if "val_nelbo" in record:
-        parts.append(f"val nelbo {record['val_nelbo']:.2f} (recon {record['val_recon']:.2f} "
-                     f"+ kl {record['val_kl']:.2f})")
+    for prefix in ("val", "test"):
+        if f"{prefix}_nelbo" in record:
+            parts.append(f"{prefix} nelbo {record[f'{prefix}_nelbo']:.2f} (recon "
+                         f"{record[f'{prefix}_recon']:.2f} + kl {record[f'{prefix}_kl']:.2f})")
     parts.append(f"{record['seconds']:.1f} s ({record['examples_per_second']:.0f} ex/s)")
     return " | ".join(parts)

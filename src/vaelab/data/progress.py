@@ -44,6 +44,11 @@ class Progress:
             self._bar = tqdm(total=self.total, desc=description, unit=unit, delay=delay,
                              file=self.stream, leave=False, dynamic_ncols=True)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is shown."""
+        return self._enabled
+
     def update(self, count: int) -> None:
         self.done += count
         if self._bar is not None:
