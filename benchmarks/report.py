@@ -63,14 +63,34 @@ def _eval_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _conv_rows(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, row in r["results"].items():
+        m = row["model"]
+        what = (f"{name}: conv {'-'.join(map(str, m['channels']))}, {m['blocks']} residual "
+                f"blocks/stage, {m['likelihood']}")
+        scaled = row.get("epoch_seconds_50000")
+        epoch = (f"; {scaled['vaelab'] / 60:.1f} min per 50,000 images" if scaled else "")
+        rows.append(
+            f"| {what}, batch {row['batch_size']}: vaelab epoch{_busy(r)} | "
+            f"{row['vaelab']['seconds']:.1f} s for {row['examples_per_epoch']:,} images "
+            f"({row['vaelab']['examples_per_second']:,.0f} ex/s{epoch}) | roofline fraction "
+            f"**{row['roofline_fraction']:.2f}** ({row['flops_per_example']['training_3x_forward'] / 1e6:.0f}"
+            f" MFLOP/example; fastest run fraction {row['roofline_fraction_best']:.2f}); "
+            f"{row['speedup_vs_plain_loop']:.2f}x the plain loop ({row['plain_loop']['seconds']:.1f} s) |")
+    return rows
+
+
 def render(directory: Path) -> str:
     """The Markdown table (and the machine line) for the results in ``directory``."""
-    results = {n: _load(directory, n) for n in ("train", "eval", "memory", "startup")}
+    results = {n: _load(directory, n) for n in ("train", "eval", "memory", "startup", "conv")}
     lines = ["| benchmark | measured | against |", "| --- | --- | --- |"]
     if results["train"]:
         lines += _train_rows(results["train"])
     if results["eval"]:
         lines += _eval_rows(results["eval"])
+    if results["conv"]:
+        lines += _conv_rows(results["conv"])
     if results["memory"]:
         m = results["memory"]
         lines.append(f"| peak memory, `vaelab train` (default preset, {m['epochs']} epochs"

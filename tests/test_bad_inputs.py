@@ -251,9 +251,9 @@ ROWS: dict[str, Row] = {
     # ---- shapes and sizes
     "wrong image shape for a conv model": Row(
         ["train", "--dataset", "{tmp}/x.npz", "--model", "conv", *USER, "--out", "{out}"],
-        ("conv model supports 28x28 and 32x32 images, got 20x20",
+        ("H and W must be divisible by 4, got 26x26", "--image-size 28",
          "use model.kind = 'mlp'"),
-        npz("x.npz", images=GREY[:, :20, :20])),
+        npz("x.npz", images=GREY[:, :26, :26])),
     "flat vectors instead of images": Row(
         ["train", "--dataset", "{tmp}/x.npz", *USER, "--out", "{out}"],
         ("images have shape (12, 784)", "reshape them"),

@@ -9,6 +9,7 @@ arithmetic relating the reported ratios.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,60 @@ def test_pythae_compare_benchmark(tiny_npz, tmp_path):
     flops = r["roofline"]["flops_per_example"]  # 784-400-40: 2 FLOPs per multiply-add
     assert flops["forward"] == 2 * (784 * 400 + 400 * 80 + 40 * 400 + 400 * 784)
     assert flops["training_executed"] == 3 * flops["forward"] - 2 * 784 * 400
+
+
+def conv_model_flops(shape, channels, blocks, hidden, latent, p):
+    """Forward FLOPs per example of vaelab's conv model, layer by layer (2 per multiply-add;
+    a transposed conv costs in_c * out_c * k^2 per *input* pixel)."""
+    c, h, w = shape
+    flops, sizes = 0, []
+    for c_in, c_out in zip((c, *channels[:-1]), channels):  # encoder stages
+        h, w = h // 2, w // 2
+        flops += 2 * c_in * c_out * 16 * h * w + blocks * 2 * (2 * c_out * c_out * 9 * h * w)
+        sizes.append((h, w))
+    dense = (channels[-1] * h * w, *hidden)
+    flops += sum(2 * a * b for a, b in zip(dense, dense[1:])) + 2 * dense[-1] * 2 * latent
+    dense = (latent, *reversed(hidden), channels[-1] * h * w)  # decoder
+    flops += sum(2 * a * b for a, b in zip(dense, dense[1:]))
+    rev = list(reversed(channels))
+    for (hh, ww), c_in, c_out in zip(reversed(sizes), rev, [*rev[1:], rev[-1]]):
+        flops += blocks * 2 * (2 * c_in * c_in * 9 * hh * ww) + 2 * c_in * c_out * 16 * hh * ww
+    kernel = 1 if blocks else 9
+    return flops + 2 * channels[0] * p * c * kernel * shape[1] * shape[2]
+
+
+def test_conv_benchmark(results_dir):
+    r = _run("conv.py", results_dir / "conv.json")
+    assert set(r["results"]) == {"colour", "grey28"}
+    colour, grey = r["results"]["colour"], r["results"]["grey28"]
+    # the cifar10 preset's model and the default --model conv, FLOPs checked layer by layer
+    assert colour["model"] == {
+        "kind": "conv", "channels": [32, 64, 128], "blocks": 2, "hidden": [], "latent_dim": 128,
+        "likelihood": "discretized-logistic-mixture", "likelihood_options": {"components": 10},
+        "binarize": "none", "event_shape": [3, 32, 32]}
+    fwd = conv_model_flops((3, 32, 32), (32, 64, 128), 2, (), 128, 40)
+    assert fwd == 148_635_648
+    assert colour["flops_per_example"] == {"forward": fwd, "training_3x_forward": 3 * fwd}
+    assert grey["model"]["channels"] == [32, 64] and grey["model"]["blocks"] == 0
+    fwd28 = conv_model_flops((1, 28, 28), (32, 64), 0, (512, 256), 16, 1)
+    assert grey["flops_per_example"]["forward"] == fwd28
+    assert 3 * fwd28 == pytest.approx(61e6, rel=0.01)  # the issue's 61 MFLOP per example
+    gflops = r["matmul"]["gflops"]
+    for row in (colour, grey):
+        n = row["examples_per_epoch"]
+        assert n == 64 and row["batch_size"] == 32
+        ours, loop = row["vaelab"], row["plain_loop"]
+        assert ours["seconds"] > 0 and loop["seconds"] > 0
+        roofline = n * row["flops_per_example"]["training_3x_forward"] / (gflops * 1e9)
+        assert row["roofline_seconds"] == pytest.approx(roofline, rel=1e-2, abs=1e-4)
+        assert row["roofline_fraction"] == pytest.approx(
+            row["roofline_seconds"] / ours["seconds"], rel=0.1, abs=1e-3)
+        assert row["speedup_vs_plain_loop"] == pytest.approx(
+            loop["seconds"] / ours["seconds"], rel=0.1)
+        # same model, same loss: the epoch's mean objective agrees (different batches)
+        assert row["plain_loop_objective"] == pytest.approx(row["vaelab_train_objective"],
+                                                            rel=0.02)
+    # random bytes under the data-mean mixture: about 8 bits per sub-pixel
+    assert 7.5 < colour["vaelab_train_objective"] / (3072 * math.log(2)) < 9
+    assert colour["epoch_seconds_50000"]["vaelab"] == pytest.approx(
+        colour["vaelab"]["seconds"] * 50000 / 64, rel=0.01)

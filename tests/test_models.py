@@ -297,8 +297,8 @@ def test_decode_rejects_wrong_latent_shape():
         ({"encoder_scale": "sigmoid"}, "unknown encoder scale 'sigmoid': choose one of exp"),
         ({"hidden": (8, 0)}, r"model.hidden must be positive integers: 1 bad entries, e.g. 0"),
         ({"latent_dim": 0}, "model.latent_dim must be positive"),
-        ({"kind": "conv", "shape": (1, 20, 20)}, "supports 28x28 and 32x32 images, got 20x20: "
-                                                 "use model.kind = 'mlp'"),
+        ({"kind": "conv", "shape": (1, 30, 30)}, "H and W must be divisible by 4, got 30x30: "
+                                                 "use at most 1 entry in model.channels"),
         ({"kind": "conv", "shape": (28, 28)}, r"needs images shaped \(C, H, W\)"),
         ({"kind": "conv", "channels": ()}, "model.channels is empty"),
     ],

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .conv import SUPPORTED_SIZES, ConvDecoder, ConvEncoder
+from .conv import ConvDecoder, ConvEncoder, ResidualBlock, conv_feature_size, sized_for
 from .init import INITS, initialise
 from .mlp import ACTIVATIONS, GatedDense, MLPDecoder, MLPEncoder, make_activation
 from .vae import (
@@ -29,7 +29,9 @@ __all__ = [
     "initialise",
     "build_from_config",
     "GatedDense",
-    "SUPPORTED_SIZES",
+    "ResidualBlock",
+    "conv_feature_size",
+    "sized_for",
     "VAE",
     "build_model",
     "from_config",

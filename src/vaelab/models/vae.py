@@ -186,20 +186,27 @@ MODELS: Registry[Callable[..., tuple[nn.Module, nn.Module]]] = Registry("model")
 
 
 @MODELS.register("mlp")
-def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated):
-    """Fully connected encoder/decoder; ``channels`` is unused."""
+def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated,
+         blocks=0, memory_format="auto"):
+    """Fully connected encoder/decoder; ``channels`` and ``memory_format`` are unused."""
+    if blocks:
+        raise ConfigError(f"model.blocks = {blocks} is for the conv model (residual blocks per "
+                          "stage): set model.kind = 'conv' or model.blocks = 0")
     encoder = MLPEncoder(event_shape, latent_dim, hidden, activation, gated)
     decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation, gated)
     return encoder, decoder
 
 
 @MODELS.register("conv")
-def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated):
-    """Stride-2 conv encoder, transposed-conv decoder; ``hidden`` are dense layers between."""
+def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated,
+          blocks=0, memory_format="auto"):
+    """Stride-2 conv stages with ``blocks`` residual blocks each, the transposed-conv mirror;
+    ``hidden`` are dense layers between (see :mod:`vaelab.models.conv`)."""
     channels = check_sizes("channels", channels, allow_empty=False)
-    encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation, gated)
+    encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation, gated,
+                          blocks, memory_format)
     decoder = ConvDecoder(event_shape, latent_dim, params_per_channel, channels, hidden,
-                          activation, gated)
+                          activation, gated, blocks, memory_format)
     return encoder, decoder
 
 
@@ -216,6 +223,8 @@ def build_model(
     init: str = "torch",
     prior: str = "normal",
     prior_components: int | None = None,
+    blocks: int = 0,
+    memory_format: str = "auto",
 ) -> VAE:
     """Build a VAE for data of ``event_shape`` whose decoder feeds ``likelihood``.
 
@@ -233,10 +242,14 @@ def build_model(
             Linear + activation.
         init: a weight initialisation in :data:`~vaelab.models.init.INITS`.
         prior: a name in :data:`~vaelab.priors.PRIORS`; ``prior_components`` its ``K``.
+        blocks: residual blocks per conv stage (conv only; 0 = plain stride-2 convs).
+        memory_format: layout the convolutions run in: ``"auto"`` (channels_last on CPU,
+            contiguous elsewhere), ``"channels_last"`` or ``"contiguous"`` (conv only; see
+            :mod:`vaelab.models.conv`).
 
     Raises:
         ConfigError: unknown kind/activation/scale, bad sizes, or an image size the
-            conv model does not support.
+            conv model's stages do not divide.
     """
     builder = MODELS[kind]
     make_activation(activation)  # unknown names fail here, listing the valid ones
@@ -248,7 +261,8 @@ def build_model(
     if not isinstance(p, int) or p < 1:
         raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
     INITS[init]  # unknown names fail before anything is built
-    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels, gated)
+    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels, gated,
+                               blocks=blocks, memory_format=memory_format)
     initialise(encoder, init)
     initialise(decoder, init)
     prior_module = build_prior(prior, latent_dim, event_shape, prior_components)
@@ -273,6 +287,8 @@ def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module,
         init=getattr(config, "init", "torch"),
         prior=prior.name if prior is not None else "normal",
         prior_components=prior.components if prior is not None else None,
+        blocks=getattr(config, "blocks", 0),
+        memory_format=getattr(config, "memory_format", "auto"),
     )
 
 
