@@ -31,7 +31,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a VAE. Precedence: defaults < --preset < --config FILE < named "
         "flags < --set. The resolved config is saved as RUN_DIR/config.toml.",
     )
-    p.add_argument("--preset", help="default | pytorch-example | keras-example | iwae-paper")
+    p.add_argument("--preset", help="default | pytorch-example | keras-example | mnist-vae | "
+                   "mnist-vampprior | iwae-paper | cifar10 (see the README)")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
                    f"(default: {_D.data.dataset})")
@@ -238,6 +239,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
                                  extra=flags)
+        given = config_mod.given_keys(args.preset, args.config, args.set, flags)
+        cfg = _defaults_from_data(cfg, given)
         resume = False
         if args.out:
             run_dir = Path(args.out)
@@ -250,6 +253,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"run directory: {run_dir}")
     run_training(cfg, run_dir, resume=resume, report=not args.no_report)
     return 0
+
+
+def _defaults_from_data(cfg: config_mod.RunConfig, given: set[str]) -> config_mod.RunConfig:
+    """For your own data (a file or folder), when neither the likelihood nor the binarisation
+    was chosen: 0/1 data get a Bernoulli likelihood; 8-bit grey levels a discretised
+    logistic, 8-bit colour a discretised logistic mixture (both exact likelihoods of the
+    8-bit values, no binarisation) and a conv model sized for the images when the model
+    was not chosen either. Says in one line what was chosen and how to override it."""
+    from .data import DATASETS, load_split
+
+    if cfg.data.dataset in DATASETS or {"likelihood.name", "data.binarize"} & given:
+        return cfg
+    images = load_split(cfg.data, "train", cfg.train.seed)
+    c, h, w = images.event_shape
+    black_and_white = bool(((images.images == 0) | (images.images == 255)).all())
+    if images.levels == 2 or black_and_white:
+        layer = {"data": {"binarize": "none"}, "likelihood": {"name": "bernoulli"}}
+        said = "0/1 images: a Bernoulli likelihood, no binarisation"
+    else:
+        name = "discretized-logistic" if c == 1 else "discretized-logistic-mixture"
+        layer = {"data": {"binarize": "none"}, "likelihood": {"name": name}}
+        said = f"8-bit {'grey' if c == 1 else 'colour'} images: no binarisation, the {name} likelihood"
+        if not {"model.kind", "model.channels", "model.hidden"} & given:
+            from .models.conv import sized_for
+
+            try:
+                model = sized_for(images.event_shape)
+            except VaelabError:  # too small to halve: keep the MLP
+                model = None
+            if model is not None:
+                if "model.latent_dim" in given:
+                    model.pop("latent_dim")
+                layer["model"] = model
+                said += (f", a conv model sized for {h}x{w} (channels "
+                         f"{','.join(map(str, model['channels']))}, {model['blocks']} residual "
+                         "blocks per stage)")
+    print(f"vaelab: {said}; choose others with --likelihood, --binarize, --model or --set")
+    return config_mod.from_dict(layer, base=cfg)
 
 
 def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool = False,

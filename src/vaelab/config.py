@@ -50,6 +50,7 @@ __all__ = [
     "to_toml",
     "load_toml",
     "parse_override",
+    "given_keys",
 ]
 
 
@@ -352,7 +353,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"kind": "conv", "latent_dim": 128, "channels": [32, 64, 128], "blocks": 2,
                   "hidden": [], "activation": "relu"},
         "train": {"batch_size": 128, "lr": 1e-3, "epochs": 30, "eval_batch_size": 250},
-        "eval": {"iw_samples": 100, "batch_size": 1},
+        "eval": {"iw_samples": 100},
     },
 }
 
@@ -525,6 +526,19 @@ def resolve(
 # Values that are not registry names (those are checked by their registries: the schedule
 # here, as it needs no torch; likelihood, model, activation, encoder scale, init, objective
 # kind and optimizer when the run is built, before anything is written).
+def given_keys(preset: str | None = None, file: str | Path | None = None,
+               overrides: list[str] | tuple[str, ...] = (),
+               extra: dict[str, Any] | None = None) -> set[str]:
+    """The ``section.key`` names that :func:`resolve` with these arguments takes from a
+    preset, a file, named flags or ``--set`` rather than from the defaults."""
+    file_layer = load_toml(file) if file is not None else {}
+    preset = preset or file_layer.get("preset")
+    layers = [PRESETS.get(preset, {}) if preset else {}, file_layer, extra or {}]
+    layers += [parse_override(o) for o in overrides]
+    return {f"{section}.{key}" for layer in layers for section, values in layer.items()
+            if isinstance(values, dict) for key in values}
+
+
 _CHOICES = {
     ("data", "binarize"): BINARIZE_MODES,
     ("objective", "kl"): KL_MODES,

@@ -88,12 +88,12 @@ from torch.distributions import Distribution
 
 from .errors import ConfigError
 from .objectives import (
-    DECODED_PER_CHUNK,
     _check_count,
     _decoder_log_prob,
     _delta_method_stderr,
     _draw,
     _is_diagonal_normal,
+    decodes_per_chunk,
     mean_and_stderr,
 )
 from .psis import WeightDiagnostics
@@ -460,8 +460,8 @@ def _check_options(steps: int, chains: int, leapfrog_steps: int, target_acceptan
         )
 
 
-def _default_chunk(batch: int, chains: int) -> int:
-    return max(1, min(chains, DECODED_PER_CHUNK // max(batch, 1)))
+def _default_chunk(model, x: Tensor, chains: int) -> int:
+    return max(1, min(chains, decodes_per_chunk(model, x) // max(x.shape[0], 1)))
 
 
 # --------------------------------------------------------------------------- public API
@@ -492,7 +492,7 @@ def ais(model, x: Tensor, *, steps: int, chains: int,
         leapfrog_steps: leapfrog steps per HMC transition.
         target_acceptance: the pilot chains' target Metropolis acceptance probability.
         chunk_size: counted chains per chunk (plus one pilot); default
-            ``max(1, DECODED_PER_CHUNK // B)``, capped at ``chains``.
+            as :func:`vaelab.objectives.default_chunk`, capped at ``chains``.
 
     Returns:
         :class:`AISEstimate`, float64, per example and over examples.
@@ -505,7 +505,7 @@ def ais(model, x: Tensor, *, steps: int, chains: int,
                    chunk_size)
     settings = _Settings(SCHEDULES[schedule](steps), leapfrog_steps, target_acceptance)
     path = _Path(model, x, start)
-    chunk = chunk_size or _default_chunk(x.shape[0], chains)
+    chunk = chunk_size or _default_chunk(model, x, chains)
 
     def start_rows(rows: int) -> Tensor:
         return _draw(path.start, rows, generator)[0].detach()
@@ -554,7 +554,7 @@ def bdmc(model, num_examples: int, *, steps: int, chains: int,
                   target_acceptance=target_acceptance, chunk_size=chunk_size)
     settings = _Settings(SCHEDULES[schedule](steps).flip(0), leapfrog_steps, target_acceptance)
     path = _Path(model, x, start)
-    chunk = chunk_size or _default_chunk(num_examples, chains)
+    chunk = chunk_size or _default_chunk(model, x, chains)
 
     def start_rows(rows: int) -> Tensor:
         return z.unsqueeze(0).expand(rows, *z.shape).clone()

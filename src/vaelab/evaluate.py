@@ -158,7 +158,7 @@ def estimate_seconds(model: nn.Module, data: metrics.Data, *, iw_samples: int,
     is timed with a chunk of samples (after a warm-up call) and scaled to every example and
     ``iw_samples`` samples; the ELBO pass is small beside it. Seconds, in this process."""
     x = next(metrics.batches(data, model, batch_size, 0, distributed.Context()))[1]
-    samples = max(1, min(iw_samples, objectives.DECODED_PER_CHUNK // x.shape[0]))
+    samples = objectives.default_chunk(model, x, iw_samples)
     gen = torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
         model.eval()
