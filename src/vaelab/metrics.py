@@ -46,8 +46,10 @@ Data = ImageSet | torch.Tensor | Iterable[Any]
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    for param in model.parameters():
+    """The device of the model's first parameter (CPU for a model without parameters, or
+    one that is not an ``nn.Module``)."""
+    parameters = getattr(model, "parameters", None)
+    for param in (parameters() if callable(parameters) else ()):
         return param.device
     return torch.device("cpu")
 
@@ -78,6 +80,11 @@ def batches(data: Data, model: nn.Module, batch_size: int, seed: int,
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside (dropout, batch norm), the previous mode after; nothing for a model
+    that is not an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
     was_training = model.training
     model.eval()
     try:
