@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "linear_matmul_flops",
     "write_result",
     "CpuMonitor",
+    "vaelab_epoch",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -240,3 +242,14 @@ class CpuMonitor:
         out["other_cpu_share"] = round(share, 3)
         out["machine_busy"] = share > BUSY_OTHER_SHARE
         return out
+
+
+def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
+    """Train one epoch with :func:`vaelab.train.train_and_evaluate`; ``(epoch seconds,
+    metrics record)``."""
+    from vaelab.train import train_and_evaluate
+
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return float(record["seconds"]), record

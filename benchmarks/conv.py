@@ -41,7 +41,6 @@ Run: ``python benchmarks/conv.py [--repeats 3] [--colour-images 10000]``; writes
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-__all__ = ["MODELS", "make_config", "plain_loop_epoch", "vaelab_epoch", "model_flops", "main"]
+__all__ = ["MODELS", "make_config", "plain_loop_epoch", "model_flops", "main"]
 
 #: name -> (preset, [model] overrides, event shape)
 MODELS: dict[str, tuple[str | None, list[str], tuple[int, int, int]]] = {
@@ -99,17 +98,6 @@ def make_config(name: str, dataset: str, batch_size: int, threads: int | None,
     if threads is not None:
         overrides.append(f"train.threads={threads}")
     return config.resolve(preset=preset, overrides=overrides)
-
-
-def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
-    """Train one epoch with :func:`vaelab.train.train_and_evaluate`; ``(epoch seconds,
-    metrics record)``."""
-    from vaelab.train import train_and_evaluate
-
-    run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    return float(record["seconds"]), record
 
 
 def _build(cfg, images: torch.Tensor):
@@ -214,10 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records: dict[str, dict[str, Any]] = {}
         loop_loss: dict[str, float] = {}
         for n in names if not smoke else []:  # warm-up: first allocations, oneDNN kernels
-            vaelab_epoch(configs[n], workdir)
+            common.vaelab_epoch(configs[n], workdir)
         for _ in range(repeats):
             for n in names:
-                seconds, records[n] = vaelab_epoch(configs[n], workdir)
+                seconds, records[n] = common.vaelab_epoch(configs[n], workdir)
                 times[n]["vaelab"].append(seconds)
                 seconds, loop_loss[n] = plain_loop_epoch(configs[n], images[n])
                 times[n]["loop"].append(seconds)

@@ -29,7 +29,6 @@ Run: ``python benchmarks/train.py [--repeats 5] [--batch-sizes 128 512]``; write
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-__all__ = ["ExampleVAE", "ItemDataset", "dataloader_epoch", "vaelab_epoch", "main"]
+__all__ = ["ExampleVAE", "ItemDataset", "dataloader_epoch", "main"]
 
 PRESET = "pytorch-example"
 
@@ -123,17 +122,6 @@ def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int
     return config.resolve(preset=PRESET, overrides=overrides)
 
 
-def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
-    """Train one epoch with :func:`vaelab.train.train_and_evaluate`; ``(epoch seconds,
-    metrics record)``."""
-    from vaelab.train import train_and_evaluate
-
-    run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
-    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    return float(record["seconds"]), record
-
-
 def model_flops(batch_size: int) -> dict[str, float]:
     """Matmul FLOPs per example of the preset's model: forward, 3 x forward, executed."""
     from vaelab import objectives
@@ -188,12 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paired: dict[int, list[float]] = {b: [] for b in batch_sizes}  # matmul rate before each
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
         for b in batch_sizes if not smoke else []:  # warm-up: first allocations, matplotlib
-            vaelab_epoch(_config(b, args.dataset, limit, args.threads), Path(tmp))
+            common.vaelab_epoch(_config(b, args.dataset, limit, args.threads), Path(tmp))
         for _ in range(repeats):
             for b in batch_sizes:
                 cfg = _config(b, args.dataset, limit, args.threads)
                 paired[b].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
-                seconds, records[b] = vaelab_epoch(cfg, Path(tmp))
+                seconds, records[b] = common.vaelab_epoch(cfg, Path(tmp))
                 times[b]["vaelab"].append(seconds)
                 times[b]["loop"].append(dataloader_epoch(images, b))
     rates += common.matmul_rate(mm_n, mm_reps)["all_gflops"]

@@ -14,8 +14,8 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal
 
+from ppca import PPCA, D
 from vaelab import likelihoods
 from vaelab.errors import ConfigError
 from vaelab.estimators import (
@@ -29,37 +29,6 @@ from vaelab.estimators import (
 from vaelab.models import build_model
 from vaelab.objectives import _draw, _log_weights, log_likelihood, mean_and_stderr
 from vaelab.psis import effective_sample_size, pareto_k
-
-D, L, SIGMA = 6, 3, 0.5
-
-
-class PPCA:
-    """Linear-Gaussian VAE whose encoder is the exact posterior with its standard deviations
-    multiplied by ``width`` and its mean moved by ``shift`` in every latent dimension."""
-
-    def __init__(self, width: float = 1.0, shift: float = 0.0) -> None:
-        g = gen(0)
-        w = torch.linalg.qr(torch.randn(D, L, generator=g, dtype=torch.float64))[0]
-        self.w = w * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
-        self.mu = torch.randn(D, generator=g, dtype=torch.float64)
-        self.width, self.shift, self.latent_dim = width, shift, L
-
-    def encode(self, x):
-        m = self.w.T @ self.w + SIGMA**2 * torch.eye(L, dtype=torch.float64)  # diagonal
-        mean = torch.linalg.solve(m, self.w.T @ (x - self.mu).T).T
-        std = (SIGMA**2 / m.diagonal()).sqrt().expand_as(mean)
-        return Independent(Normal(mean + self.shift, self.width * std), 1)
-
-    def decode(self, z):
-        return Independent(Normal(z @ self.w.T + self.mu, SIGMA), 1)
-
-    def prior(self, device):
-        zeros = torch.zeros(L, dtype=torch.float64, device=device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
-
-    def log_px(self, x):
-        cov = self.w @ self.w.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
-        return MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
 
 
 @pytest.fixture(autouse=True)

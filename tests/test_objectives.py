@@ -11,8 +11,9 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal
 
+from ppca import PPCA, D, L
 from vaelab.errors import ConfigError, DataError
 from vaelab.objectives import (
     ELBOTerms,
@@ -25,47 +26,7 @@ from vaelab.objectives import (
     training_loss,
 )
 
-D, L, B = 6, 3, 5
-SIGMA = 0.5
-
-
-class PPCA:
-    """Linear-Gaussian VAE with an exact or a deliberately wrong encoder."""
-
-    def __init__(self, encoder: str, orthogonal: bool, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(D, L, generator=g, dtype=torch.float64)
-        if orthogonal:  # W^T W diagonal -> the exact posterior is a diagonal Gaussian
-            w = torch.linalg.qr(w)[0] * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
-        self.w, self.mu = w, torch.randn(D, generator=g, dtype=torch.float64)
-        self.encoder = encoder
-        self.offset = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
-        self.latent_dim = L
-
-    def posterior(self, x):
-        m = self.w.T @ self.w + SIGMA**2 * torch.eye(L, dtype=torch.float64)
-        mean = torch.linalg.solve(m, self.w.T @ (x - self.mu).T).T
-        return mean, SIGMA**2 * torch.linalg.inv(m)
-
-    def encode(self, x):
-        mean, cov = self.posterior(x)
-        std = cov.diagonal().sqrt().expand_as(mean)
-        if self.encoder == "full":
-            return MultivariateNormal(mean, covariance_matrix=cov)
-        if self.encoder == "exact":
-            return Independent(Normal(mean, std), 1)
-        return Independent(Normal(0.85 * mean + self.offset, 1.5 * std), 1)  # "wrong"
-
-    def decode(self, z):
-        return Independent(Normal(z @ self.w.T + self.mu, SIGMA), 1)
-
-    def prior(self, device):
-        zeros = torch.zeros(L, dtype=torch.float64, device=device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
-
-    def log_px(self, x):
-        cov = self.w @ self.w.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
-        return MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
+B = 5
 
 
 def gen(seed: int) -> torch.Generator:

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from test_estimators import PPCA, data, gen, importance_log_weights
+from ppca import PPCA
+from test_estimators import data, gen, importance_log_weights
 from vaelab import evaluate, metrics, objectives
 from vaelab.psis import effective_sample_size, pareto_k
 
