@@ -79,13 +79,14 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: Path, budget: int | None) -> bool:
+    """Whether the run reached ``budget`` epochs (or its config's epochs) or stopped early."""
     last = run_dir / "checkpoints" / "last.json"
     if not last.is_file():
         return False
     meta = json.loads(last.read_text())
     state, cfg = meta["meta"]["train_state"], meta["meta"]["config"]
-    return state["epoch"] >= cfg["train"]["epochs"] or state.get("stopped_early", False)
+    return state["epoch"] >= (budget or cfg["train"]["epochs"]) or state.get("stopped_early", False)
 
 
 def main() -> None:
@@ -125,8 +126,10 @@ def main() -> None:
 
     # --- training (resumed when the run directory already holds one)
     if (run_dir / "checkpoints" / "last.json").is_file():
-        if not _finished(run_dir):
+        if not _finished(run_dir, args.budget):
             cmd = [*vaelab, "train", "--resume", str(run_dir), "--no-report", *data]
+            if args.budget:
+                cmd += ["--epochs", str(args.budget)]
             timing["train_seconds_this_invocation"] = _run(cmd, env, log)
             commands.append(" ".join(cmd[2:]))
     else:

@@ -8,6 +8,7 @@ arithmetic relating the reported ratios.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -42,9 +43,9 @@ def tiny_npz(tmp_path_factory) -> Path:
     return path
 
 
-def _run(script: str, out: Path, *args: str) -> dict:
+def _run(script: str, out: Path, *args: str, timeout: float = 300) -> dict:
     cmd = [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout[: done.stdout.rindex("}") + 1]) == result  # printed too
@@ -167,6 +168,75 @@ def test_threads_benchmark(tiny_npz, tmp_path):
     assert r["meets_target"] == (ratios["two_new_total_vs_alone_new"] >= 1.1
                                  and ratios["alone_new_vs_alone_old"] >= 0.95)
     assert len(r["table"]) == 6 and r["table"][0].startswith("| set-up |")
+
+@pytest.fixture(scope="module")
+def full_batches_npz(tmp_path_factory) -> Path:
+    """1,280 random 28x28 images: vaelab holds out 128 for the test split and trains on 1,152
+    = 9 full batches of 128, so a batch sum and a batch mean train alike under Adam."""
+    path = tmp_path_factory.mktemp("data") / "full_batches.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, images=rng.integers(0, 256, size=(1280, 28, 28), dtype=np.uint8))
+    return path
+
+
+def _check_source_comparison(r: dict, source: str, preset: str, seeds: list[int]) -> None:
+    """The per-epoch statistics of a source check agree with its per-seed runs."""
+    import statistics
+
+    assert r["seeds"] == seeds and r["epochs"] == 2 and r["issue"] == 16
+    lab_runs, source_runs = r["runs"]["vaelab"], r["runs"][source]
+    assert [run["seed"] for run in source_runs] == seeds
+    for run in lab_runs:
+        assert run["argv"][:4] == ["vaelab", "train", "--preset", preset]
+        assert [m["epoch"] for m in run["metrics"]] == [1, 2]
+        assert all("test_nelbo" in m and "val_nelbo" not in m for m in run["metrics"])
+    for split in ("test", "train"):
+        block = r[f"{split}_loss"]
+        assert len(block["rows"]) == 2
+        for e, row in enumerate(block["rows"]):
+            a = [run["per_epoch"][e][f"{split}_loss"] for run in source_runs]
+            b = [run["metrics"][e][f"{split}_nelbo"] for run in lab_runs]
+            assert row["source_mean"] == pytest.approx(statistics.fmean(a), abs=1e-3)
+            assert row["ours_mean"] == pytest.approx(statistics.fmean(b), abs=1e-3)
+            assert row["diff"] == pytest.approx(row["ours_mean"] - row["source_mean"], abs=2e-3)
+            pooled = ((statistics.variance(a) + statistics.variance(b)) / 2) ** 0.5
+            assert row["spread"] == pytest.approx(pooled, abs=1e-3)
+            assert row["agree"] == (abs(row["diff"]) < row["spread"])
+            # 784 x BCE on uniform grey levels: about 784 * 0.69 nats, whoever computes it
+            assert 400 < row["source_mean"] < 700 and 400 < row["ours_mean"] < 700
+        assert block["agree_every_epoch"] == all(row["agree"] for row in block["rows"])
+        assert block["table"].startswith("| epoch |")
+    assert r["passed"] == (r["test_loss"]["agree_every_epoch"]
+                           and r["train_loss"]["agree_every_epoch"])
+    # two identical systems with 2 seeds each: P(|t_2| < 1) = 0.577
+    assert r["identical_systems_agree_per_epoch_probability"] == pytest.approx(0.577, abs=1e-3)
+    # the twin: the source's code from vaelab's weights with vaelab's random streams computes
+    # what vaelab computes (to float rounding)
+    twin = r["twin"]
+    assert twin["seed"] == seeds[0] and len(twin["per_epoch"]) == 2
+    assert twin["max_abs_diff_test"] < 0.05 and twin["max_abs_diff_train"] < 0.05
+    assert r["timing"]["source_train_seconds_per_epoch"] > 0
+    assert r["timing"]["vaelab_train_seconds_per_epoch"] > 0
+
+
+def test_check_keras_example(full_batches_npz, tmp_path):
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("the Keras check runs Keras 3: pip install 'vaelab[keras]'")
+    # five trainings in fresh processes (Keras' import alone takes seconds): a longer limit
+    r = _run("check_keras_example.py", tmp_path / "keras.json", "--dataset",
+             str(full_batches_npz), timeout=900)
+    _check_source_comparison(r, "keras", "keras-example", [0, 1])
+    for run in r["runs"]["keras"]:
+        assert run["backend"] == "torch" and run["adam_epsilon"] == pytest.approx(1e-7)
+        assert (run["n_train"], run["n_test"]) == (1152, 128)
+
+
+def test_check_pytorch_example(full_batches_npz, tmp_path):
+    r = _run("check_pytorch_example.py", tmp_path / "pytorch.json", "--dataset",
+             str(full_batches_npz), timeout=900)
+    _check_source_comparison(r, "example", "pytorch-example", [1, 2])
+    assert all((run["n_train"], run["n_test"]) == (1152, 128) for run in r["runs"]["example"])
+
 
 def test_matmul_rate_and_flop_counter():
     sys.path.insert(0, str(BENCH))

@@ -1,0 +1,344 @@
+"""Check: ``--preset keras-example`` follows the Keras VAE example within seed-to-seed noise.
+
+Issue 16. The source is the MLP VAE of the Keras example ``examples/variational_autoencoder.py``
+(Keras 2.2.4; keras-team/keras at 33c4e162e3^), rewritten for Keras 3 without changing what
+it computes, and run by Keras 3 itself on its torch backend (``KERAS_BACKEND=torch``):
+
+- x = MNIST / 255 (float32, 784 values), all 60,000 training images, the test set as
+  ``validation_data``;
+- encoder ``Dense(512, relu)`` -> ``z_mean = Dense(2)``, ``z_log_var = Dense(2)``;
+  ``z = z_mean + exp(z_log_var / 2) * eps`` (sampled at evaluation too); decoder
+  ``Dense(512, relu)`` -> ``Dense(784, sigmoid)``; Keras' default initialisation
+  (glorot-uniform kernels, zero biases);
+- loss = mean over the batch of ``784 * binary_crossentropy(x, x_hat)`` (Keras' mean over
+  pixels, probabilities clipped to [1e-7, 1 - 1e-7]) ``- 0.5 * sum(1 + z_log_var - z_mean^2 -
+  exp(z_log_var))``, attached with ``add_loss`` (Keras 3: from a layer, as symbolic
+  ``Model.add_loss`` is gone);
+- ``vae.compile(optimizer='adam')`` (lr 1e-3, eps 1e-7), ``vae.fit(x_train, epochs=E,
+  batch_size=128, validation_data=(x_test, None))`` (reshuffled every epoch), after
+  ``keras.utils.set_random_seed(seed)``. Keras' ``loss`` and ``val_loss`` are the epoch's
+  batch-size-weighted means: sums over examples / their number.
+
+The preset runs as a user runs it: ``vaelab train --preset keras-example --data-dir DIR
+--epochs E --seed S --out RUN --no-report`` (its ``metrics.jsonl`` has ``train_nelbo`` and
+``test_nelbo`` per epoch: the same two quantities). Both use the same images (vaelab's reader,
+SHA-256 verified), one thread each, one run at a time, Keras and vaelab interleaved.
+
+Agreement (the issue): at every epoch from the first, the means over seeds differ by less
+than the seed-to-seed spread, defined here as the pooled sample standard deviation of one run
+over seeds (:func:`common.compare_over_seeds`, which also gives the t statistic).
+
+The twin (``--twin``, default on): Keras' model, loss and optimizer started from vaelab's
+initial weights for the first seed, shown the batches in vaelab's order, with vaelab's noise
+(training and evaluation). It differs from vaelab only in the code that computes: Keras'
+layers, loss and Adam (eps added to the uncorrected sqrt(v)) against vaelab's. Its distance
+to vaelab's run with that seed measures everything except the random-number streams.
+
+Run: ``python benchmarks/check_keras_example.py --data-dir /path/to/mnist [--seeds 8]
+[--epochs 10]``; prints JSON and writes ``benchmarks/results/check_keras_example.json``.
+Needs ``keras>=3`` (``pip install 'vaelab[keras]'``); ``--smoke``: 2 seeds, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NAME = "check_keras_example"
+PRESET = "keras-example"
+BATCH = 128
+
+
+# --------------------------------------------------------------------------- data, config
+
+
+def _config(dataset: str, data_dir: str | None, seed: int, epochs: int):
+    from vaelab import config
+
+    overrides = [f"data.dataset={dataset}", f"train.seed={seed}", f"train.epochs={epochs}"]
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    return config.resolve(preset=PRESET, overrides=overrides)
+
+
+def _flat(images) -> Any:
+    """uint8 ``(N, 1, 28, 28)`` -> float32 ``(N, 784)`` numpy in [0, 1]: the example's
+    ``x.astype('float32') / 255.`` and ``reshape``."""
+    x = images.images.reshape(len(images), -1).numpy()
+    return x.astype("float32") / 255.0
+
+
+# --------------------------------------------------------------------------- Keras
+
+
+def build_keras_vae(keras, original_dim: int, intermediate_dim: int = 512, latent_dim: int = 2):
+    """The example's model in Keras 3: ``(vae, layers by name, noise holder)``.
+
+    ``noise.gen``: None draws ``eps`` with ``keras.random.normal`` (the example's
+    ``K.random_normal``); a ``torch.Generator`` draws it there instead (the twin)."""
+    import torch
+    from keras import layers, ops
+
+    class Noise:
+        gen: torch.Generator | None = None
+
+    noise = Noise()
+
+    class Sampling(layers.Layer):
+        """The example's ``Lambda(sampling)``: z = z_mean + exp(z_log_var / 2) * eps."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.seed_generator = keras.random.SeedGenerator()
+
+        def call(self, inputs):
+            z_mean, z_log_var = inputs
+            if noise.gen is None:
+                eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+            else:
+                eps = torch.randn(tuple(z_mean.shape), generator=noise.gen)
+            return z_mean + ops.exp(0.5 * z_log_var) * eps
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[0]
+
+    class VAELoss(layers.Layer):
+        """The example's ``vae.add_loss(vae_loss)``, from a layer (Keras 3)."""
+
+        def call(self, inputs):
+            x, outputs, z_mean, z_log_var = inputs
+            reconstruction_loss = keras.losses.binary_crossentropy(x, outputs)
+            reconstruction_loss = reconstruction_loss * original_dim
+            kl_loss = 1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var)
+            kl_loss = ops.sum(kl_loss, axis=-1)
+            kl_loss = kl_loss * -0.5
+            self.add_loss(ops.mean(reconstruction_loss + kl_loss))
+            return outputs
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[1]
+
+    inputs = keras.Input(shape=(original_dim,), name="encoder_input")
+    x = layers.Dense(intermediate_dim, activation="relu", name="encoder_hidden")(inputs)
+    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
+    z = Sampling(name="z")([z_mean, z_log_var])
+    encoder = keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
+    latent_inputs = keras.Input(shape=(latent_dim,), name="z_sampling")
+    x = layers.Dense(intermediate_dim, activation="relu", name="decoder_hidden")(latent_inputs)
+    outputs = layers.Dense(original_dim, activation="sigmoid", name="decoder_output")(x)
+    decoder = keras.Model(latent_inputs, outputs, name="decoder")
+    z_mean_out, z_log_var_out, z_out = encoder(inputs)
+    outputs = VAELoss(name="vae_loss")([inputs, decoder(z_out), z_mean_out, z_log_var_out])
+    vae = keras.Model(inputs, outputs, name="vae_mlp")
+    named = {layer.name: layer for m in (encoder, decoder) for layer in m.layers}
+    return vae, named, noise
+
+
+def _copy_vaelab_weights(model, named) -> None:
+    """vaelab's MLP (encoder Linear(784, 512), Linear(512, 4) = [loc; log-variance]; decoder
+    Linear(2, 512), Linear(512, 784)) -> the Keras layers (kernels are W^T)."""
+    from torch import nn
+
+    enc = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    dec = [m for m in model.decoder if isinstance(m, nn.Linear)]
+    latent = enc[1].weight.shape[0] // 2
+    pairs = {
+        "encoder_hidden": (enc[0].weight, enc[0].bias),
+        "z_mean": (enc[1].weight[:latent], enc[1].bias[:latent]),
+        "z_log_var": (enc[1].weight[latent:], enc[1].bias[latent:]),
+        "decoder_hidden": (dec[0].weight, dec[0].bias),
+        "decoder_output": (dec[1].weight, dec[1].bias),
+    }
+    for name, (w, b) in pairs.items():
+        named[name].set_weights([w.detach().T.numpy().copy(), b.detach().numpy().copy()])
+
+
+def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: bool,
+              threads: int) -> dict[str, Any]:
+    """Train the Keras example (or its twin, see the module docstring) for ``epochs``."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import torch
+
+    torch.set_num_threads(threads)
+    import keras
+
+    if keras.backend.backend() != "torch":
+        raise SystemExit(f"KERAS_BACKEND must be torch, got {keras.backend.backend()}")
+    from vaelab import models
+    from vaelab.data import load_split
+    from vaelab.rng import Purpose, seeded_generator
+
+    cfg = _config(dataset, data_dir, seed, epochs)
+    train_set = load_split(cfg.data, "train", seed, progress=False)
+    test_set = load_split(cfg.data, "test", seed, progress=False)
+    x_train, x_test = _flat(train_set), _flat(test_set)
+
+    keras.utils.set_random_seed(seed)
+    vae, named, noise = build_keras_vae(keras, x_train.shape[1])
+    vae.compile(optimizer="adam")
+    records: list[dict[str, Any]] = []
+
+    class Record(keras.callbacks.Callback):
+        """Per-epoch times (training, then the evaluation on the test set); with the twin,
+        vaelab's noise generators."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+            self.t_test = None
+            if twin:
+                noise.gen = seeded_generator(seed, epoch, Purpose.NOISE)
+
+        def on_test_begin(self, logs=None):
+            self.t_test = time.perf_counter()
+
+        def on_test_batch_begin(self, batch, logs=None):
+            if twin:
+                noise.gen = seeded_generator(seed, batch, Purpose.EVAL_NOISE)
+
+        def on_epoch_end(self, epoch, logs=None):
+            end = time.perf_counter()
+            t_test = self.t_test or end
+            records.append({"epoch": epoch + 1, "train_loss": float(logs["loss"]),
+                            "test_loss": float(logs["val_loss"]),
+                            "train_seconds": round(t_test - self.t0, 3),
+                            "epoch_seconds": round(end - self.t0, 3)})
+            print(f"keras{' twin' if twin else ''} seed {seed} epoch {epoch + 1}/{epochs}: "
+                  f"loss {logs['loss']:.2f} val_loss {logs['val_loss']:.2f} "
+                  f"({end - self.t0:.1f} s)", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    if not twin:  # the example's call
+        vae.fit(x_train, epochs=epochs, batch_size=BATCH, validation_data=(x_test, None),
+                callbacks=[Record()], verbose=0)
+    else:
+        torch.manual_seed(seed)  # vaelab's initial weights, built as `vaelab train` does
+        _copy_vaelab_weights(models.build_from_config(cfg, train_set.event_shape), named)
+        for epoch in range(epochs):  # vaelab's order of the batches, one fit per epoch
+            perm = torch.randperm(len(x_train), generator=seeded_generator(
+                seed, epoch, Purpose.PERMUTATION)).numpy()
+            vae.fit(x_train[perm], initial_epoch=epoch, epochs=epoch + 1, batch_size=BATCH,
+                    shuffle=False, validation_data=(x_test, None),
+                    validation_batch_size=cfg.train.eval_batch_size, callbacks=[Record()],
+                    verbose=0)
+    return {"seed": seed, "twin": twin, "keras": keras.__version__,
+            "backend": keras.backend.backend(), "adam_epsilon": float(vae.optimizer.epsilon),
+            "per_epoch": records, "wall_seconds": round(time.perf_counter() - started, 2),
+            "n_train": len(x_train), "n_test": len(x_test)}
+
+
+def _keras_worker(args, seed: int, twin: bool, work: Path) -> dict[str, Any]:
+    """One Keras run in a fresh process (Keras and vaelab never share global state)."""
+    cli = ["--worker-seed", str(seed), "--epochs", str(args.epochs), "--dataset",
+           args.dataset, "--threads", str(args.threads)]
+    cli += ["--data-dir", args.data_dir] if args.data_dir else []
+    cli += ["--twin"] if twin else []
+    return common.run_worker(Path(__file__).resolve(), cli,
+                             work / f"keras-{'twin-' if twin else ''}{seed}.json",
+                             {"KERAS_BACKEND": "torch", "OMP_NUM_THREADS": str(args.threads)})
+
+
+def _vaelab_run(args, seed: int, work: Path) -> dict[str, Any]:
+    """``vaelab train --preset keras-example ...`` as a user runs it."""
+    cli = ["--preset", PRESET, "--dataset", args.dataset, "--epochs", str(args.epochs),
+           "--seed", str(seed)]
+    cli += ["--data-dir", args.data_dir] if args.data_dir else []
+    run = common.run_vaelab_train(cli, work / f"vaelab-{seed}", args.threads)
+    print(f"vaelab seed {seed}: {run['output_tail'][-1]}", file=sys.stderr, flush=True)
+    return run
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common.base_parser(__doc__.split("\n")[0], NAME)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per system, 0..N-1 (default 8; smoke 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="(default 10; smoke 2)")
+    parser.add_argument("--dataset", default="mnist",
+                        help="registered name or .npz file (default: mnist, the example's)")
+    parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="directory for the runs (default: a new temporary one)")
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.threads = args.threads or 1
+    args.epochs = args.epochs or (2 if args.smoke else 10)
+    if args.worker_seed is not None:  # one Keras run, in its own process
+        result = keras_run(args.dataset, args.data_dir, args.worker_seed, args.epochs,
+                           args.twin, args.threads)
+        args.worker_out.write_text(json.dumps(result))
+        return result
+    if importlib.util.find_spec("keras") is None:
+        raise SystemExit("this check runs the Keras example: install Keras 3 first "
+                         "(pip install 'vaelab[keras]', or pip install 'keras>=3')")
+    n_seeds = args.seeds or (2 if args.smoke else 8)
+    seeds = list(range(n_seeds))
+    work = args.work or Path(tempfile.mkdtemp(prefix="vaelab-check-keras-example-"))
+    work.mkdir(parents=True, exist_ok=True)
+    monitor = common.CpuMonitor()
+    started = time.perf_counter()
+    keras_runs, lab_runs = [], []
+    for seed in seeds:  # interleaved, so that a change in the machine's load hits both
+        keras_runs.append(_keras_worker(args, seed, False, work))
+        lab_runs.append(_vaelab_run(args, seed, work))
+    twin = None if args.no_twin else _keras_worker(args, seeds[0], True, work)
+    summary = common.summarize_source_check("Keras", keras_runs, lab_runs, twin)
+    data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
+    result = {
+        "benchmark": NAME,
+        "smoke": args.smoke,
+        "issue": 16,
+        "passed": summary["passed"],
+        **common.SPREAD_DEFINITION,
+        "identical_systems_agree_per_epoch_probability": common.agreement_chance(
+            n_seeds, n_seeds),
+        "seeds": seeds,
+        "epochs": args.epochs,
+        "dataset": f"{args.dataset} ({data_note}), grey levels / 255, all training images, "
+                   "the test split evaluated after every epoch",
+        "units": "nats per example: 784 x Keras' binary_crossentropy + KL (BCE on grey "
+                 "levels: not a likelihood)",
+        "source": "keras-team/keras examples/variational_autoencoder.py (Keras 2.2.4, MLP) "
+                  "rewritten for Keras 3, run by Keras on the torch backend",
+        "commands": {
+            "keras": "vae.fit(x_train, epochs=E, batch_size=128, validation_data=(x_test, "
+                     "None)) after keras.utils.set_random_seed(seed)",
+            "vaelab": " ".join(lab_runs[0]["argv"]).replace(str(work), "RUN"),
+            "this": "python benchmarks/check_keras_example.py"
+                    + (f" --data-dir {args.data_dir}" if args.data_dir else "")
+                    + f" --seeds {n_seeds} --epochs {args.epochs}",
+        },
+        "test_loss": summary["test_loss"],
+        "train_loss": summary["train_loss"],
+        "twin": summary["twin"],
+        "timing": summary["timing"],
+        "runs": {"keras": keras_runs, "vaelab": lab_runs, "twin": twin},
+        "work_dir": str(work),
+        "threads": args.threads,
+        "machine": {**common.machine(), "vaelab_source_sha256_16": common.source_digest()},
+        "cpu_load": monitor.report(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print("test loss\n" + summary["test_loss"]["table"] + "\ntraining loss\n"
+          + summary["train_loss"]["table"], file=sys.stderr)
+    common.write_result(result, args.out, NAME, args.smoke)
+    return result
+
+
+if __name__ == "__main__":
+    main()
