@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_overrides, train
 from vaelab import compat, config, likelihoods
 from vaelab.errors import ConfigError
+from vaelab.evaluate import format_markdown
 
 
 def _outputs():
@@ -75,6 +76,11 @@ def test_example_presets_follow_their_sources(name, output, init, eps):
     assert (cfg.train.validation_split, cfg.train.select) == ("test", "last")
 
 
+def test_every_preset_names_its_source():
+    assert set(config.PRESET_SOURCES) == set(config.PRESETS)
+    assert all(source.strip() for source in config.PRESET_SOURCES.values())
+
+
 @pytest.mark.usefixtures("fashion_available")
 def test_test_split_every_epoch_and_last_kept(tmp_path):
     cfg = config.resolve(overrides=tiny_overrides(**{
@@ -87,5 +93,7 @@ def test_test_split_every_epoch_and_last_kept(tmp_path):
     assert summary["best_epoch"] == 3
     report = summary["report"]
     assert report["model_selection"] == "the last epoch" and report["checkpoint_epoch"] == 3
+    assert (report["preset"], report["preset_source"]) == ("default", "vaelab's own defaults")
+    assert "| preset | default (follows vaelab's own defaults) |" in format_markdown(report)
     # the report's test NELBO is the last epoch's per-epoch test NELBO (same z, same images)
     assert report["nelbo"] == pytest.approx(rows[-1]["test_nelbo"], rel=1e-9)

@@ -44,6 +44,7 @@ __all__ = [
     "EvalConfig",
     "RunConfig",
     "PRESETS",
+    "PRESET_SOURCES",
     "resolve",
     "from_dict",
     "to_dict",
@@ -250,6 +251,18 @@ SECTIONS: dict[str, type] = {
     "objective": ObjectiveConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+}
+
+#: The code or paper each preset follows (the report names it); ``default`` is vaelab's own.
+PRESET_SOURCES: dict[str, str] = {
+    "default": "vaelab's own defaults",
+    "pytorch-example": "pytorch/examples vae/main.py",
+    "keras-example": "the Keras VAE example, examples/variational_autoencoder.py (MLP)",
+    "mnist-vae": "Rezende & Mohamed (2015) as pythae reproduced it (benchmark_VAE vae.py)",
+    "mnist-vampprior": "Tomczak & Welling (2018) as pythae reproduced it (benchmark_VAE "
+                       "vamp.py)",
+    "iwae-paper": "Burda, Grosse & Salakhutdinov (2016), yburda/iwae",
+    "cifar10": "vaelab's conv model with the PixelCNN++ likelihood (Salimans et al. 2017)",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

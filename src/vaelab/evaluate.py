@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, metrics, objectives, runs, runtime
+from . import config, distributed, metrics, objectives, runs, runtime
 from ._io import atomic_write_text
 from .data import ImageSet, load_split
 
@@ -244,7 +244,8 @@ def evaluate_run(
         "lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
         and cfg.train.select == "best" and cfg.train.validation_split == "validation"
         and cfg.data.validation_size else "the last epoch")
-    report["preset"] = cfg.preset
+    report["preset"] = cfg.preset or "default"
+    report["preset_source"] = config.PRESET_SOURCES.get(report["preset"])
     return report
 
 
@@ -292,6 +293,9 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("bits/dim", _fmt(result["bits_per_dim"])),
         ("active units", f"{result['active_units']} of {result['latent_dim']}"),
     ]
+    if result.get("preset"):
+        source = result.get("preset_source")
+        rows.append(("preset", result["preset"] + (f" (follows {source})" if source else "")))
     return rows
 
 
