@@ -36,7 +36,8 @@ to vaelab's run with that seed measures everything except the random-number stre
 
 Run: ``python benchmarks/check_keras_example.py --data-dir /path/to/mnist [--seeds 8]
 [--epochs 10]``; prints JSON and writes ``benchmarks/results/check_keras_example.json``.
-Needs ``keras>=3`` (``pip install 'vaelab[keras]'``); ``--smoke``: 2 seeds, 2 epochs.
+Needs ``keras>=3`` (``pip install 'vaelab[keras]'``; installed with pip when missing);
+``--smoke``: 2 seeds, 2 epochs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -283,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            args.twin, args.threads)
         args.worker_out.write_text(json.dumps(result))
         return result
-    if importlib.util.find_spec("keras") is None:
-        raise SystemExit("this check runs the Keras example: install Keras 3 first "
-                         "(pip install 'vaelab[keras]', or pip install 'keras>=3')")
+    if importlib.util.find_spec("keras") is None:  # an optional dependency: install it here
+        print("installing keras>=3 (pip), which this check runs", file=sys.stderr, flush=True)
+        if subprocess.run([sys.executable, "-m", "pip", "install", "-q", "keras>=3"]).returncode:
+            raise SystemExit("could not install keras>=3: pip install 'vaelab[keras]' and rerun")
     n_seeds = args.seeds or (2 if args.smoke else 8)
     seeds = list(range(n_seeds))
     work = args.work or Path(tempfile.mkdtemp(prefix="vaelab-check-keras-example-"))
