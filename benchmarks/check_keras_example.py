@@ -42,13 +42,11 @@ Needs ``keras>=3`` (``pip install 'vaelab[keras]'``; installed with pip when mis
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,16 +59,7 @@ PRESET = "keras-example"
 BATCH = 128
 
 
-# --------------------------------------------------------------------------- data, config
-
-
-def _config(dataset: str, data_dir: str | None, seed: int, epochs: int):
-    from vaelab import config
-
-    overrides = [f"data.dataset={dataset}", f"train.seed={seed}", f"train.epochs={epochs}"]
-    if data_dir:
-        overrides.append(f"data.data_dir={data_dir}")
-    return config.resolve(preset=PRESET, overrides=overrides)
+# --------------------------------------------------------------------------- data
 
 
 def _flat(images) -> Any:
@@ -181,7 +170,7 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
     from vaelab.data import load_split
     from vaelab.rng import Purpose, seeded_generator
 
-    cfg = _config(dataset, data_dir, seed, epochs)
+    cfg = common.preset_config(PRESET, dataset, data_dir, seed, epochs)
     train_set = load_split(cfg.data, "train", seed, progress=False)
     test_set = load_split(cfg.data, "test", seed, progress=False)
     x_train, x_test = _flat(train_set), _flat(test_set)
@@ -239,44 +228,11 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
             "n_train": len(x_train), "n_test": len(x_test)}
 
 
-def _keras_worker(args, seed: int, twin: bool, work: Path) -> dict[str, Any]:
-    """One Keras run in a fresh process (Keras and vaelab never share global state)."""
-    cli = ["--worker-seed", str(seed), "--epochs", str(args.epochs), "--dataset",
-           args.dataset, "--threads", str(args.threads)]
-    cli += ["--data-dir", args.data_dir] if args.data_dir else []
-    cli += ["--twin"] if twin else []
-    return common.run_worker(Path(__file__).resolve(), cli,
-                             work / f"keras-{'twin-' if twin else ''}{seed}.json",
-                             {"KERAS_BACKEND": "torch", "OMP_NUM_THREADS": str(args.threads)})
-
-
-def _vaelab_run(args, seed: int, work: Path) -> dict[str, Any]:
-    """``vaelab train --preset keras-example ...`` as a user runs it."""
-    cli = ["--preset", PRESET, "--dataset", args.dataset, "--epochs", str(args.epochs),
-           "--seed", str(seed)]
-    cli += ["--data-dir", args.data_dir] if args.data_dir else []
-    run = common.run_vaelab_train(cli, work / f"vaelab-{seed}", args.threads)
-    print(f"vaelab seed {seed}: {run['output_tail'][-1]}", file=sys.stderr, flush=True)
-    return run
-
-
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = common.base_parser(__doc__.split("\n")[0], NAME)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per system, 0..N-1 (default 8; smoke 2)")
-    parser.add_argument("--epochs", type=int, default=None, help="(default 10; smoke 2)")
-    parser.add_argument("--dataset", default="mnist",
-                        help="registered name or .npz file (default: mnist, the example's)")
-    parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="directory for the runs (default: a new temporary one)")
-    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
+    parser = common.source_check_parser(__doc__.split("\n")[0], NAME, first_seed=0)
     args = parser.parse_args(argv)
     args.threads = args.threads or 1
     args.epochs = args.epochs or (2 if args.smoke else 10)
@@ -289,58 +245,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("installing keras>=3 (pip), which this check runs", file=sys.stderr, flush=True)
         if subprocess.run([sys.executable, "-m", "pip", "install", "-q", "keras>=3"]).returncode:
             raise SystemExit("could not install keras>=3: pip install 'vaelab[keras]' and rerun")
-    n_seeds = args.seeds or (2 if args.smoke else 8)
-    seeds = list(range(n_seeds))
-    work = args.work or Path(tempfile.mkdtemp(prefix="vaelab-check-keras-example-"))
-    work.mkdir(parents=True, exist_ok=True)
-    monitor = common.CpuMonitor()
-    started = time.perf_counter()
-    keras_runs, lab_runs = [], []
-    for seed in seeds:  # interleaved, so that a change in the machine's load hits both
-        keras_runs.append(_keras_worker(args, seed, False, work))
-        lab_runs.append(_vaelab_run(args, seed, work))
-    twin = None if args.no_twin else _keras_worker(args, seeds[0], True, work)
-    summary = common.summarize_source_check("Keras", keras_runs, lab_runs, twin)
-    data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
-    result = {
-        "benchmark": NAME,
-        "smoke": args.smoke,
-        "issue": 16,
-        "passed": summary["passed"],
-        **common.SPREAD_DEFINITION,
-        "identical_systems_agree_per_epoch_probability": common.agreement_chance(
-            n_seeds, n_seeds),
-        "seeds": seeds,
-        "epochs": args.epochs,
-        "dataset": f"{args.dataset} ({data_note}), grey levels / 255, all training images, "
-                   "the test split evaluated after every epoch",
-        "units": "nats per example: 784 x Keras' binary_crossentropy + KL (BCE on grey "
-                 "levels: not a likelihood)",
-        "source": "keras-team/keras examples/variational_autoencoder.py (Keras 2.2.4, MLP) "
-                  "rewritten for Keras 3, run by Keras on the torch backend",
-        "commands": {
-            "keras": "vae.fit(x_train, epochs=E, batch_size=128, validation_data=(x_test, "
-                     "None)) after keras.utils.set_random_seed(seed)",
-            "vaelab": " ".join(lab_runs[0]["argv"]).replace(str(work), "RUN"),
-            "this": "python benchmarks/check_keras_example.py"
-                    + (f" --data-dir {args.data_dir}" if args.data_dir else "")
-                    + f" --seeds {n_seeds} --epochs {args.epochs}",
-        },
-        "test_loss": summary["test_loss"],
-        "train_loss": summary["train_loss"],
-        "twin": summary["twin"],
-        "timing": summary["timing"],
-        "runs": {"keras": keras_runs, "vaelab": lab_runs, "twin": twin},
-        "work_dir": str(work),
-        "threads": args.threads,
-        "machine": {**common.machine(), "vaelab_source_sha256_16": common.source_digest()},
-        "cpu_load": monitor.report(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print("test loss\n" + summary["test_loss"]["table"] + "\ntraining loss\n"
-          + summary["train_loss"]["table"], file=sys.stderr)
-    common.write_result(result, args.out, NAME, args.smoke)
-    return result
+    return common.run_source_check(
+        args, script=Path(__file__).resolve(), name=NAME, preset=PRESET, source="keras",
+        label="Keras", first_seed=0, worker_env={"KERAS_BACKEND": "torch"}, info={
+            "units": "nats per example: 784 x Keras' binary_crossentropy + KL (BCE on grey "
+                     "levels: not a likelihood)",
+            "source": "keras-team/keras examples/variational_autoencoder.py (Keras 2.2.4, "
+                      "MLP) rewritten for Keras 3, run by Keras on the torch backend",
+            "command": "vae.fit(x_train, epochs=E, batch_size=128, validation_data=(x_test, "
+                       "None)) after keras.utils.set_random_seed(seed)"})
 
 
 if __name__ == "__main__":

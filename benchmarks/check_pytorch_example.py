@@ -36,10 +36,8 @@ Run: ``python benchmarks/check_pytorch_example.py --data-dir /path/to/mnist [--s
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -223,14 +221,6 @@ def twin_run(cfg, x_train: torch.Tensor, x_test: torch.Tensor, seed: int, epochs
 # --------------------------------------------------------------------------- runs
 
 
-def _config(dataset: str, data_dir: str | None, seed: int, epochs: int):
-    from vaelab import config
-
-    overrides = [f"data.dataset={dataset}", f"train.seed={seed}", f"train.epochs={epochs}"]
-    if data_dir:
-        overrides.append(f"data.data_dir={data_dir}")
-    return config.resolve(preset=PRESET, overrides=overrides)
-
 
 def worker(args) -> dict[str, Any]:
     """One run of the example (or its twin) in this process."""
@@ -238,7 +228,7 @@ def worker(args) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     seed = args.worker_seed
-    cfg = _config(args.dataset, args.data_dir, seed, args.epochs)
+    cfg = common.preset_config(PRESET, args.dataset, args.data_dir, seed, args.epochs)
     train_set = load_split(cfg.data, "train", seed, progress=False)
     test_set = load_split(cfg.data, "test", seed, progress=False)
     # ToTensor: uint8 (H, W) -> float32 (1, H, W) / 255
@@ -254,43 +244,12 @@ def worker(args) -> dict[str, Any]:
             "n_train": len(x_train), "n_test": len(x_test)}
 
 
-def _example_worker(args, seed: int, twin: bool, work: Path) -> dict[str, Any]:
-    cli = ["--worker-seed", str(seed), "--epochs", str(args.epochs), "--dataset",
-           args.dataset, "--threads", str(args.threads)]
-    cli += ["--data-dir", args.data_dir] if args.data_dir else []
-    cli += ["--twin"] if twin else []
-    return common.run_worker(Path(__file__).resolve(), cli,
-                             work / f"example-{'twin-' if twin else ''}{seed}.json",
-                             {"OMP_NUM_THREADS": str(args.threads)})
-
-
-def _vaelab_run(args, seed: int, work: Path) -> dict[str, Any]:
-    """``vaelab train --preset pytorch-example ...`` as a user runs it."""
-    cli = ["--preset", PRESET, "--dataset", args.dataset, "--epochs", str(args.epochs),
-           "--seed", str(seed)]
-    cli += ["--data-dir", args.data_dir] if args.data_dir else []
-    run = common.run_vaelab_train(cli, work / f"vaelab-{seed}", args.threads)
-    print(f"vaelab seed {seed}: {run['output_tail'][-1]}", file=sys.stderr, flush=True)
-    return run
-
-
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = common.base_parser(__doc__.split("\n")[0], NAME)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per system, 1..N (default 8; smoke 2)")
-    parser.add_argument("--epochs", type=int, default=None, help="(default 10; smoke 2)")
-    parser.add_argument("--dataset", default="mnist",
-                        help="registered name or .npz file (default: mnist, the example's)")
-    parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="directory for the runs (default: a new temporary one)")
-    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
+    # the example's default seed is 1
+    parser = common.source_check_parser(__doc__.split("\n")[0], NAME, first_seed=1)
     args = parser.parse_args(argv)
     args.threads = args.threads or 1
     args.epochs = args.epochs or (2 if args.smoke else 10)
@@ -298,56 +257,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = worker(args)
         args.worker_out.write_text(json.dumps(result))
         return result
-    n_seeds = args.seeds or (2 if args.smoke else 8)
-    seeds = list(range(1, n_seeds + 1))  # the example's default seed is 1
-    work = args.work or Path(tempfile.mkdtemp(prefix="vaelab-check-pytorch-example-"))
-    work.mkdir(parents=True, exist_ok=True)
-    monitor = common.CpuMonitor()
-    started = time.perf_counter()
-    example_runs, lab_runs = [], []
-    for seed in seeds:  # interleaved, so that a change in the machine's load hits both
-        example_runs.append(_example_worker(args, seed, False, work))
-        lab_runs.append(_vaelab_run(args, seed, work))
-    twin = None if args.no_twin else _example_worker(args, seeds[0], True, work)
-    summary = common.summarize_source_check("example", example_runs, lab_runs, twin)
-    data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
-    result = {
-        "benchmark": NAME,
-        "smoke": args.smoke,
-        "issue": 16,
-        "passed": summary["passed"],
-        **common.SPREAD_DEFINITION,
-        "identical_systems_agree_per_epoch_probability": common.agreement_chance(
-            n_seeds, n_seeds),
-        "seeds": seeds,
-        "epochs": args.epochs,
-        "dataset": f"{args.dataset} ({data_note}), grey levels / 255, all training images, "
-                   "the test split evaluated after every epoch",
-        "units": "nats per example: BCE summed over 784 grey-level pixels + KL (not a "
-                 "likelihood)",
-        "source": "pytorch/examples vae/main.py at 77f55b9 (plain PyTorch, copied here)",
-        "commands": {
-            "example": "python vae/main.py --seed S (copied: example_run)",
-            "vaelab": " ".join(lab_runs[0]["argv"]).replace(str(work), "RUN"),
-            "this": "python benchmarks/check_pytorch_example.py"
-                    + (f" --data-dir {args.data_dir}" if args.data_dir else "")
-                    + f" --seeds {n_seeds} --epochs {args.epochs}",
-        },
-        "test_loss": summary["test_loss"],
-        "train_loss": summary["train_loss"],
-        "twin": summary["twin"],
-        "timing": summary["timing"],
-        "runs": {"example": example_runs, "vaelab": lab_runs, "twin": twin},
-        "work_dir": str(work),
-        "threads": args.threads,
-        "machine": {**common.machine(), "vaelab_source_sha256_16": common.source_digest()},
-        "cpu_load": monitor.report(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    print("test loss\n" + summary["test_loss"]["table"] + "\ntraining loss\n"
-          + summary["train_loss"]["table"], file=sys.stderr)
-    common.write_result(result, args.out, NAME, args.smoke)
-    return result
+    return common.run_source_check(
+        args, script=Path(__file__).resolve(), name=NAME, preset=PRESET, source="example",
+        label="example", first_seed=1, worker_env={}, info={
+            "units": "nats per example: BCE summed over 784 grey-level pixels + KL (not a "
+                     "likelihood)",
+            "source": "pytorch/examples vae/main.py at 77f55b9 (plain PyTorch, copied here)",
+            "command": "python vae/main.py --seed S (copied: example_run)"})
 
 
 if __name__ == "__main__":

@@ -491,3 +491,108 @@ def summarize_source_check(source: str, source_runs: Sequence[dict[str, Any]],
             / timing["vaelab_train_seconds_per_epoch"], 2)
     out["timing"] = timing
     return out
+
+
+def source_check_parser(description: str, name: str, first_seed: int) -> argparse.ArgumentParser:
+    """The command line of a source check (``check_keras_example.py``,
+    ``check_pytorch_example.py``), including the hidden options of its worker processes."""
+    parser = base_parser(description, name)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds per system, {first_seed}.. (default 8; smoke 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="(default 10; smoke 2)")
+    parser.add_argument("--dataset", default="mnist",
+                        help="registered name or .npz file (default: mnist, the source's)")
+    parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="directory for the runs (default: a new temporary one); finished "
+                             "runs found there are reused")
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--twin", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def preset_config(preset: str, dataset: str, data_dir: str | None, seed: int, epochs: int):
+    """The config ``vaelab train --preset PRESET`` resolves for this data, seed and epochs."""
+    from vaelab import config
+
+    overrides = [f"data.dataset={dataset}", f"train.seed={seed}", f"train.epochs={epochs}"]
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    return config.resolve(preset=preset, overrides=overrides)
+
+
+def run_source_check(args: argparse.Namespace, *, script: Path, name: str, preset: str,
+                     source: str, label: str, first_seed: int, worker_env: dict[str, str],
+                     info: dict[str, Any]) -> dict[str, Any]:
+    """Run a source and ``vaelab train --preset PRESET`` over seeds, interleaved (one
+    thread each, one run at a time), then the twin; summarise (issue 16), print the tables
+    and write the JSON.
+
+    ``source`` names the source's runs (``runs[source]``, worker files ``SOURCE-SEED.json``);
+    ``label`` heads its table column; ``info`` adds ``units``, ``source`` and the source's
+    command to the result.
+    """
+    n_seeds = args.seeds or (2 if args.smoke else 8)
+    seeds = list(range(first_seed, first_seed + n_seeds))
+    work = args.work or Path(tempfile.mkdtemp(prefix=f"vaelab-{name.replace('_', '-')}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    env = {**worker_env, "OMP_NUM_THREADS": str(args.threads)}
+
+    def source_run(seed: int, twin: bool) -> dict[str, Any]:
+        cli = ["--worker-seed", str(seed), "--epochs", str(args.epochs), "--dataset",
+               args.dataset, "--threads", str(args.threads), *data]
+        return run_worker(script, cli + (["--twin"] if twin else []),
+                          work / f"{source}-{'twin-' if twin else ''}{seed}.json", env)
+
+    def vaelab_run(seed: int) -> dict[str, Any]:
+        cli = ["--preset", preset, "--dataset", args.dataset, "--epochs", str(args.epochs),
+               "--seed", str(seed), *data]
+        run = run_vaelab_train(cli, work / f"vaelab-{seed}", args.threads)
+        print(f"vaelab seed {seed}: {run['output_tail'][-1]}", file=sys.stderr, flush=True)
+        return run
+
+    monitor = CpuMonitor()
+    started = time.perf_counter()
+    source_runs, lab_runs = [], []
+    for seed in seeds:  # interleaved, so that a change in the machine's load hits both
+        source_runs.append(source_run(seed, False))
+        lab_runs.append(vaelab_run(seed))
+    twin = None if args.no_twin else source_run(seeds[0], True)
+    summary = summarize_source_check(label, source_runs, lab_runs, twin)
+    data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
+    this = (f"python benchmarks/{script.name}" + (f" --data-dir {args.data_dir}" if data else "")
+            + f" --seeds {n_seeds} --epochs {args.epochs}")
+    result = {
+        "benchmark": name,
+        "smoke": args.smoke,
+        "issue": 16,
+        "passed": summary["passed"],
+        **SPREAD_DEFINITION,
+        "identical_systems_agree_per_epoch_probability": agreement_chance(n_seeds, n_seeds),
+        "seeds": seeds,
+        "epochs": args.epochs,
+        "dataset": f"{args.dataset} ({data_note}), grey levels / 255, all training images, "
+                   "the test split evaluated after every epoch",
+        "units": info["units"],
+        "source": info["source"],
+        "commands": {source: info["command"],
+                     "vaelab": " ".join(lab_runs[0]["argv"]).replace(str(work), "RUN"),
+                     "this": this},
+        "test_loss": summary["test_loss"],
+        "train_loss": summary["train_loss"],
+        "twin": summary["twin"],
+        "timing": summary["timing"],
+        "runs": {source: source_runs, "vaelab": lab_runs, "twin": twin},
+        "work_dir": str(work),
+        "threads": args.threads,
+        "machine": {**machine(), "vaelab_source_sha256_16": source_digest()},
+        "cpu_load": monitor.report(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print("test loss\n" + summary["test_loss"]["table"] + "\ntraining loss\n"
+          + summary["train_loss"]["table"], file=sys.stderr)
+    write_result(result, args.out, name, args.smoke)
+    return result

@@ -104,7 +104,8 @@ def dataloader_epoch(images: torch.Tensor, batch_size: int, seed: int = 0) -> fl
     return time.perf_counter() - started
 
 
-def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int | None):
+def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int | None,
+            extra: list[str] | tuple[str, ...] = ()):
     from vaelab import config
 
     overrides = [
@@ -119,7 +120,7 @@ def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int
         overrides.append(f"data.train_limit={train_limit}")
     if threads is not None:
         overrides.append(f"train.threads={threads}")
-    return config.resolve(preset=PRESET, overrides=overrides)
+    return config.resolve(preset=PRESET, overrides=[*overrides, *extra])
 
 
 def model_flops(batch_size: int) -> dict[str, float]:
@@ -155,6 +156,9 @@ def _load_images(dataset: str, limit: int | None) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0], "train")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="further config overrides of vaelab's run (e.g. "
+                             "likelihood.output=logits); recorded in the JSON")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="registered name or .npz file of 28x28 images (smoke tests)")
     args = parser.parse_args(argv)
@@ -176,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paired: dict[int, list[float]] = {b: [] for b in batch_sizes}  # matmul rate before each
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
         for b in batch_sizes if not smoke else []:  # warm-up: first allocations, matplotlib
-            common.vaelab_epoch(_config(b, args.dataset, limit, args.threads), Path(tmp))
+            common.vaelab_epoch(_config(b, args.dataset, limit, args.threads, args.set), Path(tmp))
         for _ in range(repeats):
             for b in batch_sizes:
-                cfg = _config(b, args.dataset, limit, args.threads)
+                cfg = _config(b, args.dataset, limit, args.threads, args.set)
                 paired[b].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
                 seconds, records[b] = common.vaelab_epoch(cfg, Path(tmp))
                 times[b]["vaelab"].append(seconds)
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "train",
         "smoke": smoke,
         "preset": PRESET,
+        "overrides": args.set,
         "dataset": args.dataset,
         "examples_per_epoch": n,
         "repeats": repeats,
