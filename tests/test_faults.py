@@ -517,9 +517,12 @@ def test_nan_mid_run_from_the_cli_then_resume_with_a_lower_lr(tmp_path, monkeypa
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     run = tmp_path / "run"
+    # A shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", *train_flags(200),
                              "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + CHILD_TIMEOUT
     while not (run / "checkpoints" / "last.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
