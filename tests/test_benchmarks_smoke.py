@@ -116,6 +116,7 @@ def test_eval_benchmark(tiny_npz, results_dir):
     assert isinstance(r["memory_flat_in_k_fixed_mmap_threshold"], bool)
 
 
+@pytest.mark.slow  # a whole `vaelab train` under a memory monitor: opt-in with --run-slow, to keep the suite near 5 minutes
 def test_memory_benchmark(tiny_npz, results_dir):
     r = _run("memory.py", results_dir / "memory.json", "--dataset", str(tiny_npz),
              "--no-report")
@@ -138,6 +139,7 @@ def test_startup_benchmark(results_dir):
 
 
 
+@pytest.mark.slow  # 12 training processes: opt-in with --run-slow, to keep the suite near 5 minutes
 def test_threads_benchmark(tiny_npz, tmp_path):
     # not in results_dir: report.py renders train/eval/memory/startup only
     r = _run("threads.py", tmp_path / "threads.json", "--dataset", str(tiny_npz))
@@ -219,6 +221,7 @@ def _check_source_comparison(r: dict, source: str, preset: str, seeds: list[int]
     assert r["timing"]["vaelab_train_seconds_per_epoch"] > 0
 
 
+@pytest.mark.slow  # 5 trainings in fresh processes, Keras imported 3 times: opt-in with --run-slow, to keep the suite near 5 minutes
 def test_check_keras_example(full_batches_npz, tmp_path):
     if importlib.util.find_spec("keras") is None:
         pytest.skip("the Keras check runs Keras 3: pip install 'vaelab[keras]'")
@@ -231,6 +234,7 @@ def test_check_keras_example(full_batches_npz, tmp_path):
         assert (run["n_train"], run["n_test"]) == (1152, 128)
 
 
+@pytest.mark.slow  # 5 trainings in fresh processes: opt-in with --run-slow, to keep the suite near 5 minutes
 def test_check_pytorch_example(full_batches_npz, tmp_path):
     r = _run("check_pytorch_example.py", tmp_path / "pytorch.json", "--dataset",
              str(full_batches_npz), timeout=900)
@@ -347,6 +351,7 @@ def conv_model_flops(shape, channels, blocks, hidden, latent, p):
     return flops + 2 * channels[0] * p * c * kernel * shape[1] * shape[2]
 
 
+@pytest.mark.slow  # conv epochs of two models, two loops each: opt-in with --run-slow, to keep the suite near 5 minutes
 def test_conv_benchmark(results_dir):
     r = _run("conv.py", results_dir / "conv.json")
     assert set(r["results"]) == {"colour", "grey28"}
@@ -382,3 +387,39 @@ def test_conv_benchmark(results_dir):
     assert 7.5 < colour["vaelab_train_objective"] / (3072 * math.log(2)) < 9
     assert colour["epoch_seconds_50000"]["vaelab"] == pytest.approx(
         colour["vaelab"]["seconds"] * 50000 / 64, rel=0.01)
+
+
+def test_source_check_statistics_on_known_runs():
+    """The comparison the source checks print (issue 16), on runs whose numbers are known:
+    means, pooled SD, t and the agreement flag per epoch, and the twin's differences."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    source = [{"per_epoch": [{"test_loss": t, "train_loss": t + 1, "train_seconds": 1.0,
+                              "epoch_seconds": 1.5} for t in run], "wall_seconds": 3.0}
+              for run in ([10.0, 8.0], [11.0, 9.0], [12.0, 7.0])]
+    ours = [{"metrics": [{"test_nelbo": t, "train_nelbo": t + 1, "seconds": 0.5}
+                         for t in run], "epoch_wall_seconds": [None, 0.7], "wall_seconds": 2.0}
+            for run in ([11.0, 10.0], [12.0, 11.0], [13.0, 12.0])]
+    twin = {"seed": 0, "per_epoch": [{"epoch": 1, "test_loss": 10.5, "train_loss": 11.5},
+                                     {"epoch": 2, "test_loss": 10.0, "train_loss": 11.0}]}
+    out = common.summarize_source_check("src", source, ours, twin)
+    epoch1, epoch2 = out["test_loss"]["rows"]
+    # epoch 1: means 11 and 12, both SDs 1: pooled 1, diff 1 is not < 1
+    assert (epoch1["source_mean"], epoch1["ours_mean"], epoch1["diff"]) == (11.0, 12.0, 1.0)
+    assert epoch1["spread"] == pytest.approx(1.0) and not epoch1["agree"]
+    assert epoch1["t"] == pytest.approx(1.0 / (1.0 * (2 / 3) ** 0.5), abs=0.01)
+    # epoch 2: means 8 and 11, SDs 1 and 1: diff 3 > 1
+    assert epoch2["diff"] == 3.0 and not epoch2["agree"]
+    assert out["passed"] is False and out["test_loss"]["epochs_not_agreeing"] == [1, 2]
+    assert out["twin"]["per_epoch"][0]["diff_test"] == pytest.approx(0.5)
+    assert out["twin"]["max_abs_diff_test"] == pytest.approx(0.5)
+    assert out["timing"]["train_speedup_vaelab_vs_source"] == pytest.approx(2.0)
+    # two identical systems with 3 seeds each pass one epoch with P(|t_4| < x), x =
+    # 1 / sqrt(1/3 + 1/3); Student's t with 4 degrees of freedom: x (x^2 + 6) / (x^2 + 4)^1.5
+    x = 1.5 ** 0.5
+    assert common.agreement_chance(3, 3) == pytest.approx(x * (x * x + 6) / (x * x + 4) ** 1.5,
+                                                          abs=5e-4)
+
