@@ -14,7 +14,9 @@ epochs only, when the full protocol does not fit the time available: the JSON sa
 ``"budget_epochs"`` next to the protocol's epochs, and the table says so. ``--set KEY=VALUE``
 changes the protocol (e.g. ``prior.name=normal`` for the same budget with the standard
 prior); ``--tag`` names such a variant's files. A run directory that exists is resumed (or
-only evaluated when training finished), so a long protocol survives an interruption.
+only evaluated when training finished), so a long protocol survives an interruption; an
+evaluation already in the run directory is kept, and ``--iw-samples K`` evaluates with only
+some of the protocol's K (e.g. K = 200 first, the JSON written, then the rest).
 
 Protocols and their published values are listed in :data:`PROTOCOLS` with their sources.
 """
