@@ -423,3 +423,29 @@ def test_source_check_statistics_on_known_runs():
     assert common.agreement_chance(3, 3) == pytest.approx(x * (x * x + 6) / (x * x + 4) ** 1.5,
                                                           abs=5e-4)
 
+
+
+#: Real MNIST (the four official files), beside the checkout as on the project's machines.
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def test_reproduce_smoke_run(tmp_path):
+    """``reproduce.py --epochs 1``: a smoke run of the mnist-vae protocol, marked as such."""
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"needs real MNIST in {MNIST_DIR} (the four official files)")
+    out = tmp_path / "reproduce.json"
+    cmd = [sys.executable, str(BENCH / "reproduce.py"), "mnist-vae", "--epochs", "1",
+           "--eval-limit", "20", "--set", "data.train_limit=2000", "--data-dir",
+           str(MNIST_DIR), "--run-dir", str(tmp_path / "run"), "--threads", "1",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["smoke"] is True and r["epochs_trained"] == 1 and r["budget_epochs"] is None
+    assert [t["iw_samples"] for t in r["test"]] == [200, 5000]
+    assert all(t["n_examples"] == 20 and math.isfinite(t["nll"]) for t in r["test"])
+    # the importance-sampled NLL is below the NELBO of the same images (Jensen)
+    assert all(t["nll"] <= t["nelbo"] + 3 * t["nll_stderr"] for t in r["test"])
+    assert r["published"]["value"] == 89.9 and r["pythae"]["value"] == 89.78
+    assert r["config"]["data"]["binarize"] == "static" and len(r["curve"]) == 1
+    assert any("--epochs 1" in c for c in r["commands"])
