@@ -157,19 +157,17 @@ def main() -> None:
                "--iw-samples", str(k), "--json", str(out), *data]
         if args.eval_limit is not None:
             cmd += ["--limit", str(args.eval_limit)]
-        if out.is_file() and not smoke:  # evaluated by an earlier invocation: kept
-            seconds = json.loads(out.read_text()).get("seconds")
-        else:
+        if smoke or not out.is_file():  # else: evaluated by an earlier invocation, kept
             seconds = _run(cmd, env, log)
-            report = json.loads(out.read_text())
-            out.write_text(json.dumps({**report, "seconds": round(seconds, 1)}, indent=1))
+            out.write_text(json.dumps({**json.loads(out.read_text()),
+                                       "seconds": round(seconds, 1)}, indent=1))
         commands.append(" ".join(cmd[2:]))
-        report = json.loads(out.read_text())
+        report = json.loads(out.read_text())  # "seconds": None if an older run wrote it
         evaluations.append({"iw_samples": k, "nll": report["nll"],
                             "nll_stderr": report["nll_stderr"], "nelbo": report["nelbo"],
                             "nelbo_stderr": report["nelbo_stderr"],
                             "n_examples": report["n_examples"],
-                            "seconds": round(seconds, 1) if seconds is not None else None,
+                            "seconds": report.get("seconds"),
                             "report": report})
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -43,6 +43,16 @@ def tiny_npz(tmp_path_factory) -> Path:
     return path
 
 
+def _bench_common():
+    """``benchmarks/common.py``, imported from its folder."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    return common
+
+
 def _run(script: str, out: Path, *args: str, timeout: float = 300) -> dict:
     cmd = [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -243,11 +253,7 @@ def test_check_pytorch_example(full_batches_npz, tmp_path):
 
 
 def test_matmul_rate_and_flop_counter():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(BENCH))
+    common = _bench_common()
     import torch
 
     rate = common.matmul_rate(n=64, repeats=2, min_seconds=0.01)
@@ -392,11 +398,7 @@ def test_conv_benchmark(results_dir):
 def test_source_check_statistics_on_known_runs():
     """The comparison the source checks print (issue 16), on runs whose numbers are known:
     means, pooled SD, t and the agreement flag per epoch, and the twin's differences."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(BENCH))
+    common = _bench_common()
     source = [{"per_epoch": [{"test_loss": t, "train_loss": t + 1, "train_seconds": 1.0,
                               "epoch_seconds": 1.5} for t in run], "wall_seconds": 3.0}
               for run in ([10.0, 8.0], [11.0, 9.0], [12.0, 7.0])]

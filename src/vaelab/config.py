@@ -525,33 +525,36 @@ def resolve(
 ) -> RunConfig:
     """Defaults, then ``preset``, then the TOML ``file``, then ``extra`` (named CLI flags),
     then ``section.key=value`` ``overrides``. Later layers win."""
-    file_layer = load_toml(file) if file is not None else {}
-    preset = preset or file_layer.get("preset")
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    layers = [PRESETS[preset] if preset else {}, file_layer, extra or {}]
-    layers += [parse_override(o) for o in overrides]
+    preset, layers = _layers(preset, file, overrides, extra)
     raw = merge(*layers)
     raw["preset"] = preset
     return from_dict(raw)
 
 
-# Values that are not registry names (those are checked by their registries: the schedule
-# here, as it needs no torch; likelihood, model, activation, encoder scale, init, objective
-# kind and optimizer when the run is built, before anything is written).
 def given_keys(preset: str | None = None, file: str | Path | None = None,
                overrides: list[str] | tuple[str, ...] = (),
                extra: dict[str, Any] | None = None) -> set[str]:
     """The ``section.key`` names that :func:`resolve` with these arguments takes from a
     preset, a file, named flags or ``--set`` rather than from the defaults."""
+    return {f"{section}.{key}" for layer in _layers(preset, file, overrides, extra)[1]
+            for section, values in layer.items() if isinstance(values, dict) for key in values}
+
+
+def _layers(preset: str | None, file: str | Path | None, overrides: list[str] | tuple[str, ...],
+            extra: dict[str, Any] | None) -> tuple[str | None, list[dict[str, Any]]]:
+    """The preset's name (given, or named by the file) and the layers over the defaults, in
+    the order :func:`resolve` merges them."""
     file_layer = load_toml(file) if file is not None else {}
     preset = preset or file_layer.get("preset")
-    layers = [PRESETS.get(preset, {}) if preset else {}, file_layer, extra or {}]
-    layers += [parse_override(o) for o in overrides]
-    return {f"{section}.{key}" for layer in layers for section, values in layer.items()
-            if isinstance(values, dict) for key in values}
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    layers = [PRESETS[preset] if preset else {}, file_layer, extra or {}]
+    return preset, layers + [parse_override(o) for o in overrides]
 
 
+# Values that are not registry names (those are checked by their registries: the schedule
+# here, as it needs no torch; likelihood, model, activation, encoder scale, init, objective
+# kind and optimizer when the run is built, before anything is written).
 _CHOICES = {
     ("data", "binarize"): BINARIZE_MODES,
     ("objective", "kl"): KL_MODES,
