@@ -137,21 +137,10 @@ def build_keras_vae(keras, original_dim: int, intermediate_dim: int = 512, laten
 
 
 def _copy_vaelab_weights(model, named) -> None:
-    """vaelab's MLP (encoder Linear(784, 512), Linear(512, 4) = [loc; log-variance]; decoder
-    Linear(2, 512), Linear(512, 784)) -> the Keras layers (kernels are W^T)."""
-    from torch import nn
-
-    enc = [m for m in model.encoder if isinstance(m, nn.Linear)]
-    dec = [m for m in model.decoder if isinstance(m, nn.Linear)]
-    latent = enc[1].weight.shape[0] // 2
-    pairs = {
-        "encoder_hidden": (enc[0].weight, enc[0].bias),
-        "z_mean": (enc[1].weight[:latent], enc[1].bias[:latent]),
-        "z_log_var": (enc[1].weight[latent:], enc[1].bias[latent:]),
-        "decoder_hidden": (dec[0].weight, dec[0].bias),
-        "decoder_output": (dec[1].weight, dec[1].bias),
-    }
-    for name, (w, b) in pairs.items():
+    """vaelab's MLP (:func:`common.one_layer_mlp_weights`) -> the Keras layers (kernels are
+    W^T)."""
+    names = ("encoder_hidden", "z_mean", "z_log_var", "decoder_hidden", "decoder_output")
+    for name, (w, b) in zip(names, common.one_layer_mlp_weights(model), strict=True):
         named[name].set_weights([w.detach().T.numpy().copy(), b.detach().numpy().copy()])
 
 

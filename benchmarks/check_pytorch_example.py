@@ -161,15 +161,9 @@ def _record(epoch, train_loss, test_loss, t0, t1, label, seed) -> dict[str, Any]
 
 @torch.no_grad()
 def copy_vaelab_weights(source: nn.Module, target: VAE) -> None:
-    """vaelab's MLP (encoder Linear(784, 400), Linear(400, 40) = [loc; log-variance];
-    decoder Linear(20, 400), Linear(400, 784)) -> fc1, fc21, fc22, fc3, fc4."""
-    enc = [m for m in source.encoder if isinstance(m, nn.Linear)]
-    dec = [m for m in source.decoder if isinstance(m, nn.Linear)]
-    head_w, head_b = enc[1].weight.chunk(2, 0), enc[1].bias.chunk(2, 0)
-    pairs = [(target.fc1, enc[0].weight, enc[0].bias), (target.fc21, head_w[0], head_b[0]),
-             (target.fc22, head_w[1], head_b[1]), (target.fc3, dec[0].weight, dec[0].bias),
-             (target.fc4, dec[1].weight, dec[1].bias)]
-    for layer, weight, bias in pairs:
+    """vaelab's MLP (:func:`common.one_layer_mlp_weights`) -> fc1, fc21, fc22, fc3, fc4."""
+    layers = (target.fc1, target.fc21, target.fc22, target.fc3, target.fc4)
+    for layer, (weight, bias) in zip(layers, common.one_layer_mlp_weights(source), strict=True):
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
 

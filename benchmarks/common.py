@@ -513,6 +513,20 @@ def source_check_parser(description: str, name: str, first_seed: int) -> argpars
     return parser
 
 
+def one_layer_mlp_weights(model) -> list[tuple[Any, Any]]:
+    """A vaelab MLP VAE with one hidden layer as the sources write it: ``(weight, bias)`` of
+    the encoder's hidden layer, the mean head, the log-variance head (vaelab's one head
+    ``Linear(H, 2 L)`` = [loc; log-variance], split), the decoder's hidden layer and its
+    output layer; weights ``(out, in)`` as in ``nn.Linear``."""
+    from torch import nn
+
+    enc = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    dec = [m for m in model.decoder if isinstance(m, nn.Linear)]
+    head_w, head_b = enc[1].weight.chunk(2, 0), enc[1].bias.chunk(2, 0)
+    return [(enc[0].weight, enc[0].bias), (head_w[0], head_b[0]), (head_w[1], head_b[1]),
+            (dec[0].weight, dec[0].bias), (dec[1].weight, dec[1].bias)]
+
+
 def preset_config(preset: str, dataset: str, data_dir: str | None, seed: int, epochs: int):
     """The config ``vaelab train --preset PRESET`` resolves for this data, seed and epochs."""
     from vaelab import config
