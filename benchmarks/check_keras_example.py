@@ -42,12 +42,14 @@ Needs ``keras>=3`` (``pip install 'vaelab[keras]'``; installed with pip when mis
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +146,17 @@ def _copy_vaelab_weights(model, named) -> None:
         named[name].set_weights([w.detach().T.numpy().copy(), b.detach().numpy().copy()])
 
 
-def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: bool,
-              threads: int) -> dict[str, Any]:
-    """Train the Keras example (or its twin, see the module docstring) for ``epochs``."""
+def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, threads: int,
+              init: str = "keras", streams: str = "keras") -> dict[str, Any]:
+    """Train the Keras example for ``epochs`` in Keras' code.
+
+    ``init``: ``keras`` (the example's own initial weights for the seed) or ``vaelab``
+    (vaelab's for the seed, as ``vaelab train`` draws them). ``streams``: ``keras`` (Keras'
+    own shuffles and noise, one ``fit`` call: the example) or ``vaelab`` (vaelab's batch order
+    and noise, training and evaluation, one ``fit`` per epoch). Both ``vaelab``: the twin;
+    one of each: the hybrids (``--hybrids``)."""
+    if init not in ("keras", "vaelab") or streams not in ("keras", "vaelab"):
+        raise ValueError(f"init and streams are keras or vaelab, got {init!r}, {streams!r}")
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
@@ -167,23 +177,27 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
     keras.utils.set_random_seed(seed)
     vae, named, noise = build_keras_vae(keras, x_train.shape[1])
     vae.compile(optimizer="adam")
+    ours = streams == "vaelab"
+    label = {("keras", "keras"): "keras", ("vaelab", "vaelab"): "keras twin",
+             ("vaelab", "keras"): "keras with vaelab's init",
+             ("keras", "vaelab"): "keras with vaelab's streams"}[init, streams]
     records: list[dict[str, Any]] = []
 
     class Record(keras.callbacks.Callback):
-        """Per-epoch times (training, then the evaluation on the test set); with the twin,
-        vaelab's noise generators."""
+        """Per-epoch times (training, then the evaluation on the test set); with vaelab's
+        streams, vaelab's noise generators."""
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
             self.t_test = None
-            if twin:
+            if ours:
                 noise.gen = seeded_generator(seed, epoch, Purpose.NOISE)
 
         def on_test_begin(self, logs=None):
             self.t_test = time.perf_counter()
 
         def on_test_batch_begin(self, batch, logs=None):
-            if twin:
+            if ours:
                 noise.gen = seeded_generator(seed, batch, Purpose.EVAL_NOISE)
 
         def on_epoch_end(self, epoch, logs=None):
@@ -193,17 +207,18 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
                             "test_loss": float(logs["val_loss"]),
                             "train_seconds": round(t_test - self.t0, 3),
                             "epoch_seconds": round(end - self.t0, 3)})
-            print(f"keras{' twin' if twin else ''} seed {seed} epoch {epoch + 1}/{epochs}: "
+            print(f"{label} seed {seed} epoch {epoch + 1}/{epochs}: "
                   f"loss {logs['loss']:.2f} val_loss {logs['val_loss']:.2f} "
                   f"({end - self.t0:.1f} s)", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    if not twin:  # the example's call
+    if init == "vaelab":
+        torch.manual_seed(seed)  # vaelab's initial weights, built as `vaelab train` does
+        _copy_vaelab_weights(models.build_from_config(cfg, train_set.event_shape), named)
+    if not ours:  # the example's call
         vae.fit(x_train, epochs=epochs, batch_size=BATCH, validation_data=(x_test, None),
                 callbacks=[Record()], verbose=0)
     else:
-        torch.manual_seed(seed)  # vaelab's initial weights, built as `vaelab train` does
-        _copy_vaelab_weights(models.build_from_config(cfg, train_set.event_shape), named)
         for epoch in range(epochs):  # vaelab's order of the batches, one fit per epoch
             perm = torch.randperm(len(x_train), generator=seeded_generator(
                 seed, epoch, Purpose.PERMUTATION)).numpy()
@@ -211,10 +226,82 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
                     shuffle=False, validation_data=(x_test, None),
                     validation_batch_size=cfg.train.eval_batch_size, callbacks=[Record()],
                     verbose=0)
-    return {"seed": seed, "twin": twin, "keras": keras.__version__,
+    return {"seed": seed, "twin": init == streams == "vaelab", "init": init,
+            "streams": streams, "keras": keras.__version__,
             "backend": keras.backend.backend(), "adam_epsilon": float(vae.optimizer.epsilon),
             "per_epoch": records, "wall_seconds": round(time.perf_counter() - started, 2),
             "n_train": len(x_train), "n_test": len(x_test)}
+
+
+#: The two hybrids of ``--hybrids``: Keras' code with one of vaelab's random sources.
+HYBRIDS = {"vaelab-init": ("vaelab", "keras"), "vaelab-streams": ("keras", "vaelab")}
+
+
+def run_hybrids(args, seeds: Sequence[int], work: Path, env: dict[str, str]
+                ) -> dict[str, list[dict[str, Any]]]:
+    """The hybrids for the first ``args.hybrids`` seeds, each in its own worker process
+    (reused when found in ``work``): ``{name: [run per seed]}``."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in HYBRIDS}
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    for seed in seeds[:args.hybrids]:
+        for name, (init, streams) in HYBRIDS.items():
+            cli = ["--worker-seed", str(seed), "--epochs", str(args.epochs), "--dataset",
+                   args.dataset, "--threads", str(args.threads), "--init", init,
+                   "--streams", streams, *data]
+            runs[name].append(common.run_worker(Path(__file__).resolve(), cli,
+                                                work / f"keras-hybrid-{name}-{seed}.json", env))
+    return runs
+
+
+def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[dict[str, Any]],
+                      hybrids: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Test loss mean and seed-to-seed SD per epoch of the four combinations of (initial
+    weights, random streams) x (Keras', vaelab's), and a test of equal spread after the last
+    epoch between the runs that start from Keras' weights and those from vaelab's."""
+    n = len(hybrids["vaelab-init"])  # the seeds the hybrids ran for: the first n
+    curves = {
+        "Keras (its init, its streams)": [[r["test_loss"] for r in run["per_epoch"]]
+                                          for run in source_runs[:n]],
+        "Keras code, vaelab's init": [[r["test_loss"] for r in run["per_epoch"]]
+                                      for run in hybrids["vaelab-init"]],
+        "Keras code, vaelab's streams": [[r["test_loss"] for r in run["per_epoch"]]
+                                         for run in hybrids["vaelab-streams"]],
+        "vaelab (its init, its streams)": [[r["test_nelbo"] for r in run["metrics"]]
+                                           for run in lab_runs[:n]],
+    }
+    rows = []
+    for e in range(len(next(iter(curves.values()))[0])):
+        row: dict[str, Any] = {"epoch": e + 1}
+        for name, c in curves.items():
+            mean, sd = common.mean_sd([v[e] for v in c])
+            row[name] = {"mean": round(mean, 3), "sd": round(sd, 3)}
+        rows.append(row)
+    names = list(curves)
+    lines = ["| epoch | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+    lines += [f"| {r['epoch']} | " + " | ".join(f"{r[n]['mean']:.2f} ± {r[n]['sd']:.2f}"
+                                                for n in names) + " |" for r in rows]
+    last = {name: [v[-1] for v in c] for name, c in curves.items()}
+    keras_init = last[names[0]] + last[names[2]]
+    vaelab_init = last[names[1]] + last[names[3]]
+    out: dict[str, Any] = {
+        "what": "test loss (mean ± SD over seeds) of Keras' code from Keras' or vaelab's "
+                "initial weights with Keras' or vaelab's shuffles and noise, beside vaelab",
+        "seeds": [run["seed"] for run in hybrids["vaelab-init"]],
+        "rows": rows, "table": "\n".join(lines),
+        "last_epoch_sd_keras_init": round(common.mean_sd(keras_init)[1], 3),
+        "last_epoch_sd_vaelab_init": round(common.mean_sd(vaelab_init)[1], 3)}
+    try:
+        from scipy import stats
+    except ImportError:  # pragma: no cover - scipy is in the dev extra
+        return out
+    for key, (a, b) in {"init": (keras_init, vaelab_init),
+                        "streams": (last[names[0]] + last[names[1]],
+                                    last[names[2]] + last[names[3]])}.items():
+        out[f"last_epoch_equal_spread_p_by_{key}"] = round(float(
+            stats.levene(a, b, center="median").pvalue), 6)
+    out["test"] = ("Brown-Forsythe (Levene, median-centred) test of equal variance after the "
+                   "last epoch, runs grouped by whose initial weights (or streams) they used")
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -222,12 +309,21 @@ def keras_run(dataset: str, data_dir: str | None, seed: int, epochs: int, twin: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.source_check_parser(__doc__.split("\n")[0], NAME, first_seed=0)
+    parser.add_argument("--hybrids", type=int, default=0, metavar="N",
+                        help="also run Keras' code from vaelab's initial weights with Keras' "
+                             "streams, and from Keras' weights with vaelab's streams, for the "
+                             "first N seeds: which random source carries the spread")
+    parser.add_argument("--init", choices=("keras", "vaelab"), default="keras",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--streams", choices=("keras", "vaelab"), default="keras",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.threads = args.threads or 1
     args.epochs = args.epochs or (2 if args.smoke else 10)
     if args.worker_seed is not None:  # one Keras run, in its own process
+        init, streams = ("vaelab", "vaelab") if args.twin else (args.init, args.streams)
         result = keras_run(args.dataset, args.data_dir, args.worker_seed, args.epochs,
-                           args.twin, args.threads)
+                           args.threads, init=init, streams=streams)
         args.worker_out.write_text(json.dumps(result))
         return result
     if importlib.util.find_spec("keras") is None:  # an optional dependency: install it here
@@ -236,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit("could not install keras>=3: pip install 'vaelab[keras]' and rerun")
     return common.run_source_check(
         args, script=Path(__file__).resolve(), name=NAME, preset=PRESET, source="keras",
-        label="Keras", first_seed=0, worker_env={"KERAS_BACKEND": "torch"}, info={
+        label="Keras", first_seed=0, worker_env={"KERAS_BACKEND": "torch"},
+        hybrids=(run_hybrids, summarize_hybrids) if args.hybrids else None, info={
             "units": "nats per example: 784 x Keras' binary_crossentropy + KL (BCE on grey "
                      "levels: not a likelihood)",
             "source": "keras-team/keras examples/variational_autoencoder.py (Keras 2.2.4, "

@@ -40,6 +40,7 @@ __all__ = [
     "write_result",
     "CpuMonitor",
     "vaelab_epoch",
+    "mean_sd",
     "compare_over_seeds",
     "comparison_table",
     "agreement_chance",
@@ -266,7 +267,7 @@ def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
 # --------------------------------------------------------------------------- source checks
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
@@ -298,8 +299,8 @@ def compare_over_seeds(source: Sequence[Sequence[float]], ours: Sequence[Sequenc
         raise ValueError("every curve needs the same number of epochs")
     rows = []
     for e in range(epochs):
-        ma, sa = _mean_sd([c[e] for c in source])
-        mb, sb = _mean_sd([c[e] for c in ours])
+        ma, sa = mean_sd([c[e] for c in source])
+        mb, sb = mean_sd([c[e] for c in ours])
         pooled = math.sqrt(((n_a - 1) * sa**2 + (n_b - 1) * sb**2) / (n_a + n_b - 2))
         se = pooled * math.sqrt(1 / n_a + 1 / n_b)
         diff = mb - ma
@@ -539,14 +540,17 @@ def preset_config(preset: str, dataset: str, data_dir: str | None, seed: int, ep
 
 def run_source_check(args: argparse.Namespace, *, script: Path, name: str, preset: str,
                      source: str, label: str, first_seed: int, worker_env: dict[str, str],
-                     info: dict[str, Any]) -> dict[str, Any]:
+                     info: dict[str, Any], hybrids: tuple[Callable[..., Any], Callable[..., Any]]
+                     | None = None) -> dict[str, Any]:
     """Run a source and ``vaelab train --preset PRESET`` over seeds, interleaved (one
     thread each, one run at a time), then the twin; summarise (issue 16), print the tables
     and write the JSON.
 
     ``source`` names the source's runs (``runs[source]``, worker files ``SOURCE-SEED.json``);
     ``label`` heads its table column; ``info`` adds ``units``, ``source`` and the source's
-    command to the result.
+    command to the result. ``hybrids``: ``(run, summarize)``, called as ``run(args, seeds,
+    work, env)`` after the twin and ``summarize(source_runs, lab_runs, runs)``; the summary is
+    the result's ``hybrids`` and the runs are kept under ``runs``.
     """
     n_seeds = args.seeds or (2 if args.smoke else 8)
     seeds = list(range(first_seed, first_seed + n_seeds))
@@ -575,7 +579,9 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
         source_runs.append(source_run(seed, False))
         lab_runs.append(vaelab_run(seed))
     twin = None if args.no_twin else source_run(seeds[0], True)
+    hybrid_runs = hybrids[0](args, seeds, work, env) if hybrids else None
     summary = summarize_source_check(label, source_runs, lab_runs, twin)
+    hybrid = hybrids[1](source_runs, lab_runs, hybrid_runs) if hybrids else None
     data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
     this = (f"python benchmarks/{script.name}" + (f" --data-dir {args.data_dir}" if data else "")
             + f" --seeds {n_seeds} --epochs {args.epochs}")
@@ -598,8 +604,10 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
         "test_loss": summary["test_loss"],
         "train_loss": summary["train_loss"],
         "twin": summary["twin"],
+        **({"hybrids": hybrid} if hybrid else {}),
         "timing": summary["timing"],
-        "runs": {source: source_runs, "vaelab": lab_runs, "twin": twin},
+        "runs": {source: source_runs, "vaelab": lab_runs, "twin": twin,
+                 **({"hybrids": hybrid_runs} if hybrid_runs else {})},
         "work_dir": str(work),
         "threads": args.threads,
         "machine": {**machine(), "vaelab_source_sha256_16": source_digest()},
@@ -608,5 +616,8 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
     }
     print("test loss\n" + summary["test_loss"]["table"] + "\ntraining loss\n"
           + summary["train_loss"]["table"], file=sys.stderr)
+    if hybrid:
+        print("test loss by initial weights and random streams\n" + hybrid["table"],
+              file=sys.stderr)
     write_result(result, args.out, name, args.smoke)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -193,8 +194,6 @@ def full_batches_npz(tmp_path_factory) -> Path:
 
 def _check_source_comparison(r: dict, source: str, preset: str, seeds: list[int]) -> None:
     """The per-epoch statistics of a source check agree with its per-seed runs."""
-    import statistics
-
     assert r["seeds"] == seeds and r["epochs"] == 2 and r["issue"] == 16
     lab_runs, source_runs = r["runs"]["vaelab"], r["runs"][source]
     assert [run["seed"] for run in source_runs] == seeds
@@ -237,11 +236,22 @@ def test_check_keras_example(full_batches_npz, tmp_path):
         pytest.skip("the Keras check runs Keras 3: pip install 'vaelab[keras]'")
     # five trainings in fresh processes (Keras' import alone takes seconds): a longer limit
     r = _run("check_keras_example.py", tmp_path / "keras.json", "--dataset",
-             str(full_batches_npz), timeout=900)
+             str(full_batches_npz), "--hybrids", "1", timeout=900)
     _check_source_comparison(r, "keras", "keras-example", [0, 1])
     for run in r["runs"]["keras"]:
         assert run["backend"] == "torch" and run["adam_epsilon"] == pytest.approx(1e-7)
         assert (run["n_train"], run["n_test"]) == (1152, 128)
+        assert (run["init"], run["streams"]) == ("keras", "keras")
+    # the hybrids: Keras' code with one of vaelab's two random sources, for seed 0 only
+    hybrid_runs = r["runs"]["hybrids"]
+    assert [(h["seed"], h["init"], h["streams"]) for h in hybrid_runs["vaelab-init"]] == [
+        (0, "vaelab", "keras")]
+    assert [(h["seed"], h["init"], h["streams"]) for h in hybrid_runs["vaelab-streams"]] == [
+        (0, "keras", "vaelab")]
+    assert r["hybrids"]["seeds"] == [0] and len(r["hybrids"]["rows"]) == 2
+    final = r["hybrids"]["rows"][-1]
+    assert final["Keras code, vaelab's init"]["mean"] == pytest.approx(
+        hybrid_runs["vaelab-init"][0]["per_epoch"][-1]["test_loss"], abs=1e-3)
 
 
 @pytest.mark.slow  # 5 trainings in fresh processes: opt-in with --run-slow, to keep the suite near 5 minutes
@@ -425,6 +435,42 @@ def test_source_check_statistics_on_known_runs():
     assert common.agreement_chance(3, 3) == pytest.approx(x * (x * x + 6) / (x * x + 4) ** 1.5,
                                                           abs=5e-4)
 
+
+
+def test_keras_hybrids_summary_on_known_runs():
+    """``check_keras_example.py --hybrids``' summary (issue 16): per-epoch mean and SD of
+    the four (initial weights, random streams) combinations over the seeds the hybrids ran
+    for, and a Brown-Forsythe test that groups the runs by whose initial weights they used."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import check_keras_example as keras_check
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def keras_like(finals):
+        return [{"seed": i, "per_epoch": [{"test_loss": f + 10}, {"test_loss": f}]}
+                for i, f in enumerate(finals)]
+
+    tight, wide = [1.0, 1.1, 0.9, 1.0], [0.0, 2.0, 3.0, -1.0]
+    source = keras_like(tight + [50.0])  # a fifth seed without hybrids: left out
+    ours = [{"metrics": [{"test_nelbo": f + 10}, {"test_nelbo": f}]} for f in wide + [50.0]]
+    hybrids = {"vaelab-init": keras_like(wide), "vaelab-streams": keras_like(tight)}
+    out = keras_check.summarize_hybrids(source, ours, hybrids)
+    assert out["seeds"] == [0, 1, 2, 3] and [r["epoch"] for r in out["rows"]] == [1, 2]
+    last = out["rows"][1]
+    assert last["Keras (its init, its streams)"] == {"mean": 1.0, "sd": round(
+        statistics.stdev(tight), 3)}
+    assert last["vaelab (its init, its streams)"]["mean"] == 1.0
+    assert out["rows"][0]["Keras code, vaelab's init"]["mean"] == 11.0
+    assert out["last_epoch_sd_keras_init"] == round(statistics.stdev(tight * 2), 3)
+    assert out["last_epoch_sd_vaelab_init"] == round(statistics.stdev(wide * 2), 3)
+    expected = scipy_stats.levene(tight * 2, wide * 2, center="median").pvalue
+    assert out["last_epoch_equal_spread_p_by_init"] == pytest.approx(expected, abs=1e-6)
+    assert out["last_epoch_equal_spread_p_by_init"] < 0.01
+    # grouped by streams, each group holds two tight and two wide curves: no difference
+    assert out["last_epoch_equal_spread_p_by_streams"] == pytest.approx(1.0)
+    assert out["table"].splitlines()[0].startswith("| epoch | Keras (its init, its streams)")
 
 
 #: Real MNIST (the four official files), beside the checkout as on the project's machines.
