@@ -34,8 +34,17 @@ initial weights for the first seed, shown the batches in vaelab's order, with va
 layers, loss and Adam (eps added to the uncorrected sqrt(v)) against vaelab's. Its distance
 to vaelab's run with that seed measures everything except the random-number streams.
 
+The hybrids (``--hybrids N``, for the first N seeds): Keras' code from vaelab's initial
+weights with Keras' own shuffles and noise (one ``fit``, as the example), and from Keras'
+initial weights with vaelab's shuffles and noise. With the source and vaelab they make the
+four combinations of (initial weights, random streams): whichever source of randomness
+carries a difference in the seed-to-seed spread shows in their per-epoch SDs and in a
+Brown-Forsythe test grouped by initial weights and by streams.
+
 Run: ``python benchmarks/check_keras_example.py --data-dir /path/to/mnist [--seeds 8]
-[--epochs 10]``; prints JSON and writes ``benchmarks/results/check_keras_example.json``.
+[--epochs 10] [--hybrids N]``; prints JSON and writes
+``benchmarks/results/check_keras_example.json``. The committed result: ``--seeds 16
+--hybrids 8``.
 Needs ``keras>=3`` (``pip install 'vaelab[keras]'``; installed with pip when missing);
 ``--smoke``: 2 seeds, 2 epochs.
 """
