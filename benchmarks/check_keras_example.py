@@ -266,7 +266,9 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
                       hybrids: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Test loss mean and seed-to-seed SD per epoch of the four combinations of (initial
     weights, random streams) x (Keras', vaelab's), and a test of equal spread after the last
-    epoch between the runs that start from Keras' weights and those from vaelab's."""
+    epoch between the runs that start from Keras' weights and those from vaelab's. When the
+    source ran more seeds than the hybrids, the same test between its own first seeds and the
+    rest: how far two sets of seeds of one system differ by chance."""
     n = len(hybrids["vaelab-init"])  # the seeds the hybrids ran for: the first n
     curves = {
         "Keras (its init, its streams)": [[r["test_loss"] for r in run["per_epoch"]]
@@ -308,6 +310,13 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
                                     last[names[2]] + last[names[3]])}.items():
         out[f"last_epoch_equal_spread_p_by_{key}"] = round(float(
             stats.levene(a, b, center="median").pvalue), 6)
+    rest = [run["per_epoch"][-1]["test_loss"] for run in source_runs[n:]]
+    if len(rest) > 1:  # the source alone: its first n seeds against the others
+        out["source_other_seeds"] = [run["seed"] for run in source_runs[n:]]
+        out["source_last_epoch_sd_hybrid_seeds"] = round(common.mean_sd(last[names[0]])[1], 3)
+        out["source_last_epoch_sd_other_seeds"] = round(common.mean_sd(rest)[1], 3)
+        out["source_last_epoch_equal_spread_p_hybrid_vs_other_seeds"] = round(float(
+            stats.levene(last[names[0]], rest, center="median").pvalue), 6)
     out["test"] = ("Brown-Forsythe (Levene, median-centred) test of equal variance after the "
                    "last epoch, runs grouped by whose initial weights (or streams) they used")
     return out

@@ -505,6 +505,9 @@ def source_check_parser(description: str, name: str, first_seed: int) -> argpars
                         help="registered name or .npz file (default: mnist, the source's)")
     parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
     parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
+    parser.add_argument("--note", default=None,
+                        help="a line kept in the JSON: how the runs were made when that is not "
+                             "the default (e.g. runs reused from parallel invocations)")
     parser.add_argument("--work", type=Path, default=None,
                         help="directory for the runs (default: a new temporary one); finished "
                              "runs found there are reused")
@@ -584,7 +587,8 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
     hybrid = hybrids[1](source_runs, lab_runs, hybrid_runs) if hybrids else None
     data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
     this = (f"python benchmarks/{script.name}" + (f" --data-dir {args.data_dir}" if data else "")
-            + f" --seeds {n_seeds} --epochs {args.epochs}")
+            + f" --seeds {n_seeds} --epochs {args.epochs}"
+            + (f" --hybrids {args.hybrids}" if getattr(args, "hybrids", 0) else ""))
     result = {
         "benchmark": name,
         "smoke": args.smoke,
@@ -609,6 +613,7 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
         "runs": {source: source_runs, "vaelab": lab_runs, "twin": twin,
                  **({"hybrids": hybrid_runs} if hybrid_runs else {})},
         "work_dir": str(work),
+        **({"note": args.note} if args.note else {}),
         "threads": args.threads,
         "machine": {**machine(), "vaelab_source_sha256_16": source_digest()},
         "cpu_load": monitor.report(),

@@ -471,6 +471,14 @@ def test_keras_hybrids_summary_on_known_runs():
     # grouped by streams, each group holds two tight and two wide curves: no difference
     assert out["last_epoch_equal_spread_p_by_streams"] == pytest.approx(1.0)
     assert out["table"].splitlines()[0].startswith("| epoch | Keras (its init, its streams)")
+    # the source's own fifth seed is compared with its first four only when there are two
+    assert "source_other_seeds" not in out
+    source.append(keras_like([-50.0])[0] | {"seed": 5})
+    out = keras_check.summarize_hybrids(source, ours, hybrids)
+    assert out["source_other_seeds"] == [4, 5]
+    assert out["source_last_epoch_sd_other_seeds"] == round(statistics.stdev([50.0, -50.0]), 3)
+    assert out["source_last_epoch_equal_spread_p_hybrid_vs_other_seeds"] == pytest.approx(
+        scipy_stats.levene(tight, [50.0, -50.0], center="median").pvalue, abs=1e-6)
 
 
 #: Real MNIST (the four official files), beside the checkout as on the project's machines.
