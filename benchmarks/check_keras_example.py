@@ -289,8 +289,8 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
         rows.append(row)
     names = list(curves)
     lines = ["| epoch | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
-    lines += [f"| {r['epoch']} | " + " | ".join(f"{r[n]['mean']:.2f} ± {r[n]['sd']:.2f}"
-                                                for n in names) + " |" for r in rows]
+    lines += [f"| {r['epoch']} | " + " | ".join(f"{r[name]['mean']:.2f} ± {r[name]['sd']:.2f}"
+                                                for name in names) + " |" for r in rows]
     last = {name: [v[-1] for v in c] for name, c in curves.items()}
     keras_init = last[names[0]] + last[names[2]]
     vaelab_init = last[names[1]] + last[names[3]]
