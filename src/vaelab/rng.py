@@ -1,7 +1,9 @@
 """Randomness as a pure function of ``(seed, epoch or batch number, purpose)``.
 
 Every random draw in training, evaluation and the figures comes from a generator made
-here, never from torch's global RNG. So a run resumed at an epoch boundary continues
+here, never from torch's global RNG (the one exception: the initial weights, drawn from the
+global RNG seeded with the run's seed right before the model is built; see
+:mod:`vaelab.models.init`). So a run resumed at an epoch boundary continues
 bitwise, evaluation numbers do not depend on how many processes share the work, and
 changing one use of randomness never shifts another (each use has its own
 :class:`Purpose`).
