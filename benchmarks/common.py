@@ -268,6 +268,7 @@ def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; NaN for one value)."""
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 

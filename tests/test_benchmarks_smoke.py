@@ -436,7 +436,6 @@ def test_source_check_statistics_on_known_runs():
                                                           abs=5e-4)
 
 
-
 def test_keras_hybrids_summary_on_known_runs():
     """``check_keras_example.py --hybrids``' summary (issue 16): per-epoch mean and SD of
     the four (initial weights, random streams) combinations over the seeds the hybrids ran
