@@ -270,13 +270,14 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
     source ran more seeds than the hybrids, the same test between its own first seeds and the
     rest: how far two sets of seeds of one system differ by chance."""
     n = len(hybrids["vaelab-init"])  # the seeds the hybrids ran for: the first n
+
+    def test_losses(runs: Sequence[dict[str, Any]]) -> list[list[float]]:  # Keras' records
+        return [[r["test_loss"] for r in run["per_epoch"]] for run in runs]
+
     curves = {
-        "Keras (its init, its streams)": [[r["test_loss"] for r in run["per_epoch"]]
-                                          for run in source_runs[:n]],
-        "Keras code, vaelab's init": [[r["test_loss"] for r in run["per_epoch"]]
-                                      for run in hybrids["vaelab-init"]],
-        "Keras code, vaelab's streams": [[r["test_loss"] for r in run["per_epoch"]]
-                                         for run in hybrids["vaelab-streams"]],
+        "Keras (its init, its streams)": test_losses(source_runs[:n]),
+        "Keras code, vaelab's init": test_losses(hybrids["vaelab-init"]),
+        "Keras code, vaelab's streams": test_losses(hybrids["vaelab-streams"]),
         "vaelab (its init, its streams)": [[r["test_nelbo"] for r in run["metrics"]]
                                            for run in lab_runs[:n]],
     }
@@ -291,9 +292,10 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
     lines = ["| epoch | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
     lines += [f"| {r['epoch']} | " + " | ".join(f"{r[name]['mean']:.2f} ± {r[name]['sd']:.2f}"
                                                 for name in names) + " |" for r in rows]
-    last = {name: [v[-1] for v in c] for name, c in curves.items()}
-    keras_init = last[names[0]] + last[names[2]]
-    vaelab_init = last[names[1]] + last[names[3]]
+    # after the last epoch, per combination (in the order of ``curves``)
+    keras, keras_vaelab_init, keras_vaelab_streams, vaelab = ([v[-1] for v in c]
+                                                             for c in curves.values())
+    keras_init, vaelab_init = keras + keras_vaelab_streams, keras_vaelab_init + vaelab
     out: dict[str, Any] = {
         "what": "test loss (mean ± SD over seeds) of Keras' code from Keras' or vaelab's "
                 "initial weights with Keras' or vaelab's shuffles and noise, beside vaelab",
@@ -306,17 +308,17 @@ def summarize_hybrids(source_runs: Sequence[dict[str, Any]], lab_runs: Sequence[
     except ImportError:  # pragma: no cover - scipy is in the dev extra
         return out
     for key, (a, b) in {"init": (keras_init, vaelab_init),
-                        "streams": (last[names[0]] + last[names[1]],
-                                    last[names[2]] + last[names[3]])}.items():
+                        "streams": (keras + keras_vaelab_init,
+                                    keras_vaelab_streams + vaelab)}.items():
         out[f"last_epoch_equal_spread_p_by_{key}"] = round(float(
             stats.levene(a, b, center="median").pvalue), 6)
-    rest = [run["per_epoch"][-1]["test_loss"] for run in source_runs[n:]]
+    rest = [curve[-1] for curve in test_losses(source_runs[n:])]
     if len(rest) > 1:  # the source alone: its first n seeds against the others
         out["source_other_seeds"] = [run["seed"] for run in source_runs[n:]]
-        out["source_last_epoch_sd_hybrid_seeds"] = round(common.mean_sd(last[names[0]])[1], 3)
+        out["source_last_epoch_sd_hybrid_seeds"] = round(common.mean_sd(keras)[1], 3)
         out["source_last_epoch_sd_other_seeds"] = round(common.mean_sd(rest)[1], 3)
         out["source_last_epoch_equal_spread_p_hybrid_vs_other_seeds"] = round(float(
-            stats.levene(last[names[0]], rest, center="median").pvalue), 6)
+            stats.levene(keras, rest, center="median").pvalue), 6)
     out["test"] = ("Brown-Forsythe (Levene, median-centred) test of equal variance after the "
                    "last epoch, runs grouped by whose initial weights (or streams) they used")
     return out

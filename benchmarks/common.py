@@ -589,7 +589,7 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
     data_note = "--data-dir " + args.data_dir if args.data_dir else "vaelab's search"
     this = (f"python benchmarks/{script.name}" + (f" --data-dir {args.data_dir}" if data else "")
             + f" --seeds {n_seeds} --epochs {args.epochs}"
-            + (f" --hybrids {args.hybrids}" if getattr(args, "hybrids", 0) else ""))
+            + (f" --hybrids {args.hybrids}" if hybrids else ""))
     result = {
         "benchmark": name,
         "smoke": args.smoke,
