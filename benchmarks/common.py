@@ -97,8 +97,14 @@ def machine() -> dict[str, Any]:
     """What the figures came from: CPU, cores, memory, Python, torch and its threads."""
     import torch
 
+    from vaelab.runtime import describe_machine
+
+    described = describe_machine()
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "kernel_flags": described["kernel_flags"],
+        "blas": described["blas_library"],
+        "mkl_cbwr": described["mkl_cbwr"],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -136,12 +142,13 @@ def median(values: Sequence[float]) -> float:
 def summarize(seconds: Sequence[float], examples: int | None = None) -> dict[str, Any]:
     """``{"seconds": median, "best_seconds": min, "all_seconds": [...],
     "examples_per_second": ...}`` (from the median). The minimum is the repetition least
-    disturbed by the rest of the machine; the median is the figure quoted."""
-    out: dict[str, Any] = {"seconds": round(median(seconds), 4),
-                           "best_seconds": round(min(seconds), 4),
-                           "all_seconds": [round(s, 4) for s in seconds]}
+    disturbed by the rest of the machine; the median is the figure quoted. Times are kept
+    unrounded, so that every ratio computed from them can be checked exactly (a smoke run's
+    milliseconds rounded to 0.1 ms would be off by several percent on a fast machine)."""
+    out: dict[str, Any] = {"seconds": median(seconds), "best_seconds": min(seconds),
+                           "all_seconds": list(seconds)}
     if examples is not None:
-        out["examples_per_second"] = round(examples / median(seconds), 1)
+        out["examples_per_second"] = examples / median(seconds)
     return out
 
 

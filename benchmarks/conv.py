@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "flops_per_example": {k: round(v) for k, v in flops[n].items()},
             "vaelab": ours,
             "plain_loop": loop,
-            "roofline_seconds": round(roofline, 4),
+            "roofline_seconds": roofline,
             "roofline_fraction": round(roofline / ours["seconds"], 3),
             "roofline_fraction_best": round(roofline / ours["best_seconds"], 3),
             "speedup_vs_plain_loop": round(loop["seconds"] / ours["seconds"], 3),

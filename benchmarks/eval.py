@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **summary,
             "decoded_samples_per_second": round(len(x) * k / summary["seconds"], 1),
             "matmul_flops": int(round(flops)),
-            "roofline_seconds": round(roofline, 4),
+            "roofline_seconds": roofline,
             "roofline_fraction": round(roofline / summary["seconds"], 3),
             "roofline_fraction_best": round(roofline / summary["best_seconds"], 3),
             "mean_log_likelihood": round(means[k], 4),

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": b,
             "vaelab": ours,
             "dataloader_loop": loop,
-            "roofline_seconds": round(roofline, 4),
+            "roofline_seconds": roofline,
             "speedup_vs_dataloader_loop": round(loop["seconds"] / ours["seconds"], 3),
             "roofline_fraction": round(roofline / ours["seconds"], 3),
             "roofline_fraction_best": round(roofline / ours["best_seconds"], 3),

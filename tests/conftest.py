@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import vaelab  # noqa: E402, F401  (sets MKL_CBWR before any matrix product, as for users)
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Two cores: keep torch from oversubscribing them when pytest runs subprocesses too.
@@ -25,6 +27,18 @@ def _private_cache(tmp_path_factory):
     if "VAELAB_CACHE_DIR" not in os.environ:
         os.environ["VAELAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("vaelab-cache"))
     yield
+
+
+def pytest_sessionstart(session):
+    """One line first: what the numbers of this run come from (CI logs say which machine:
+    float32 kernels, and so the last bits of results, differ between CPUs)."""
+    import json
+
+    from vaelab.runtime import describe_machine
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"machine: {json.dumps(describe_machine())}")
 
 
 def pytest_addoption(parser):

@@ -95,5 +95,7 @@ def test_test_split_every_epoch_and_last_kept(tmp_path):
     assert report["model_selection"] == "the last epoch" and report["checkpoint_epoch"] == 3
     assert (report["preset"], report["preset_source"]) == ("default", "vaelab's own defaults")
     assert "| preset | default (follows vaelab's own defaults) |" in format_markdown(report)
-    # the report's test NELBO is the last epoch's per-epoch test NELBO (same z, same images)
-    assert report["nelbo"] == pytest.approx(rows[-1]["test_nelbo"], rel=1e-9)
+    # the report's test NELBO is the last epoch's per-epoch test NELBO (same z, same images;
+    # other batch sizes, so float32 products may be blocked differently: 2^-20 relative, see
+    # test_distributed.RTOL)
+    assert report["nelbo"] == pytest.approx(rows[-1]["test_nelbo"], rel=2.0**-20)

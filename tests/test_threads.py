@@ -372,3 +372,46 @@ def test_help_and_the_thread_module_do_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     assert done.stderr.strip() == "False" and "usage: vaelab" in done.stdout
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_a_model_whose_results_depend_on_the_count_keeps_one_count(monkeypatch, capsys):
+    """Convolutions (oneDNN) change their weight gradients with the thread count, so their
+    runs do not follow the load: every usable core, or the count the run recorded."""
+    from torch import nn
+
+    fixed_machine(monkeypatch, cores=2, busy=1.9)  # another job keeps a core busy
+    mlp = nn.Sequential(nn.Linear(4, 4))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3))
+    cpu = torch.device("cpu")
+    assert runtime.threads_change_results(conv, cpu) == "oneDNN convolutions"
+    assert runtime.threads_change_results(conv, torch.device("cuda")) is None
+    if runtime.blas_reproducibility()["thread_invariant_matmul"]:
+        assert runtime.threads_change_results(mlp, cpu) is None
+        assert runtime.training_threads(None, mlp, cpu)["threads"] == 1  # follows the load
+    T.reset()
+    numerics = runtime.training_threads(None, conv, cpu)
+    assert numerics["threads"] == torch.get_num_threads() == 2
+    assert numerics["fixed"] and numerics["why"] == "oneDNN convolutions"
+    T._STATE.next_follow = 0.0
+    assert T.follow() is None  # never follows
+    T.report()
+    assert "does not follow the load" in capsys.readouterr().err
+    T.reset()
+    assert runtime.training_threads(None, conv, cpu, recorded=1)["threads"] == 1  # a resume
+    T.reset()
+    assert runtime.training_threads(2, conv, cpu, recorded=1)["threads"] == 2  # train.threads
+
+
+def test_without_strict_mkl_every_model_keeps_one_count(monkeypatch):
+    fixed_machine(monkeypatch, cores=2, busy=1.9)
+    monkeypatch.setattr(runtime, "blas_reproducibility", lambda: {
+        "blas": "mkl", "mkl_cbwr": "AUTO", "thread_invariant_matmul": False})
+    from torch import nn
+
+    mlp = nn.Sequential(nn.Linear(4, 4))
+    why = runtime.threads_change_results(mlp, torch.device("cpu"))
+    assert why == "MKL's conditional numerical reproducibility is AUTO"
+    assert runtime.training_threads(None, mlp, torch.device("cpu"))["threads"] == 2

@@ -9,9 +9,17 @@ Submodules are imported on first use so that ``vaelab --help`` stays fast::
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# MKL's conditional numerical reproducibility: float32 matrix products give the same bits
+# whatever the thread count, so a seed determines a run's numbers whatever else the machine
+# is doing (vaelab chooses its thread count from the load). MKL reads this once, at its
+# first call, so it is set on import, before any matrix product; an explicit MKL_CBWR is
+# kept. See vaelab.runtime.blas_reproducibility and docs/reliability.md.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 _SUBMODULES = {
     "rng", "config", "schedules", "errors", "registry", "runtime", "distributed", "data",

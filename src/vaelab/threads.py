@@ -89,6 +89,7 @@ __all__ = [
     "registry_dir",
     "startup",
     "decide",
+    "decide_fixed",
     "follow",
     "report",
     "withdraw",
@@ -186,7 +187,8 @@ class Choice:
 
     Attributes:
         threads: the count for ``torch.set_num_threads``.
-        source: ``"train.threads"``, ``"OMP_NUM_THREADS"``, ``"torchrun"`` or ``"auto"``.
+        source: ``"train.threads"``, ``"OMP_NUM_THREADS"``, ``"torchrun"``, ``"auto"`` (from
+            the load) or ``"cores"`` (every usable core, whatever the load: ``fixed``).
         machine: the measurement it came from.
         peers: the other vaelab runs it made room for.
         shared: whether the machine counts as shared (the wait policy should be PASSIVE).
@@ -202,9 +204,15 @@ class Choice:
         """One line saying what was chosen, or None when vaelab chose nothing unusual (the
         count was given explicitly, or it equals the core count and the wait policy was
         left alone). ``wait_policy`` is what :func:`startup` put in the environment."""
+        m = self.machine
+        if self.source == "cores":
+            if m.others < SHARED_CORES and not self.peers.runs:
+                return None
+            return (f"vaelab: using {self.threads} CPU thread{'s' if self.threads != 1 else ''}"
+                    f" although the machine is busy: this model's results depend on the "
+                    f"thread count, so it does not follow the load ({hint})")
         if self.source != "auto" or (self.threads == self.machine.cores and not wait_policy):
             return None
-        m = self.machine
         what = f"{self.threads} CPU thread{'s' if self.threads != 1 else ''}"
         if wait_policy:
             what += f" and OMP_WAIT_POLICY={wait_policy}"
@@ -239,8 +247,11 @@ def _round_half_up(x: float) -> int:
 
 
 def choose(machine: Machine, *, threads: int | None = None, omp: str | None = None,
-           processes_on_node: int = 1, peers: Peers = Peers()) -> Choice:
+           processes_on_node: int = 1, peers: Peers = Peers(), fixed: bool = False) -> Choice:
     """The thread count for this process (the rule in the module docstring).
+
+    With ``fixed`` the count does not depend on the load or on other vaelab runs (rule 4
+    becomes ``limit``): for computations whose results depend on the thread count.
 
     Args:
         machine: the measurement (:func:`measure`).
@@ -261,6 +272,8 @@ def choose(machine: Machine, *, threads: int | None = None, omp: str | None = No
     if processes_on_node > 1:
         return Choice(max(1, machine.limit // processes_on_node), "torchrun", machine, peers,
                       shared)
+    if fixed:
+        return Choice(machine.limit, "cores", machine, peers, shared)
     free = min(machine.limit, machine.cores - machine.others) - peers.threads
     share = _round_half_up(free / (1 + peers.pending))
     return Choice(min(machine.limit, max(1, share)), "auto", machine, peers, shared)
@@ -647,7 +660,17 @@ def decide(threads: int | None = None, processes_on_node: int = 1) -> Choice:
     return _decide(threads, processes_on_node)
 
 
-def _decide(threads: int | None, processes_on_node: int) -> Choice:
+def decide_fixed(threads: int | None = None, processes_on_node: int = 1) -> Choice:
+    """Like :func:`decide`, but the count does not depend on the load (``choose(fixed=True)``)
+    and never follows other runs: for computations whose results depend on it.
+
+    Raises:
+        ConfigError: ``OMP_NUM_THREADS`` is not a positive integer.
+    """
+    return _decide(threads, processes_on_node, fixed=True)
+
+
+def _decide(threads: int | None, processes_on_node: int, fixed: bool = False) -> Choice:
     directory = _STATE.registry or registry_dir()
     with _locked(directory) as ok:
         entries = _entries(directory) if ok else []
@@ -655,7 +678,7 @@ def _decide(threads: int | None, processes_on_node: int) -> Choice:
             _STATE.machine = _measure(processes_on_node, lambda: _registered_pids(directory))
         choice = choose(_STATE.machine, threads=threads,
                         omp=os.environ.get("OMP_NUM_THREADS"),
-                        processes_on_node=processes_on_node, peers=_peers(entries))
+                        processes_on_node=processes_on_node, peers=_peers(entries), fixed=fixed)
         if ok and _STATE.registry is not None and _STATE.written != choice.threads:
             _write_entry(directory, choice.threads)  # only on change: no ping-pong
             _STATE.written = choice.threads

@@ -423,12 +423,18 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
         "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
         "epochs_since_best": 0, "history": [], "stopped_early": False,
     }
+    recorded = None
     if resume:
         meta = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last", model=model,
                                           optimizer=optimizer, map_location=device,
                                           restore_global_rng=True)
         state.update(meta["train_state"])
+        recorded = (meta.get("numerics") or {}).get("threads")
         echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
+    # --- CPU threads: when the count can change this model's results, one count for the
+    # whole run (resumes included) that does not depend on the machine's load
+    numerics = runtime.training_threads(cfg.train.threads, model, device, ctx.local_world_size,
+                                        recorded=recorded)
     if ctx.is_main:
         atomic_write_text(run_dir / "config.toml", config.to_toml(cfg))
     # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
@@ -442,6 +448,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
                  progress)
     state["data"] = {"train": train_set.metadata,
                      "validation": val_set.metadata if val_set is not None else None}
+    state["numerics"] = numerics
     return loop, state
 
 
@@ -509,10 +516,10 @@ def _save_epoch(loop: _Loop, state: dict[str, Any], z_fixed: torch.Tensor) -> No
     """Rank 0's files of an epoch: ``best`` (if improved), ``metrics.jsonl``, the sample grid,
     then ``last`` (the resume point, so a kill before it re-runs this epoch bitwise)."""
     ckpt_dir = loop.run_dir / "checkpoints"
-    train_state = {k: v for k, v in state.items() if k not in ("data", "improved")}
+    train_state = {k: v for k, v in state.items() if k not in ("data", "improved", "numerics")}
     meta = {"config": config.to_dict(loop.cfg), "train_state": train_state,
             "data": state["data"], "event_shape": list(loop.train_set.event_shape),
-            "world_size": loop.ctx.world_size}
+            "world_size": loop.ctx.world_size, "numerics": state["numerics"]}
     if state["improved"]:
         checkpoint.save_checkpoint(ckpt_dir / "best", model=loop.model, meta=meta)
     text = "".join(json.dumps(r) + "\n" for r in state["history"])
