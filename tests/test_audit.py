@@ -197,7 +197,6 @@ def test_bce_on_grey_levels_misses_a_non_constant_normaliser():
         (dict(recon="sse", recon_reduction="mean"), "use recon='mse' for a mean"),
         (dict(kl_reduction="batchmean"), "unknown kl_reduction 'batchmean'"),
         (dict(batch_reduction="batchmean"), "unknown batch_reduction 'batchmean'"),
-        (dict(batch_reduction="sum"), "pass batch_size"),
         (dict(batch_reduction="sum", batch_size=0), "batch_size must be a positive integer"),
         (dict(data="ternary"), "unknown data kind 'ternary'"),
         (dict(recon_multiplier=0), "recon_multiplier must be a finite number > 0"),

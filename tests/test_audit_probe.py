@@ -201,16 +201,25 @@ def test_tuple_output_and_an_unused_z():
     assert any("z is passed but not used" in line for line in a.observations)
 
 
-def test_summed_batch_needs_and_uses_the_batch_size():
+def test_a_summed_batch_is_audited_without_the_batch_size():
+    """PyTorch's VAE example (reduction='sum' over batch and pixels, the KL summed too): its
+    beta, likelihood, per-example scale and batch reduction do not depend on B, so the audit
+    reports them and says the batch scale is B (a number when the batch size is given)."""
     def summed(recon_x, x, mu, logvar):
         bce = F.binary_cross_entropy(recon_x, x, reduction="sum")
         return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
     roles = ("x_hat", "x", "mu", "logvar")
-    with pytest.raises(ConfigError, match="sums over the batch.*pass batch_size"):
-        probe(summed, data_shape=(784,), latent_dim=20, roles=roles)
-    a = probe(summed, data_shape=(784,), latent_dim=20, roles=roles, batch_size=32)
-    assert a.scale == 32 and a.batch_size == 32 and a.beta_effective == pytest.approx(1.0)
+    a = probe(summed, data_shape=(784,), latent_dim=20, roles=roles)
+    assert a.batch_reduction == "sum" and a.batch_size is None and a.scale is None
+    assert a.scale_per_example == 1 and a.beta_effective == pytest.approx(1.0)
+    assert "summed over the batch." in a.text and "Scale B per batch of B" in a.text
+    nll, kl = torch.tensor([100.0, 90.0]), torch.tensor([5.0, 3.0])
+    assert float(a.predicted_loss(nll, kl)) == pytest.approx(198.0)  # the batch's sum
+    b = probe(summed, data_shape=(784,), latent_dim=20, roles=roles, batch_size=32)
+    assert b.scale == 32 and b.batch_size == 32 and b.beta_effective == pytest.approx(1.0)
+    assert "Scale 32 per batch of 32" in b.text
+    assert (a.beta_effective, a.normalized, a.recon) == (b.beta_effective, b.normalized, b.recon)
 
 
 def test_kl_summed_over_the_batch_is_a_batch_size_dependent_beta():

@@ -125,6 +125,42 @@ def test_nan_guard_names_term_step_and_batch_and_keeps_last_good(tmp_path, monke
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] == 1e-4
 
 
+def test_an_exploding_objective_stops_the_run_and_names_the_learning_rate(tmp_path,
+                                                                          monkeypatch):
+    """Finite but exploded (issue 22: lr = 1e6 trained to a test NELBO of 7e33 and exited 0):
+    a batch 1000x above the first one stops the run before its update; the message names
+    the learning rate and the last good checkpoint, which a resume continues."""
+    cfg = config.resolve(overrides=tiny_overrides(**{"train.epochs": 3}))
+    # epoch 2 (8 steps per epoch), batch 3: reconstruction -1e7 nats (finite, exploded)
+    real = poison_reconstruction(monkeypatch, 8 + 4, [0, 1, 2], -1e7)
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, tmp_path, report=False)
+    message = str(info.value)
+    assert "at step 11 (epoch 2, batch 3): the objective reached" in message
+    assert "more than 1000 times its first value" in message and "\n" not in message
+    assert "the learning rate is 0.001" in message
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'last'} (epoch 1)" in message
+    assert checkpoint.read_meta(tmp_path / "checkpoints" / "last")["train_state"]["epoch"] == 1
+    monkeypatch.setattr(objectives, "elbo_terms", real)
+    train(cfg, tmp_path, resume=True, report=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_a_huge_learning_rate_is_a_one_line_error_from_the_cli(tmp_path, capsys):
+    from vaelab import cli
+
+    args = ["train", "--out", str(tmp_path / "run")]
+    for item in tiny_overrides(**{"train.lr": 1e6}):
+        args += ["--set", item]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vaelab: error: training diverged at step ")
+    assert "the learning rate is 1e+06: no checkpoint was written (it diverged in the first " \
+           "epoch): start again with a lower learning rate, e.g. --set train.lr=0.001" in err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
 def test_iwae_schedule_matches_the_paper():
     cfg = config.resolve(preset="iwae-paper").train
     # 3^i epochs at 1e-3 * 10^(-i/7): epoch 0 -> i=0, epochs 1-3 -> i=1, 4-12 -> i=2

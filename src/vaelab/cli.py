@@ -168,8 +168,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    help="factor on the KL, e.g. M_N = batch/N (default: 1)")
     p.add_argument("--batch-reduction", default=None, choices=("mean", "sum", "none"),
                    help="(default: mean)")
-    p.add_argument("--batch-size", type=int, help="needed with --batch-reduction sum, and "
-                   "with --loss when the loss sums over the batch or depends on its size")
+    p.add_argument("--batch-size", type=int, help="the batch size you train with: a loss "
+                   "summed over the batch then gets its scale as a number (else 'B per batch "
+                   "of B'); needed with --loss when a weight depends on it (a KL summed over "
+                   "the batch, an M_N computed inside)")
     p.add_argument("--data-shape", default="784",
                    help="comma-separated data shape, e.g. 28,28,1 (default: %(default)s)")
     p.add_argument("--latent-dim", type=int, default=2, help="(default: %(default)s)")

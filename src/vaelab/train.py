@@ -123,6 +123,12 @@ def make_optimizer(model: nn.Module, cfg: config.TrainConfig,
 # --------------------------------------------------------------------------- one step
 
 
+#: A batch's objective more than this many times the run's first one (and at least 1 nat
+#: per example) means the run diverged: training only lowers it, and no epoch of a sane run
+#: is three orders of magnitude above the untrained model.
+DIVERGENCE_FACTOR = 1000.0
+
+
 class _NonFinite(Exception):
     """The loss of a batch is NaN/Inf (raised before any update)."""
 
@@ -131,10 +137,20 @@ class _NonFinite(Exception):
         self.per_example, self.terms = per_example, terms
 
 
+class _Exploded(Exception):
+    """The loss of a batch is finite but above the divergence limit (raised before any
+    update)."""
+
+    def __init__(self, value: float, limit: float) -> None:
+        super().__init__("exploding loss")
+        self.value, self.limit = value, limit
+
+
 def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, *,
                kl_weight: float, generator: torch.Generator | None = None,
                eps: torch.Tensor | None = None, batch_total: int | None = None,
-               world_size: int = 1, grad_clip: float | None = None
+               world_size: int = 1, grad_clip: float | None = None,
+               explode_above: float | None = None
                ) -> tuple[torch.Tensor, objectives.ELBOTerms | None]:
     """One optimizer step on the batch ``x``; returns the objective's ``(per_example, terms)``.
 
@@ -143,12 +159,16 @@ def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
     Raises:
         _NonFinite: the loss is NaN/Inf; nothing was updated.
+        _Exploded: ``|loss|`` exceeds ``explode_above``; nothing was updated.
     """
     batch_total = batch_total if batch_total is not None else x.shape[0]
     per_example, terms = objective(x, kl_weight, generator, eps, batch_total)
     loss = per_example.sum() * (world_size / batch_total)
-    if not math.isfinite(loss.item()):  # one op; torch.isfinite costs five
+    value = loss.item()  # one host sync per step, for both checks
+    if not math.isfinite(value):  # one op; torch.isfinite costs five
         raise _NonFinite(per_example, terms)
+    if explode_above is not None and abs(value) > explode_above:
+        raise _Exploded(value, explode_above)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -227,6 +247,8 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
     count, terms = 0, None
     steps = math.ceil(n_train / global_batch)
     batches = _progress(range(steps), f"epoch {epoch + 1}/{cfg.train.epochs}", loop.progress)
+    first = state.get("first_objective")  # the untrained model's loss, the divergence yardstick
+    limit = None if first is None else DIVERGENCE_FACTOR * max(abs(first), 1.0)
     with _data_checked(family):
         for batch in batches:
             runtime.follow_threads()  # another vaelab run started or ended: share the cores
@@ -245,10 +267,17 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
                 per_example, terms = train_step(
                     loop.objective, loop.optimizer, x, kl_weight=kl_weight, generator=gen,
                     eps=eps, batch_total=index.numel(), world_size=ctx.world_size,
-                    grad_clip=cfg.train.grad_clip)
+                    grad_clip=cfg.train.grad_clip, explode_above=limit)
             except _NonFinite as bad:
                 raise TrainingDiverged(_nan_message(bad, state["step"], epoch, batch,
                                                     loop.run_dir, ctx)) from None
+            except _Exploded as bad:
+                raise TrainingDiverged(_exploded_message(bad, state, epoch, batch, cfg.train.lr,
+                                                         loop.run_dir, ctx)) from None
+            if first is None:
+                first = float(per_example.detach().sum()) * ctx.world_size / index.numel()
+                state["first_objective"] = first
+                limit = DIVERGENCE_FACTOR * max(abs(first), 1.0)
             state["step"] += 1
             count += per_example.numel()
             with torch.no_grad():  # one reduction for all four terms
@@ -421,7 +450,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
             raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume")
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "best_val_nelbo": None, "best_epoch": None,
-        "epochs_since_best": 0, "history": [], "stopped_early": False,
+        "epochs_since_best": 0, "history": [], "stopped_early": False, "first_objective": None,
     }
     recorded = None
     if resume:
@@ -594,6 +623,23 @@ def _nan_message(bad: _NonFinite, step: int, epoch: int, batch: int, run_dir: Pa
         f"examples; the last good checkpoint is {run_dir / 'checkpoints' / 'last'}: resume "
         f"with a lower learning rate, e.g. vaelab train --resume {run_dir} --set train.lr=1e-4"
     )
+
+
+def _exploded_message(bad: _Exploded, state: dict[str, Any], epoch: int, batch: int,
+                      lr: float, run_dir: Path, ctx: distributed.Context) -> str:
+    where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx.enabled else ""
+    lower = min(lr / 10, 1e-3)
+    if state["epoch"]:
+        keep = (f"the last good checkpoint is {run_dir / 'checkpoints' / 'last'} (epoch "
+                f"{state['epoch']}): resume with a lower learning rate, e.g. vaelab train "
+                f"--resume {run_dir} --set train.lr={lower:g}")
+    else:
+        keep = ("no checkpoint was written (it diverged in the first epoch): start again with "
+                f"a lower learning rate, e.g. --set train.lr={lower:g}")
+    return (f"training diverged{where} at step {state['step']} (epoch {epoch + 1}, batch "
+            f"{batch}): the objective reached {bad.value:.4g} nats per example, more than "
+            f"{DIVERGENCE_FACTOR:g} times its first value ({state['first_objective']:.4g}); the "
+            f"learning rate is {lr:g}: {keep}")
 
 
 def _shared_fs_hint(ctx: distributed.Context) -> str:

@@ -125,7 +125,7 @@ class Audit:
     latent_dim: int
     data: str
     data_dims: int
-    scale: float
+    scale: float | None
     scale_per_example: float
     beta_effective: float
     gaussian_sigma: float | None
@@ -153,8 +153,10 @@ class Audit:
         Returns a scalar, or ``(B,)`` when ``batch_reduction="none"``.
         """
         constant = self.missing_constant_nats or 0.0
-        per_example = self.scale * (nll + self.beta_effective * kl - constant)
-        return per_example if self.batch_reduction == "none" else per_example.mean()
+        per_example = self.scale_per_example * (nll + self.beta_effective * kl - constant)
+        if self.batch_reduction == "none":
+            return per_example
+        return per_example.sum() if self.batch_reduction == "sum" else per_example.mean()
 
 
 # --------------------------------------------------------------------------- validation
@@ -250,7 +252,8 @@ def explain(recon: str = "bce", recon_reduction: str | None = None,
             ``"continuous"``; default ``"binary"`` for BCE, ``"continuous"`` for squared
             error. BCE on grey or continuous data is not a normalised likelihood; a
             Gaussian on binary data is a density, not a probability of 0/1 values.
-        batch_size: B, needed only with ``batch_reduction="sum"``.
+        batch_size: B, used only with ``batch_reduction="sum"`` (the scale is then a
+            number; without it the scale is None: "B per batch of B").
         from_logits: ``x_hat`` is a logit: the probability (BCE) or the Gaussian mean
             (squared error) is ``sigmoid(x_hat)``.
         epsilon, epsilon_where: BCE's guard against ``log(0)``; see :class:`Audit`.
@@ -260,8 +263,8 @@ def explain(recon: str = "bce", recon_reduction: str | None = None,
         :class:`Audit`.
 
     Raises:
-        ConfigError: unknown names, non-positive sizes or multipliers, a negative KL
-            weight, or a summed batch without ``batch_size``.
+        ConfigError: unknown names, non-positive sizes or multipliers, or a negative KL
+            weight.
     """
     form = RECON_LOSSES[recon]
     recon_reduction = _resolve_recon_reduction(form, recon_reduction)
@@ -276,16 +279,19 @@ def explain(recon: str = "bce", recon_reduction: str | None = None,
     epsilon = _check_guard(form, from_logits, epsilon, epsilon_where)
     if not kl_term and kl_weight != 0:
         raise ConfigError(f"kl_term=False means no KL term: kl_weight must be 0, got {kl_weight}")
-    if batch_reduction == "sum":
-        if batch_size is None:
-            raise ConfigError("batch_reduction='sum' scales the loss by B: pass batch_size")
+    if batch_reduction == "sum" and batch_size is not None:
         _check_positive_int("batch_size", batch_size)
     dims = math.prod(shape)
 
     per_example = recon_multiplier / (dims if recon_reduction == "mean" else 1)
     kl_factor = kl_weight / (latent_dim if kl_reduction == "mean" else 1)
     beta = kl_factor / per_example
-    scale = per_example * (batch_size if batch_reduction == "sum" else 1)
+    # A batch sum makes the scale B x the per-example scale: a number when B is known, else
+    # None ("B per batch of B"; beta and the likelihood do not depend on B).
+    if batch_reduction == "sum":
+        scale = per_example * batch_size if batch_size is not None else None
+    else:
+        scale = per_example
     gaussian = form.squared_error
     fields = dict(
         recon=form.name, recon_reduction=recon_reduction, recon_multiplier=recon_multiplier,
@@ -338,7 +344,8 @@ def _text(form: ReconLoss, f: dict) -> str:
                + (f"averaged over {latent} latent dims" if f["kl_reduction"] == "mean"
                   else f"summed over {latent} latent dims")) if f["kl_term"] else ", no KL term"
     batch = {"mean": "averaged over the batch",
-             "sum": f"summed over a batch of {f['batch_size']}",
+             "sum": (f"summed over a batch of {f['batch_size']}" if f["batch_size"]
+                     else "summed over the batch"),
              "none": "returned per example (Keras and most training loops average it over "
                      "the batch)"}[f["batch_reduction"]]
     lines = [f"Your loss: {recon_part}{kl_part}, {batch}."]
@@ -445,7 +452,14 @@ def _no_kl_lines(f: dict) -> list[str]:
             f"multiply this loss by {_factor(1 / s)} and add the summed KL)."]
 
 
-def _scale_lines(scale: float, f: dict) -> list[str]:
+def _scale_lines(scale: float | None, f: dict) -> list[str]:
+    if scale is None:  # a batch sum, B not given: the scale is B
+        each = _factor(f["scale_per_example"])
+        times = "B" if math.isclose(f["scale_per_example"], 1.0, rel_tol=1e-9) else f"B x {each}"
+        return [f"Scale {times} per batch of B (the batch is summed; pass the batch size for a "
+                "number): it does not move the optimum, but with SGD it multiplies the "
+                "effective learning rate by it (Adam is nearly scale-invariant). Divide the "
+                "loss by it to read nats per example."]
     per = {"sum": f" per batch of {f['batch_size']}", "mean": " (the batch is averaged)",
            "none": " per example"}[f["batch_reduction"]]
     if math.isclose(scale, 1.0, rel_tol=1e-9):
@@ -568,9 +582,10 @@ def probe(fn: Callable[..., Any], *, data_shape: int | Sequence[int], latent_dim
             ``"logvar"`` and ``"z"`` (passed as zeros; the loss must not depend on it).
             ``("x", "x_hat")`` for a reconstruction loss such as
             ``keras.losses.binary_crossentropy(y_true, y_pred)``.
-        batch_size: the batch size you train with. Needed when the loss sums over the
-            batch or a weight inside depends on B (the probe says so); otherwise the
-            probe uses B = 4 and 5.
+        batch_size: the batch size you train with. Needed when a weight inside depends
+            on B (the probe says so); a loss summed over the batch gets its scale as a
+            number with it ("B per batch of B" without). The probe uses B = 4 and 5 when
+            it is not given.
         framework: ``"auto"`` (NumPy arrays are tried first, then torch tensors),
             ``"numpy"``, ``"torch"`` or ``"keras"`` (Keras 3 on the torch backend).
         data: what your data is, as in :func:`explain` (default: binary for BCE,

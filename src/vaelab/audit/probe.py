@@ -332,10 +332,6 @@ def _detect_reduction(p: _Probe) -> str:
                 f"({_num(float(small))}): a mean over the batch")
     if p.close(ratio, b1 / b, 1.0):
         p.reduction = "sum"
-        if not p.batch_size_given:
-            raise ConfigError(f"the loss sums over the batch ({b1} copies of one example give "
-                              f"{b1}/{b} times the value of {b}), so its scale is B times the "
-                              "per-example loss: pass batch_size (CLI: --batch-size)")
         return (f"batch: {b1} copies of one example give {b1}/{b} times the value of {b} "
                 f"({_num(float(large))} vs {_num(float(small))}): a sum over the batch")
     raise ConfigError(f"the batch is neither averaged nor summed: {b} copies of one example "
@@ -695,7 +691,8 @@ def _run(p: _Probe, framework: str) -> Measured:
     words.append(_check_batch_size(p, form, base_value, recon_step, kl_step))
     return Measured(form=form, recon_weight=recon_weight, kl_factor=kl_factor,
                     batch_reduction=p.reduction,
-                    batch_size=p.batch if p.reduction == "sum" else None,
+                    batch_size=p.batch if p.reduction == "sum" and p.batch_size_given
+                    else None,
                     framework=p.framework, precision=p.rtol, observations=words + p.notes)
 
 
