@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             test = load_split(run.config.data, "test", run.config.train.seed)
             subset = test.subset(torch.arange(args.test_examples))
         t0 = time.perf_counter()
-        result = metrics.nll_metrics(run.model, subset, iw_samples=args.iw_samples,
+        result = metrics.nll_metrics(run.model, subset, samples=args.iw_samples,
                                      batch_size=args.eval_batch, seed=0, per_example=True)
         nll = result["per_example_nll"]
         seconds = time.perf_counter() - t0

@@ -41,6 +41,7 @@ Run: ``python benchmarks/conv.py [--repeats 3] [--colour-images 10000]``; writes
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -220,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         roofline = count * flops[n]["training_3x_forward"] / (gflops * 1e9)
         cfg = configs[n]
         row = {
-            "model": {"kind": cfg.model.kind, "channels": list(cfg.model.channels),
-                      "blocks": cfg.model.blocks, "hidden": list(cfg.model.hidden),
+            "model": {"kind": cfg.model.kind, "channels": list(cfg.model.options.channels),
+                      "blocks": cfg.model.options.blocks,
+                      "hidden": list(cfg.model.options.hidden),
                       "latent_dim": cfg.model.latent_dim, "likelihood": cfg.likelihood.name,
-                      "likelihood_options": cfg.likelihood.options(),
+                      "likelihood_options": dataclasses.asdict(cfg.likelihood.options),
                       "binarize": cfg.data.binarize, "event_shape": list(MODELS[n][2])},
             "dataset": ("synthetic uint8 npz (random bytes)" if n == "colour"
                         else "synthetic uint8 npz" if smoke else args.grey_dataset),

@@ -36,7 +36,7 @@ TARGET_MB = 1024
 
 SMOKE_SETTINGS = [
     "data.validation_size=64", "data.test_limit=32", "train.batch_size=64",
-    "train.eval_batch_size=64", "eval.iw_samples=10", "model.hidden=32", "model.latent_dim=4",
+    "train.eval_batch_size=64", "eval.is.samples=10", "model.hidden=32", "model.latent_dim=4",
 ]
 
 

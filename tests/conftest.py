@@ -96,7 +96,7 @@ def tiny_overrides(**extra: object) -> list[str]:
         "train.epochs": 2,
         "train.batch_size": 64,
         "train.eval_batch_size": 256,
-        "eval.iw_samples": 20,
+        "eval.is.samples": 20,
         "eval.batch_size": 100,
         "model.hidden": "64",
         "model.latent_dim": 4,

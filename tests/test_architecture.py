@@ -21,17 +21,19 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads"},
-    {"config"},
-    {"runtime", "distributed", "data"},
+    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads", "options"},
+    {"runtime", "distributed"},
     {"likelihoods", "priors", "compat", "audit"},
     {"models"},
     {"objectives"},
     {"estimators"},
+    {"config"},  # reads the registries below for each kind's options
+    {"data"},
     {"metrics", "checkpoint", "grids"},
     {"train", "runs"},
     {"evaluate"},
     {"plots"},
+    {"experiment"},
     {"cli", "__main__"},
 ]
 
@@ -153,7 +155,7 @@ def test_metrics_and_report_take_a_tensor_or_batches(own):
     from_tensor = metrics.elbo_metrics(model, x, batch_size=16)
     from_batches = metrics.elbo_metrics(model, list(x.split(16)), batch_size=16)
     assert from_tensor == from_batches and from_tensor["n"] == 40
-    nll = metrics.nll_metrics(model, [(b, None) for b in x.split(16)], iw_samples=30,
+    nll = metrics.nll_metrics(model, [(b, None) for b in x.split(16)], samples=30,
                               per_example=True)
     assert nll["per_example_nll"].shape == (40,)
     assert nll["nll"] == pytest.approx(float(nll["per_example_nll"].mean()), rel=1e-12)

@@ -156,7 +156,7 @@ def edit_json(name: str, **changes) -> Callable:
         record = json.loads(path.read_text())
         for key, value in changes.items():
             if key == "hidden":
-                record["meta"]["config"]["model"]["hidden"] = value
+                record["meta"]["config"]["model"]["mlp"]["hidden"] = value
             elif key == "add_tensor":
                 record["tensors"].append(value)
             else:
@@ -426,16 +426,16 @@ ROWS: dict[str, Row] = {
     "negative latent size": Row(["train", *FAST, "--latent-dim", "-3", "--out", "{out}"],
                                 ("model.latent_dim must be positive, got -3", "> 0")),
     "zero hidden size": Row(["train", *FAST, "--set", "model.hidden=0", "--out", "{out}"],
-                            ("model.hidden sizes must be positive, got [0]",
-                             "e.g. model.hidden=512,256")),
+                            ("model.mlp.hidden sizes must be positive, got [0]",
+                             "give layer sizes > 0, e.g. 512,256")),
     "zero samples per example": Row(["train", *FAST, "--samples", "0", "--out", "{out}"],
                                     ("objective.samples must be positive, got 0", "> 0")),
     "zero importance samples (train)": Row(
         ["train", *FAST, "--iw-samples", "0", "--out", "{out}"],
-        ("eval.iw_samples must be positive, got 0", "> 0")),
+        ("eval.is.samples must be positive, got 0", "> 0")),
     "negative importance samples (eval)": Row(
         ["eval", "{run}", "--iw-samples", "-5"],
-        ("--iw-samples must be positive, got -5", "e.g. --iw-samples 5000"), run="a"),
+        ("eval.is.samples must be positive, got -5", "give a value > 0"), run="a"),
     "beta < 0": Row(["train", *FAST, "--beta", "-0.5", "--out", "{out}"],
                     ("objective.beta must be >= 0, got -0.5", "give a value >= 0")),
     "zero learning rate": Row(["train", *FAST, "--lr", "0", "--out", "{out}"],
@@ -449,13 +449,13 @@ ROWS: dict[str, Row] = {
          "--likelihood bernoulli")),
     "a negative likelihood scale": Row(
         ["train", *FAST, "--likelihood", "gaussian", "--scale", "-1", "--out", "{out}"],
-        ("gaussian scale must be a positive number", "'learned' or 'per-pixel'")),
+        ("likelihood.gaussian.scale must be a positive number", "'learned' or 'per-pixel'")),
     "zero samples to draw": Row(["sample", "{run}", "--n", "0"],
                                 ("--n must be positive, got 0", "e.g. --n 64"), run="a"),
     # ---- checkpoints and run directories
     "a checkpoint from another model config": Row(
         ["train", "--resume", "{run}", "--no-report"],
-        ("cannot change model.hidden from [24] to [16] when resuming",
+        ("cannot change model.mlp.hidden from [24] to [16] when resuming",
          "start a new run with --out"), foreign_checkpoints, run="a"),
     "a checkpoint whose config does not match its tensors": Row(
         ["eval", "{run}"],

@@ -157,7 +157,7 @@ def test_sizes_the_stages_do_not_divide_are_one_line_config_errors(shape, channe
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    ({"blocks": -1}, r"model\.blocks must be an integer >= 0, got -1"),
+    ({"blocks": -1}, r"model\.conv\.blocks must be >= 0, got -1"),
     ({"memory_format": "nhwc"}, "memory_format 'nhwc' is not one of auto, channels_last, "
                                 "contiguous"),
 ])
@@ -167,10 +167,16 @@ def test_bad_options_are_config_errors(kwargs, pattern):
 
 
 def test_blocks_belong_to_the_conv_model():
-    with pytest.raises(ConfigError, match=r"model\.blocks = 2 is for the conv model"):
+    with pytest.raises(ConfigError, match=r"unknown config key model\.mlp\.blocks"):
         build_model("mlp", (1, 28, 28), 3, likelihoods.get("bernoulli"), blocks=2)
-    with pytest.raises(ConfigError, match=r"model\.blocks must be >= 0"):
-        config.resolve(overrides=["model.blocks=-1"])
+    with pytest.raises(ConfigError, match=r"model\.blocks is an option of the conv model, not "
+                                          r"of 'mlp': set model\.conv\.blocks"):
+        config.resolve(overrides=["model.blocks=2"])
+    with pytest.raises(ConfigError, match=r"model\.conv\.blocks must be >= 0"):
+        config.resolve(overrides=["model.kind=conv", "model.blocks=-1"])
+    # another kind's options are kept aside, unused, so switching kinds needs no unsetting
+    cfg = config.resolve(overrides=["model.conv.blocks=2"])
+    assert cfg.model.kind == "mlp" and not hasattr(cfg.model.options, "blocks")
 
 
 def test_max_stages():
@@ -349,14 +355,12 @@ def test_pixel_bias_gradient_is_the_sum_of_the_output_gradients():
 ])
 def test_sized_for_halves_down_to_4x4_at_least(shape, channels, latent):
     settings = sized_for(shape)
-    assert settings == {"kind": "conv", "channels": channels, "blocks": 2, "hidden": [],
-                        "latent_dim": latent}
-    cfg = config.resolve(overrides=[f"model.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                                    for k, v in settings.items() if k != "hidden"]
-                         + ["model.hidden=[]", "likelihood.name=bernoulli"])
+    assert settings == {"kind": "conv", "latent_dim": latent,
+                        "conv": {"channels": channels, "blocks": 2, "hidden": []}}
+    cfg = config.from_dict({"model": settings})  # the [model] layer it is used as
     h, w = conv_feature_size(shape, channels)
     assert min(h, w) >= 4
-    assert cfg.model.channels == tuple(channels)
+    assert cfg.model.options.channels == tuple(channels) and cfg.model.options.hidden == ()
 
 
 def test_sized_for_refuses_what_cannot_be_halved():
@@ -372,11 +376,8 @@ def test_sized_for_refuses_what_cannot_be_halved():
 def test_cifar10_preset_builds_the_documented_model(tmp_path):
     cfg = config.resolve(preset="cifar10")
     assert cfg.data.dataset == "cifar10" and cfg.data.binarize == "none"
-    assert cfg.likelihood.name == DLM and cfg.likelihood.options() == {"components": 10}
-    assert sized_for((3, 32, 32)) == {
-        "kind": cfg.model.kind, "channels": list(cfg.model.channels),
-        "blocks": cfg.model.blocks, "hidden": list(cfg.model.hidden),
-        "latent_dim": cfg.model.latent_dim}
+    assert cfg.likelihood.name == DLM and cfg.likelihood.options.components == 10
+    assert config.from_dict({"model": sized_for((3, 32, 32))}).model == cfg.model
     model = build_from_config(cfg, (3, 32, 32))
     assert model.likelihood.components == 10 and model.likelihood.params_per_channel == 40
     assert model.latent_dim == 128
@@ -398,14 +399,14 @@ def test_cifar10_preset_builds_the_documented_model(tmp_path):
 def test_likelihood_components_reaches_the_family():
     cfg = config.resolve(overrides=[f"likelihood.name={DLM}", "likelihood.components=3",
                                     "model.kind=conv", "model.blocks=1", "model.hidden=[]"])
-    assert cfg.likelihood.options() == {"components": 3}
+    assert cfg.likelihood.options.components == 3
     model = build_from_config(cfg, (3, 28, 28))
     assert model.likelihood.components == 3 and model.decoder.out_shape == (36, 28, 28)
-    with pytest.raises(ConfigError, match=r"likelihood\.components must be positive"):
-        config.resolve(overrides=["likelihood.components=0"])
-    with pytest.raises(ConfigError, match="unknown option 'components' for likelihood "
-                                          "'bernoulli'"):
-        build_from_config(config.resolve(overrides=["likelihood.components=3"]), (1, 28, 28))
+    with pytest.raises(ConfigError, match=rf"likelihood\.{DLM}\.components must be positive"):
+        config.resolve(overrides=[f"likelihood.name={DLM}", "likelihood.components=0"])
+    with pytest.raises(ConfigError, match=f"likelihood.components is an option of the {DLM} "
+                                          "likelihood, not of 'bernoulli'"):
+        config.resolve(overrides=["likelihood.components=3"])
 
 
 def test_cifar10_preset_trains_and_reports_bits_per_dim(tmp_path):

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vaelab import checkpoint, cli, config, distributed, models, objectives, runtime
+from vaelab import checkpoint, cli, config, distributed, experiment, models, objectives, runtime
 from vaelab import train as train_mod
 from vaelab.errors import ConfigError
 from vaelab.rng import seeded_generator
@@ -62,7 +62,7 @@ import hashlib, json, os, sys, time
 
 import torch
 
-from vaelab import checkpoint, cli, distributed, evaluate, grids, objectives
+from vaelab import checkpoint, cli, distributed, evaluate, experiment, grids, objectives
 from vaelab import train as train_mod
 from vaelab.errors import DataError
 
@@ -114,7 +114,8 @@ def command(argv):
     for module, name in [(checkpoint, "save_checkpoint"), (train_mod, "atomic_write_text"),
                          (grids, "save_image_grid"), (evaluate, "write_report")]:
         recorded(module, name)
-    cli._figures = lambda run_dir, echo: log["writes"].append("_figures")
+    experiment.Experiment._figures = (
+        lambda self, report, echo: log["writes"].append("_figures"))
     real_terms, real_evaluate = objectives.elbo_terms, evaluate.evaluate
     calls = {"n": 0}
 
@@ -241,7 +242,7 @@ def one_process(tmp_path_factory, fashion_available):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(objectives, "elbo_terms", elbo_terms)
-        patch.setattr(cli, "_figures", lambda run_dir, echo: None)
+        patch.setattr(experiment.Experiment, "_figures", lambda self, report, echo: None)
         summary = cli.run_training(cfg, run_dir, echo=lambda _line: None)
     return {"run_dir": run_dir, "rows": rows, "report": summary["report"]}
 

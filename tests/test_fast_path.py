@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from conftest import train
+from likelihood_examples import CASES as FAMILY_CASES
+from likelihood_examples import EXAMPLES, IDS
 from vaelab import checkpoint, config, likelihoods, objectives
 from vaelab.errors import DataError
 from vaelab.models import build_from_config
@@ -87,7 +89,7 @@ def reference_loop(cfg: config.RunConfig, images: torch.Tensor):
             scale = _encoder_scale(cfg, raw)
             z = loc + scale * torch.randn(loc.shape, generator=noise)
             logits = model.decoder(z)
-            if cfg.likelihood.output == "torch-probs":  # the PyTorch example's sigmoid + BCE
+            if cfg.likelihood.options.output == "torch-probs":  # the PyTorch example's sigmoid + BCE
                 recon = -F.binary_cross_entropy(torch.sigmoid(logits), x,
                                                 reduction="none").sum((1, 2, 3))
             else:
@@ -131,41 +133,16 @@ def test_trainer_matches_reference_loop(case, tiny_npz, tmp_path):
 
 # --------------------------------------------------------------------------- log_prob_samples
 
-FAMILY_DATA = {
-    "bernoulli": ({}, "binary"),
-    "continuous-bernoulli": ({}, "unit"),
-    "gaussian": ({"scale": "learned"}, "unit"),
-    "laplace": ({"scale": 0.3}, "unit"),
-    "gaussian-per-pixel": ({"scale": "per-pixel"}, "unit"),
-    "categorical-256": ({}, "uint8"),
-    "discretized-logistic": ({}, "uint8"),
-    "discretized-logistic-mixture": ({}, "uint8"),
-}
-
-
-def _family(key: str) -> likelihoods.LikelihoodFamily:
-    options, _ = FAMILY_DATA[key]
-    return likelihoods.get(key.replace("-per-pixel", ""), **options)
-
-
-def _data(kind: str, shape, gen):
-    if kind == "uint8":
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-    x = torch.rand(shape, generator=gen)
-    return (x > 0.5).float() if kind == "binary" else x
-
-
-def test_every_family_has_a_case():
-    assert {k.replace("-per-pixel", "") for k in FAMILY_DATA} == set(likelihoods.LIKELIHOODS)
-
-
-@pytest.mark.parametrize("key", sorted(FAMILY_DATA))
+@pytest.mark.parametrize("name,i", FAMILY_CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_log_prob_samples_equals_log_prob_on_repeated_data(key, dtype):
-    family = _family(key).to(dtype)
+def test_log_prob_samples_equals_log_prob_on_repeated_data(name, i, dtype):
+    """Every case of the family table (tests/likelihood_examples.py)."""
+    example = EXAMPLES[name][i]
+    family = likelihoods.get(name, **example.options).to(dtype)
     num, batch, event = 5, 3, (2, 4, 4)
     gen = torch.Generator().manual_seed(0)
-    x = _data(FAMILY_DATA[key][1], (batch, *event), gen)
+    x = example.make_x(gen, (batch, *event))
+    x = x.to(dtype) if x.is_floating_point() else x
     p = family.params_per_channel
     params = 2.0 * torch.randn(num * batch, p * event[0], *event[1:], generator=gen,
                                dtype=dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, kl_divergence
 
+from vaelab import config
 from vaelab.errors import ConfigError, DataError
 from vaelab.models import (
     ACTIVATIONS,
@@ -97,7 +97,8 @@ SHAPES = [(1, 28, 28), (3, 32, 32)]
 
 def small(kind, shape, family, latent_dim=3, **kw):
     kw.setdefault("hidden", (8,))
-    kw.setdefault("channels", (4, 8))
+    if kind == "conv":
+        kw.setdefault("channels", (4, 8))
     return build_model(kind, shape, latent_dim, family, **kw)
 
 
@@ -295,12 +296,14 @@ def test_decode_rejects_wrong_latent_shape():
         ({"activation": "swish"}, "unknown activation 'swish': choose one of elu, gelu, "
                                   "leaky-relu, relu, silu, softplus, tanh"),
         ({"encoder_scale": "sigmoid"}, "unknown encoder scale 'sigmoid': choose one of exp"),
-        ({"hidden": (8, 0)}, r"model.hidden must be positive integers: 1 bad entries, e.g. 0"),
+        ({"hidden": (8, 0)}, r"model.mlp.hidden sizes must be positive, got \[8, 0\]"),
         ({"latent_dim": 0}, "model.latent_dim must be positive"),
         ({"kind": "conv", "shape": (1, 30, 30)}, "H and W must be divisible by 4, got 30x30: "
                                                  "use at most 1 entry in model.channels"),
         ({"kind": "conv", "shape": (28, 28)}, r"needs images shaped \(C, H, W\)"),
-        ({"kind": "conv", "channels": ()}, "model.channels is empty"),
+        ({"kind": "conv", "channels": ()}, "model.conv.channels is empty"),
+        ({"blocks": 2}, "unknown config key model.mlp.blocks: valid keys in \\[model.mlp\\] are "
+                        "hidden, gated"),
     ],
 )
 def test_bad_config_raises_config_error(kwargs, pattern):
@@ -365,8 +368,8 @@ def test_known_architectures_are_expressible(name, kwargs, linears, act, n_act):
 
 
 def test_from_config_reads_a_model_config():
-    cfg = SimpleNamespace(kind="mlp", latent_dim=5, hidden=[16, 8], activation="tanh",
-                          channels=[32, 64])
+    cfg = config.resolve(overrides=["model.latent_dim=5", "model.mlp.hidden=16,8",
+                                    "model.activation=tanh"]).model
     model = from_config(cfg, (1, 28, 28), BernoulliLogits())
     assert _linear_shapes(model) == [(784, 16), (16, 8), (8, 10), (5, 8), (8, 16), (16, 784)]
     assert model.latent_dim == 5 and model.event_shape == (1, 28, 28)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import tiny_overrides, train
 from vaelab import config, grids, plots
+from vaelab.data import Splits
 from vaelab.errors import CheckpointError, ConfigError, VaelabError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -309,10 +310,10 @@ def _saturated_hues(pixels: np.ndarray) -> np.ndarray:
 def test_latent_scatter_without_labels_is_one_colour(run_dir, tmp_path, monkeypatch):
     labelled = _png(plots.plot_run(run_dir, out_dir=tmp_path / "a",
                                    figures=["latent_scatter"])[0])
-    original = plots.load_split
+    original = Splits.__getitem__
     monkeypatch.setattr(
-        plots, "load_split",
-        lambda cfg, split, seed: dataclasses.replace(original(cfg, split, seed), labels=None),
+        Splits, "__getitem__",
+        lambda self, split: dataclasses.replace(original(self, split), labels=None),
     )
     unlabelled = _png(plots.plot_run(run_dir, out_dir=tmp_path / "b",
                                      figures=["latent_scatter"])[0])

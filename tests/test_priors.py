@@ -76,7 +76,9 @@ def test_gaussian_mixture_samples_have_the_mixture_moments():
 def _model(prior, components=None):
     torch.manual_seed(0)
     return build_model("mlp", (1, 4, 4), 3, likelihoods.get("bernoulli"), hidden=(8,),
-                       prior=prior, prior_components=components).double()
+                       prior=prior,
+                       prior_options={"components": components} if components else None
+                       ).double()
 
 
 def _normal_example(model):
@@ -159,14 +161,16 @@ def test_vampprior_initialisation_follows_the_paper():
     assert float(u.std()) == pytest.approx(0.01, rel=0.02)
 
 
-@pytest.mark.parametrize("name, components, message", [
-    ("normal", 3, "the normal prior has no components"),
-    ("vampprior", 0, "prior.components must be a positive integer"),
-    ("flat", None, "unknown prior 'flat': choose one of mog, normal, vampprior"),
+@pytest.mark.parametrize("name, options, message", [
+    ("normal", {"components": 3}, r"unknown config key prior.normal.components: valid keys in "
+                                  r"\[prior.normal\] are none \(it takes no options\)"),
+    ("vampprior", {"components": 0}, "prior.vampprior.components must be positive, got 0"),
+    ("mog", {"components": "many"}, "prior.mog.components = 'many' is not a valid int"),
+    ("flat", {}, "unknown prior 'flat': choose one of mog, normal, vampprior"),
 ])
-def test_bad_prior_options(name, components, message):
+def test_bad_prior_options(name, options, message):
     with pytest.raises(ValueError, match=message):
-        build_prior(name, 3, (1, 4, 4), components)
+        build_prior(name, 3, (1, 4, 4), **options)
 
 
 @pytest.mark.usefixtures("fashion_available")

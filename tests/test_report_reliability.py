@@ -65,8 +65,8 @@ def test_ais_and_bdmc_in_the_report_track_the_closed_form():
     model, x = PPCA(width=0.5, shift=0.3), data(30)
     truth = float(model.log_px(x).mean())
     torch.set_num_threads(1)
-    report = evaluate.evaluate(model, x, batch_size=10, estimator="ais", ais_steps=30,
-                               ais_chains=30)
+    report = evaluate.evaluate(model, x, batch_size=10, estimator="ais", steps=30,
+                               chains=30)
     est = report["estimator"]
     assert (est["name"], est["steps"], est["chains"], est["leapfrog_steps"]) == ("ais", 30, 30, 10)
     assert 0.3 < est["mean_acceptance"] < 1.0

@@ -53,7 +53,7 @@ def test_probability_outputs_stay_normalised_on_binary_data():
 
 
 def test_unknown_output_is_a_one_line_error():
-    with pytest.raises(ConfigError, match="bernoulli option output must be one of logits, "
+    with pytest.raises(ConfigError, match="likelihood.bernoulli.output must be one of logits, "
                                           "keras-probs, torch-probs, got 'probs'"):
         likelihoods.get("bernoulli", output="probs")
 
@@ -71,7 +71,7 @@ def test_selecting_on_test_data_is_refused():
 def test_example_presets_follow_their_sources(name, output, init, eps):
     cfg = config.resolve(preset=name)
     assert cfg.data.dataset == "mnist" and cfg.data.validation_size == 0
-    assert (cfg.likelihood.output, cfg.model.init, cfg.model.output_bias) == (output, init, "none")
+    assert (cfg.likelihood.options.output, cfg.model.init, cfg.model.output_bias) == (output, init, "none")
     assert cfg.train.adam_eps == eps and cfg.train.batch_size == 128
     assert (cfg.train.validation_split, cfg.train.select) == ("test", "last")
 

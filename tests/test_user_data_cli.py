@@ -43,7 +43,7 @@ def test_a_folder_trains_reports_evaluates_every_split_and_plots(tmp_path, capsy
     run = tmp_path / "run"
     code, out, err = _vaelab("train", "--dataset", str(folder), "--image-size", "16", "--epochs", "1",
                   "--set", "data.validation_size=4", "--set", "train.batch_size=8",
-                  "--set", "train.threads=1", "--set", "likelihood.components=2",
+                  "--set", "train.threads=1", "--set", "likelihood.discretized-logistic-mixture.components=2",
                   "--set", "model.latent_dim=4", "--iw-samples", "30", "--out", str(run),
                   capsys=capsys)
     assert code == 0, err
@@ -87,3 +87,46 @@ def test_a_chosen_likelihood_is_kept(tmp_path, capsys):
                   capsys=capsys)
     assert code == 0, err
     assert "vaelab: 8-bit" not in out  # the user chose; nothing is changed
+
+
+def test_each_split_is_loaded_once_per_command(tmp_path, capsys, monkeypatch):
+    """Issue 22: ``vaelab train --dataset DIR --image-size 32`` listed the folder six times,
+    built the model three times and read a checkpoint twice. Now one pipeline object
+    carries config, data, model and session: each split is read once per command, the
+    model built once, and a checkpoint read only when its weights are not in memory."""
+    from vaelab import checkpoint, models
+    from vaelab.data import loader, user
+
+    counts: dict[str, list] = {"load": [], "folder": [], "build": [], "ckpt": []}
+
+    def counting(module, name, key, what=lambda *a, **k: None):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[key].append(what(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(loader, "load", "load", lambda *a, **k: k["split"])
+    counting(user, "read_image_folder", "folder")
+    counting(models, "build_from_config", "build")
+    counting(checkpoint, "_read_tensors", "ckpt")
+    folder = _folder(tmp_path / "pics", colour=True)
+    run = tmp_path / "run"
+    code, _, err = _vaelab("train", "--dataset", str(folder), "--image-size", "32",
+                           "--epochs", "1", "--set", "data.validation_size=4",
+                           "--set", "train.batch_size=8", "--set", "train.threads=1",
+                           "--set", "model.latent_dim=4", "--iw-samples", "5", "--out",
+                           str(run), capsys=capsys)
+    assert code == 0, err
+    assert sorted(counts["load"]) == ["test", "train", "validation"]
+    assert len(counts["folder"]) == 3  # one listing per split (the decode is cached)
+    assert len(counts["build"]) == 1 and counts["ckpt"] == []  # best is the epoch in memory
+    for command in (["eval", str(run), "--iw-samples", "5"], ["plot", str(run)]):
+        for values in counts.values():
+            values.clear()
+        code, _, err = _vaelab(*command, capsys=capsys)
+        assert code == 0, err
+        assert counts["load"] == ["test"], command
+        assert len(counts["build"]) == 1 and len(counts["ckpt"]) == 1, command

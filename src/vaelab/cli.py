@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ __all__ = ["main", "build_parser", "run_training"]
 _D = config_mod.RunConfig()
 
 
+def run_training(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`vaelab.experiment.run_training` (what ``vaelab train`` does, from Python)."""
+    from .experiment import run_training as run
+
+    return run(*args, **kwargs)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -31,8 +38,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a VAE. Precedence: defaults < --preset < --config FILE < named "
         "flags < --set. The resolved config is saved as RUN_DIR/config.toml.",
     )
-    p.add_argument("--preset", help="default | pytorch-example | keras-example | mnist-vae | "
-                   "mnist-vampprior | iwae-paper | cifar10 (see the README)")
+    p.add_argument("--preset", help=f"{' | '.join(config_mod.PRESETS)}; --preset list shows "
+                   "what each follows")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--dataset", help=f"registered name, .npz/.npy file or PNG folder "
                    f"(default: {_D.data.dataset})")
@@ -61,10 +68,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {_D.train.lr})")
     p.add_argument("--seed", type=int, help=f"(default: {_D.train.seed})")
     p.add_argument("--device", help=f"auto | cpu | cuda[:N] (default: {_D.train.device})")
-    p.add_argument("--iw-samples", type=int, help="importance samples for the final test NLL "
-                   f"(default: {_D.eval.iw_samples})")
+    p.add_argument("--iw-samples", type=int, help="importance samples K for the final test "
+                   "NLL (eval.is.samples; default 1000)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key, e.g. --set model.hidden=400 (repeatable)")
+                   help="override any config key, e.g. --set model.mlp.hidden=400 or "
+                   "--set prior.vampprior.components=50 (repeatable)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", metavar="RUN_DIR",
                        help="new run directory (default: runs/<dataset>-<time>)")
@@ -80,27 +88,25 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "validation", "test", "all"),
                    help="a split of the run's data; all: every example of your own file or "
                    "folder (default: test)")
+    p.add_argument("--estimator", help="how -log p(x) is estimated (eval.estimator): is "
+                   "(importance sampling with q(z|x), --iw-samples) or ais (annealed importance "
+                   "sampling with HMC, --ais-steps x --ais-chains) (default: the run's)")
     p.add_argument("--iw-samples", type=int,
-                   help="importance samples per example; 5000 is the IWAE paper protocol "
-                   f"(default: the run's eval.iw_samples, {_D.eval.iw_samples} unless its "
-                   "preset sets another)")
+                   help="importance samples per example (eval.is.samples); 5000 is the IWAE "
+                   "paper protocol (default: the run's, 1000 unless its preset sets another)")
+    p.add_argument("--ais-steps", type=int, help="AIS annealing steps (eval.ais.steps; "
+                   "default 100)")
+    p.add_argument("--ais-chains", type=int, help="AIS chains per example, >= 25 for its "
+                   "Pareto k-hat (eval.ais.chains; default 32)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int,
-                   help=f"(default: the run's eval.batch_size, {_D.eval.batch_size})")
-    p.add_argument("--seed", type=int, help=f"(default: the run's eval.seed, {_D.eval.seed})")
+    p.add_argument("--batch-size", type=int, help="(eval.batch_size; default: the run's, 100)")
+    p.add_argument("--seed", type=int, help="(eval.seed; default: the run's, 0)")
+    p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="any [eval] key, e.g. --set eval.ais.leapfrog_steps=20 (repeatable)")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
     p.add_argument("--device", default="auto", help="(default: %(default)s)")
-    p.add_argument("--estimator", default="is", choices=("is", "ais"),
-                   help="how -log p(x) is estimated: is (importance sampling with q(z|x), "
-                   "--iw-samples) or ais (annealed importance sampling with HMC, "
-                   "--ais-steps x --ais-chains) (default: %(default)s)")
-    p.add_argument("--ais-steps", type=int, default=100,
-                   help="AIS annealing steps (default: %(default)s)")
-    p.add_argument("--ais-chains", type=int, default=32,
-                   help="AIS chains per example; >= 25 for its Pareto k-hat (default: "
-                   "%(default)s)")
     p.add_argument("--bdmc", type=int, metavar="N",
                    help="also bound log p(x) by bidirectional Monte Carlo on N examples "
                    "simulated from the model, with the AIS settings")
@@ -201,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """Named flags as a config layer (only those given)."""
+    """Named flags as a config layer (only those given); ``--scale`` is the chosen
+    likelihood's option (``likelihood.<name>.scale``), ``--iw-samples`` ``eval.is.samples``."""
     mapping = {
         ("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
         ("data", "image_size"): args.image_size, ("data", "test_dataset"): args.test_dataset,
@@ -211,17 +218,27 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
         ("objective", "samples"): args.samples, ("objective", "beta"): args.beta,
         ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
         ("train", "lr"): args.lr, ("train", "seed"): args.seed,
-        ("train", "device"): args.device, ("eval", "iw_samples"): args.iw_samples,
+        ("train", "device"): args.device,
     }
     layer: dict[str, Any] = {}
     for (section, key), value in mapping.items():
         if value is not None:
             layer.setdefault(section, {})[key] = value
+    if args.iw_samples is not None:
+        layer.setdefault("eval", {})["is"] = {"samples": args.iw_samples}
     return layer
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import run_training
+
+    if args.preset == "list":
+        width = max(map(len, config_mod.PRESETS))
+        for name, source in config_mod.PRESET_SOURCES.items():
+            print(f"{name.ljust(width)}  {source}  ({config_mod.PRESETS_DIR / name}.toml)")
+        return 0
     flags = _train_flags(args)
+    given: set[str] | None = None  # a resumed run's config is used as saved
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.toml"
@@ -230,9 +247,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.preset or args.config:
             raise VaelabError("--resume takes its config from the run: drop --preset/--config")
         cfg = config_mod.from_dict(
-            config_mod.merge(*[config_mod.load_toml(saved), flags],
-                             *[config_mod.parse_override(o) for o in args.set])
-        )
+            config_mod.merge(config_mod.load_toml(saved), flags,
+                             *[config_mod.parse_override(o) for o in args.set]), saved=True)
         resume = (run_dir / "checkpoints" / "last.json").exists()
         if not resume and _is_main_rank():
             # Stopped (e.g. killed) before its first checkpoint: nothing was saved that
@@ -242,7 +258,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = config_mod.resolve(preset=args.preset, file=args.config, overrides=args.set,
                                  extra=flags)
         given = config_mod.given_keys(args.preset, args.config, args.set, flags)
-        cfg = _defaults_from_data(cfg, given)
         resume = False
         if args.out:
             run_dir = Path(args.out)
@@ -253,150 +268,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
             run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if _is_main_rank():
             print(f"run directory: {run_dir}")
-    run_training(cfg, run_dir, resume=resume, report=not args.no_report)
+    _ACTIVE_RUN["train"] = run_dir
+    run_training(cfg, run_dir, resume=resume, report=not args.no_report, given=given)
     return 0
 
 
-def _defaults_from_data(cfg: config_mod.RunConfig, given: set[str]) -> config_mod.RunConfig:
-    """For your own data (a file or folder), when neither the likelihood nor the binarisation
-    was chosen: 0/1 data get a Bernoulli likelihood; 8-bit grey levels a discretised
-    logistic, 8-bit colour a discretised logistic mixture (both exact likelihoods of the
-    8-bit values, no binarisation) and a conv model sized for the images when the model
-    was not chosen either. Says in one line what was chosen and how to override it."""
-    from .data import DATASETS, load_split
-
-    if cfg.data.dataset in DATASETS or {"likelihood.name", "data.binarize"} & given:
-        return cfg
-    images = load_split(cfg.data, "train", cfg.train.seed)
-    c, h, w = images.event_shape
-    black_and_white = bool(((images.images == 0) | (images.images == 255)).all())
-    if images.levels == 2 or black_and_white:
-        layer = {"data": {"binarize": "none"}, "likelihood": {"name": "bernoulli"}}
-        said = "0/1 images: a Bernoulli likelihood, no binarisation"
-    else:
-        name = "discretized-logistic" if c == 1 else "discretized-logistic-mixture"
-        layer = {"data": {"binarize": "none"}, "likelihood": {"name": name}}
-        said = f"8-bit {'grey' if c == 1 else 'colour'} images: no binarisation, the {name} likelihood"
-        if not {"model.kind", "model.channels", "model.hidden"} & given:
-            from .models.conv import sized_for
-
-            try:
-                model = sized_for(images.event_shape)
-            except VaelabError:  # too small to halve: keep the MLP
-                model = None
-            if model is not None:
-                if "model.latent_dim" in given:
-                    model.pop("latent_dim")
-                layer["model"] = model
-                said += (f", a conv model sized for {h}x{w} (channels "
-                         f"{','.join(map(str, model['channels']))}, {model['blocks']} residual "
-                         "blocks per stage)")
-    print(f"vaelab: {said}; choose others with --likelihood, --binarize, --model or --set")
-    return config_mod.from_dict(layer, base=cfg)
-
-
-def run_training(cfg: config_mod.RunConfig, run_dir: str | Path, *, resume: bool = False,
-                 report: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """What ``vaelab train`` does, from Python: train (:func:`vaelab.train.train_and_evaluate`),
-    then with ``report`` evaluate the best checkpoint on the test split
-    (:func:`vaelab.evaluate.evaluate_run`), write ``report.json``/``report.md`` and draw the
-    figures (:func:`vaelab.plots.plot_run`). Under torchrun every rank trains and evaluates
-    its share; rank 0 writes and prints. Returns the training summary, with ``report``."""
-    from . import distributed, evaluate, runtime, train
-
-    run_dir = Path(run_dir)
-    _ACTIVE_RUN["train"] = run_dir
-    device = runtime.select_device(cfg.train.device)
-    ctx = distributed.setup(device)
-    quiet = echo if ctx.is_main else (lambda _line: None)
-    try:
-        note = _evaluation_cost_note(cfg, ctx.world_size, quiet) if report else None
-        summary = train.train_and_evaluate(cfg, run_dir, resume=resume, ctx=ctx, echo=quiet,
-                                           on_setup=note)
-        if not report:
-            return summary
-        result = evaluate.evaluate_run(run_dir, split="test", checkpoint="best",
-                                       limit=cfg.data.test_limit, device=device, ctx=ctx)
-    finally:
-        distributed.teardown(ctx)
-    summary["report"] = result
-    if ctx.is_main:
-        evaluate.write_report(result, run_dir)
-        echo(evaluate.format_table(result))
-        _figures(run_dir, echo)
-    return summary
-
-
-#: Above this many seconds, `vaelab train` says at the start how long its final evaluation
-#: will take.
-SLOW_EVALUATION_SECONDS = 15 * 60
-
-
-def _evaluation_cost_note(cfg: config_mod.RunConfig, processes: int,
-                          echo: Callable[[str], None]) -> Callable[[Any], None]:
-    """A hook for the start of training: estimate the final test evaluation's time with the
-    freshly built model and say so when it exceeds :data:`SLOW_EVALUATION_SECONDS`."""
-
-    def note(model: Any) -> None:
-        import torch
-
-        from . import evaluate
-        from .data import load_split
-
-        test = load_split(cfg.data, "test", cfg.train.seed, progress=False)
-        if cfg.data.test_limit is not None:
-            test = test.subset(torch.arange(min(cfg.data.test_limit, len(test))))
-        if not getattr(getattr(model, "likelihood", None), "normalized", True) or not len(test):
-            return
-        seconds = evaluate.estimate_seconds(model, test, iw_samples=cfg.eval.iw_samples,
-                                            batch_size=cfg.eval.batch_size) / processes
-        if seconds > SLOW_EVALUATION_SECONDS:
-            echo(f"note: the final test evaluation ({len(test):,} examples x "
-                 f"{cfg.eval.iw_samples:,} importance samples) will take about "
-                 f"{seconds / 60:.0f} min on this machine; lower --iw-samples, or train with "
-                 "--no-report and run vaelab eval later")
-
-    return note
-
-
-def _figures(run_dir: Path, echo: Callable[[str], None]) -> None:
-    try:
-        from . import plots
-    except ImportError as exc:  # matplotlib missing: figures are optional
-        echo(f"figures skipped: {exc}")
-        return
-    written = plots.plot_run(run_dir)
-    echo(f"wrote {len(written)} figures to {run_dir / 'figures'}")
+def _eval_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """``vaelab eval``'s flags and ``--set eval.*`` as a layer over the run's ``[eval]``."""
+    section: dict[str, Any] = {}
+    for key, value in (("estimator", args.estimator), ("batch_size", args.batch_size),
+                       ("seed", args.seed)):
+        if value is not None:
+            section[key] = value
+    if args.iw_samples is not None:
+        section["is"] = {"samples": args.iw_samples}
+    ais = {k: v for k, v in (("steps", args.ais_steps), ("chains", args.ais_chains))
+           if v is not None}
+    if ais:
+        section["ais"] = ais
+    layer = {"eval": section} if section else {}
+    for item in args.set:
+        override = config_mod.parse_override(item)
+        if set(override) != {"eval"}:
+            raise VaelabError(f"--set {item}: vaelab eval changes [eval] only (the model and "
+                              "its data are the run's): e.g. --set eval.ais.steps=200")
+        layer = config_mod.merge(layer, override)
+    return layer
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import distributed, evaluate, runtime
+    from . import evaluate
+    from .experiment import Experiment, Session
 
-    for flag, value, example in (("--iw-samples", args.iw_samples, 5000),
-                                 ("--batch-size", args.batch_size, 100),
-                                 ("--ais-steps", args.ais_steps, 100),
-                                 ("--ais-chains", args.ais_chains, 32), ("--bdmc", args.bdmc, 500)):
+    for flag, value, example in (("--bdmc", args.bdmc, 500), ("--limit", args.limit, 200)):
         if value is not None and value <= 0:
             raise VaelabError(f"{flag} must be positive, got {value}: e.g. {flag} {example}")
-    if args.limit is not None and args.limit <= 0:
-        raise VaelabError(f"--limit must be positive, got {args.limit}")
-    device = runtime.select_device(args.device)
+    layer = _eval_layer(args)
     # Under torchrun every rank evaluates its share of the batches (same numbers as one
     # process); rank 0 prints and writes.
-    ctx = distributed.setup(device)
-    if ctx.enabled:
-        device = distributed.rank_device(device, ctx.local_rank)
-    runtime.configure_threads(None, device, ctx.local_world_size)
-    try:
-        result = evaluate.evaluate_run(
-            args.run_dir, split=args.split, checkpoint=args.checkpoint,
-            iw_samples=args.iw_samples, batch_size=args.batch_size, seed=args.seed,
-            limit=args.limit, data_dir=args.data_dir, device=device, ctx=ctx,
-            estimator=args.estimator, ais_steps=args.ais_steps, ais_chains=args.ais_chains,
-            bdmc_examples=args.bdmc)
-    finally:
-        distributed.teardown(ctx)
-    if not ctx.is_main:
+    with Session.start(args.device) as session:
+        exp = Experiment.open(args.run_dir, args.checkpoint, session, overrides=layer,
+                              data_dir=args.data_dir)
+        result = exp.evaluate(args.split, args.checkpoint, limit=args.limit, bdmc=args.bdmc)
+    if not session.is_main:
         return 0
     print(evaluate.format_table(result))
     if args.json:
@@ -407,11 +321,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from . import plots, runtime
+    from .experiment import Experiment, Session
 
-    runtime.configure_threads()
-
-    written = plots.plot_run(args.run_dir, checkpoint=args.checkpoint, out_dir=args.out)
+    with Session.start("cpu") as session:
+        written = Experiment.open(args.run_dir, args.checkpoint, session).figures(
+            args.checkpoint, args.out)
     for path in written:
         print(path)
     return 0

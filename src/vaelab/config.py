@@ -1,27 +1,63 @@
-"""Run configuration: one frozen dataclass per component, TOML in and out, presets.
+"""Run configuration: one frozen dataclass per section, components that own their options.
 
-A run is described by a :class:`RunConfig`. It is built from defaults, then a
-preset, then a TOML file, then ``--set section.key=value`` overrides, each
-layer validated: an unknown section or key is a :class:`~vaelab.errors.ConfigError`
-that lists the valid ones. The resolved config is saved with every run and
-checkpoint (``config.toml``), so a run can always be rebuilt.
+A run is described by a :class:`RunConfig`, built from defaults, then a preset
+(``configs/<name>.toml``), then a TOML file, then named flags, then ``--set
+section.key=value`` overrides. The resolved config is saved with every run and checkpoint
+(``config.toml``), so a run can always be rebuilt.
 
-Example::
+Components own their options. Four sections choose a registered kind and hold that kind's
+own options in a sub-section, declared beside the kind as a frozen dataclass with its
+constraints (:mod:`vaelab.options`)::
+
+    [prior]
+    name = "vampprior"          # the chosen kind
+    [prior.vampprior]           # its options: vaelab.priors.VampPriorOptions
+    components = 500
+
+==============  ==============  ============================================================
+section         kind key        kinds (registry)
+==============  ==============  ============================================================
+``likelihood``  ``name``        :data:`vaelab.likelihoods.LIKELIHOODS`
+``prior``       ``name``        :data:`vaelab.priors.PRIORS`
+``model``       ``kind``        :data:`vaelab.models.MODELS`
+``eval``        ``estimator``   :data:`vaelab.estimators.ESTIMATORS`
+==============  ==============  ============================================================
+
+Only the chosen kind's options are used and their values checked, so switching kinds never
+needs the old kind's options unset (``--preset mnist-vampprior --set prior.name=normal``
+works). Option names of other kinds are still checked, so a typo is an error. A flat
+``section.option`` (``--set model.hidden=400``, ``--set prior.components=50``) is shorthand
+for the chosen kind's option; it is an error when that kind has no such option. Configs
+written by vaelab before components owned their options (flat keys) are migrated when read
+(:func:`from_dict` with ``saved=True``).
+
+Unknown sections and keys are errors listing the valid ones. Example::
 
     cfg = resolve(preset="pytorch-example", overrides=["train.epochs=3"])
-    cfg.model.latent_dim  # 20
+    cfg.model.latent_dim            # 20
+    cfg.model.options.hidden        # (400,)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .options import (
+    boolean,
+    build,
+    check_keys,
+    non_negative,
+    one_of,
+    option,
+    optional,
+    positive,
+    to_plain,
+)
 from .schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
@@ -35,6 +71,7 @@ __all__ = [
     "OUTPUT_BIAS_MODES",
     "VALIDATION_SPLITS",
     "SELECTIONS",
+    "COMPONENTS",
     "DataConfig",
     "LikelihoodConfig",
     "ModelConfig",
@@ -45,19 +82,24 @@ __all__ = [
     "RunConfig",
     "PRESETS",
     "PRESET_SOURCES",
+    "PRESETS_DIR",
+    "defaults",
     "resolve",
     "from_dict",
     "to_dict",
     "to_toml",
     "load_toml",
     "parse_override",
+    "merge",
     "given_keys",
+    "kind_options",
 ]
 
 
 #: How grey levels become model inputs (see :func:`vaelab.data.load`).
 BINARIZE_MODES = ("none", "dynamic", "static")
-#: How the KL term is computed (see :func:`vaelab.objectives.elbo_terms`).
+#: How the KL term is computed (:data:`vaelab.objectives.KL_MODES`, repeated here so that
+#: reading a config needs no torch; a test keeps the two equal).
 KL_MODES = ("auto", "analytic", "mc")
 #: How the decoder's output bias starts (see :class:`ModelConfig`).
 OUTPUT_BIAS_MODES = ("data-mean", "none")
@@ -70,165 +112,138 @@ SELECTIONS = ("best", "last")
 class DataConfig:
     """Which images, and how they are turned into model inputs."""
 
-    dataset: str = "fashion-mnist"
-    """A registered name (mnist, fashion-mnist, kmnist, binarized-mnist), a .npz/.npy file or a PNG folder."""
-    data_dir: str | None = None
-    binarize: str = "dynamic"
-    """none | dynamic (fresh Bernoulli draw per example per epoch) | static (one fixed draw)."""
-    validation_size: int = 5000
-    train_limit: int | None = None
-    """Use only the first N training examples (quick runs and tests); None = all."""
-    test_limit: int | None = None
-    """Evaluate on only the first N test examples; None = all."""
-    image_size: str | None = None
-    """Your own images: resize to N x N or HxW (shorter side, antialiased, then centre crop)."""
-    channels: str = "auto"
-    """Your own images: auto (colour if any image is colour, else grey) | 1 | 3."""
-    layout: str = "auto"
-    """.npy/.npz arrays: auto (detected when unambiguous) | nchw | nhwc."""
-    test_size: float | None = None
-    """Your own data: the held-out test part, a fraction < 1 or a count (default 10%, at
-    most 10,000; 0 = none); ignored with test_dataset."""
-    test_dataset: str | None = None
-    """Your own data: a separate file or folder for the test split."""
-    cache: bool = True
-    """Folders of images: reuse the cache of decoded images (keyed by files, sizes, mtimes)."""
+    dataset: str = option("fashion-mnist", None, "a registered name (mnist, fashion-mnist, "
+                          "kmnist, binarized-mnist, cifar10, svhn), a .npz/.npy file or a "
+                          "folder of images")
+    data_dir: str | None = option(None, None, "a folder holding the dataset's files")
+    binarize: str = option("dynamic", one_of(*BINARIZE_MODES), "none | dynamic (a fresh "
+                           "Bernoulli draw per example per epoch) | static (one fixed draw)")
+    validation_size: int = option(5000, non_negative, "training examples held out for "
+                                  "validation")
+    train_limit: int | None = option(None, optional(positive), "use only the first N "
+                                     "training examples (quick runs and tests); unset = all")
+    test_limit: int | None = option(None, optional(positive), "evaluate only the first N "
+                                    "test examples; unset = all")
+    image_size: str | None = option(None, None, "your own images: resize to N x N or HxW "
+                                    "(shorter side, antialiased, then centre crop)")
+    channels: str = option("auto", None, "your own images: auto (colour if any image is, "
+                           "else grey) | 1 | 3")
+    layout: str = option("auto", None, ".npy/.npz arrays: auto (detected when unambiguous) | "
+                         "nchw | nhwc")
+    test_size: float | None = option(None, None, "your own data: the held-out test part, a "
+                                     "fraction < 1 or a count (default 10%, at most 10,000; "
+                                     "0 = none); ignored with test_dataset")
+    test_dataset: str | None = option(None, None, "your own data: a separate file or folder "
+                                      "for the test split")
+    cache: bool = option(True, boolean, "folders of images: reuse the cache of decoded images")
 
 
 @dataclass(frozen=True)
 class LikelihoodConfig:
     """The decoder's output distribution p(x|z); see :mod:`vaelab.likelihoods`."""
 
-    name: str = "bernoulli"
-    scale: float | str | None = None
-    """gaussian/laplace: a positive number (fixed sigma), "learned" or "per-pixel"."""
-    unnormalized: bool = False
-    """bernoulli only: accept grey levels (BCE on grey levels, not a likelihood)."""
-    output: str | None = None
-    """bernoulli only: logits (exact; default) | keras-probs (sigmoid, clipped to
-    [1e-7, 1 - 1e-7], as Keras) | torch-probs (sigmoid, F.binary_cross_entropy)."""
-    components: int | None = None
-    """discretized-logistic-mixture: mixture components per pixel (default 10)."""
-    init_scale: float | None = None
-    """learned/per-pixel scales: the starting sigma."""
-    min_scale: float | None = None
-    """learned/per-pixel scales: a floor on sigma."""
-
-    def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {}
-        for key in ("scale", "init_scale", "min_scale"):
-            if getattr(self, key) is not None:
-                opts[key] = getattr(self, key)
-        if self.unnormalized:
-            opts["unnormalized"] = True
-        for key in ("output", "components"):
-            if getattr(self, key) is not None:
-                opts[key] = getattr(self, key)
-        return opts
+    name: str = option("bernoulli", None, "the family (vaelab.likelihoods.LIKELIHOODS)")
+    options: Any = None
+    """The family's options ([likelihood.<name>]), filled by :func:`from_dict`."""
+    sections: Any = field(default=None, compare=False, repr=False)
+    """Every kind's section given so far (for a later switch of kind; not saved)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Encoder/decoder architecture; see :mod:`vaelab.models`."""
 
-    kind: str = "mlp"
-    latent_dim: int = 16
-    hidden: tuple[int, ...] = (512, 256)
-    """MLP hidden sizes of the encoder (the decoder mirrors them)."""
-    activation: str = "relu"
-    channels: tuple[int, ...] = (32, 64)
-    """Conv channels of the encoder's stride-2 stages (the decoder mirrors them); H and W
-    must be divisible by 2 ** len(channels)."""
-    blocks: int = 0
-    """Conv: residual blocks (two 3x3 convs and a skip) per stage; 0 = plain stride-2 convs."""
-    encoder_scale: str = "softplus"
-    """How the encoder's raw output becomes sigma: softplus (stable) | exp (sigma = exp(r/2))."""
-    output_bias: str = "data-mean"
-    """Initial decoder output bias: data-mean (the likelihood's parameter for the training
-    data's per-pixel mean) | none (the layer's own initialisation, as most examples do)."""
-    init: str = "torch"
-    """Weight initialisation (vaelab.models.INITS): torch (PyTorch's nn.Linear/Conv default) |
-    glorot (Keras: glorot-uniform weights, zero biases) | he (N(0, 2 / fan_in) weights,
-    Tomczak & Welling's VampPrior code)."""
-    gated: bool = False
-    """MLP: gated dense layers h(x) * sigmoid(g(x)) (Dauphin et al. 2017; the VampPrior
-    paper's architecture) instead of Linear + activation."""
+    kind: str = option("mlp", None, "the architecture (vaelab.models.MODELS): mlp | conv")
+    latent_dim: int = option(16, positive, "latent dimensions L")
+    activation: str = option("relu", None, "vaelab.models.ACTIVATIONS")
+    encoder_scale: str = option("softplus", None, "how the encoder's raw output becomes "
+                                "sigma: softplus (stable) | exp | logvar-hardtanh")
+    output_bias: str = option("data-mean", one_of(*OUTPUT_BIAS_MODES), "initial decoder "
+                              "output bias: data-mean (the likelihood's parameter for the "
+                              "training data's per-pixel mean) | none (the layer's own init)")
+    init: str = option("torch", None, "weight initialisation (vaelab.models.INITS): torch | "
+                       "glorot (Keras) | he (Tomczak & Welling's VampPrior code)")
+    options: Any = None
+    """The architecture's options ([model.<kind>]), filled by :func:`from_dict`."""
+    sections: Any = field(default=None, compare=False, repr=False)
+    """Every kind's section given so far (for a later switch of kind; not saved)."""
 
 
 @dataclass(frozen=True)
 class PriorConfig:
     """The prior p(z); see :mod:`vaelab.priors`."""
 
-    name: str = "normal"
-    """normal (N(0, I)) | vampprior (Tomczak & Welling 2018) | mog (learned mixture)."""
-    components: int | None = None
-    """Mixture components K: pseudo-inputs of the VampPrior (default 500) or Gaussians of
-    mog (default 10)."""
+    name: str = option("normal", None, "normal (N(0, I)) | vampprior (Tomczak & Welling "
+                       "2018) | mog (learned mixture)")
+    options: Any = None
+    """The prior's options ([prior.<name>]), filled by :func:`from_dict`."""
+    sections: Any = field(default=None, compare=False, repr=False)
+    """Every kind's section given so far (for a later switch of kind; not saved)."""
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """The training objective. The *reported* ELBO always has beta = 1."""
 
-    kind: str = "elbo"
-    """elbo (with beta, warm-up, free bits, `samples` Monte-Carlo samples) | iwae (k = `samples`)."""
-    samples: int = 1
-    beta: float = 1.0
-    warmup_steps: int = 0
-    """Linear KL warm-up from 0 to beta over this many optimizer steps."""
-    warmup_epochs: int = 0
-    """Linear KL warm-up over epochs: beta * min(1, epoch / warmup_epochs), epochs from 1,
-    constant within an epoch (Tomczak & Welling 2018)."""
-    free_bits: float = 0.0
-    """Nats per latent dimension below which the KL is not penalised (Kingma et al. 2016)."""
-    kl: str = "auto"
-    """auto | analytic | mc."""
+    kind: str = option("elbo", None, "elbo (with beta, warm-up, free bits, `samples` "
+                       "Monte-Carlo samples) | iwae (k = `samples`)")
+    samples: int = option(1, positive, "z samples per example: L for elbo, k for iwae")
+    beta: float = option(1.0, non_negative, "KL weight in the objective (reports use 1)")
+    warmup_steps: int = option(0, non_negative, "linear KL warm-up from 0 to beta over this "
+                               "many optimizer steps")
+    warmup_epochs: int = option(0, non_negative, "linear KL warm-up over epochs: beta * "
+                                "min(1, epoch / warmup_epochs), epochs from 1 (Tomczak & "
+                                "Welling 2018)")
+    free_bits: float = option(0.0, non_negative, "nats per latent dimension below which the "
+                              "KL is not penalised (Kingma et al. 2016)")
+    kl: str = option("auto", one_of(*KL_MODES), "auto | analytic | mc")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation loop."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "adam"
-    """adam | rmsprop (torch.optim, PyTorch's defaults but lr and adam_eps)."""
-    lr: float = 1e-3
-    adam_eps: float | None = None
-    """Adam's epsilon; None = 1e-4 with the iwae schedule (Burda et al.), else 1e-8
-    (PyTorch's default; Keras uses 1e-7)."""
-    lr_schedule: str = "constant"
-    """constant | iwae (Burda et al.: 3^i epochs at lr * 10^(-i/7)) | cosine | multistep
-    (PyTorch's MultiStepLR stepped once per epoch); see :mod:`vaelab.schedules`."""
-    lr_milestones: tuple[int, ...] = ()
-    """multistep: epochs (0-based counts of finished epochs) at which lr is multiplied by lr_gamma."""
-    lr_gamma: float = 0.1
-    """multistep: the factor applied at each milestone."""
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value; None = no clipping."""
-    patience: int | None = None
-    """Early stopping: stop after this many epochs without a better validation ELBO."""
-    seed: int = 0
-    device: str = "auto"
-    """auto (cuda when available) | cpu | cuda | cuda:N."""
-    threads: int | None = None
-    """torch CPU threads; None = vaelab's choice from the free cores (vaelab.threads)."""
-    eval_batch_size: int = 1000
-    validation_split: str = "validation"
-    """Evaluated after every epoch: validation (held out from training) | test (what the
-    Keras and PyTorch examples print every epoch; then select must be last)."""
-    select: str = "best"
-    """The checkpoint called best: best (lowest validation NELBO, as pythae) | last."""
+    epochs: int = option(10, positive, "")
+    batch_size: int = option(128, positive, "")
+    optimizer: str = option("adam", None, "adam | rmsprop (torch.optim, PyTorch's defaults but "
+                            "lr and adam_eps)")
+    lr: float = option(1e-3, positive, "learning rate")
+    adam_eps: float | None = option(None, optional(positive), "Adam's epsilon; unset = 1e-4 "
+                                    "with the iwae schedule (Burda et al.), else 1e-8")
+    lr_schedule: str = option("constant", None, "constant | iwae | cosine | multistep "
+                              "(vaelab.schedules)")
+    lr_milestones: tuple[int, ...] = option((), None, "multistep: epochs (0-based counts of "
+                                            "finished epochs) at which lr is multiplied by "
+                                            "lr_gamma")
+    lr_gamma: float = option(0.1, positive, "multistep: the factor applied at each milestone")
+    grad_clip: float | None = option(None, optional(positive), "clip the global gradient "
+                                     "norm to this value; unset = no clipping")
+    patience: int | None = option(None, optional(positive), "early stopping: stop after this "
+                                  "many epochs without a better validation ELBO")
+    seed: int = option(0, None, "")
+    device: str = option("auto", None, "auto (cuda when available) | cpu | cuda | cuda:N")
+    threads: int | None = option(None, optional(positive), "torch CPU threads; unset = "
+                                 "vaelab's choice from the free cores (vaelab.threads)")
+    eval_batch_size: int = option(1000, positive, "batch size of the per-epoch validation")
+    validation_split: str = option("validation", one_of(*VALIDATION_SPLITS), "evaluated after "
+                                   "every epoch: validation | test (what the Keras and "
+                                   "PyTorch examples print; then select must be last)")
+    select: str = option("best", one_of(*SELECTIONS), "the checkpoint called best: best "
+                         "(lowest validation NELBO, as pythae) | last")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The final report written by `vaelab train` (and defaults of `vaelab eval`)."""
+    """The final report of `vaelab train` (and the defaults of `vaelab eval`)."""
 
-    iw_samples: int = 1000
-    """Importance samples for the log-likelihood estimate (5000 = the IWAE paper protocol)."""
-    batch_size: int = 100
-    seed: int = 0
+    estimator: str = option("is", None, "how -log p(x) is estimated "
+                            "(vaelab.estimators.ESTIMATORS): is | ais")
+    batch_size: int = option(100, positive, "examples per evaluation batch")
+    seed: int = option(0, None, "seed of the evaluation's draws")
+    options: Any = None
+    """The estimator's options ([eval.<estimator>]), filled by :func:`from_dict`."""
+    sections: Any = field(default=None, compare=False, repr=False)
+    """Every kind's section given so far (for a later switch of kind; not saved)."""
 
 
 @dataclass(frozen=True)
@@ -253,197 +268,183 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 
-#: The code or paper each preset follows (the report names it); ``default`` is vaelab's own.
-PRESET_SOURCES: dict[str, str] = {
-    "default": "vaelab's own defaults",
-    "pytorch-example": "pytorch/examples vae/main.py",
-    "keras-example": "the Keras VAE example, examples/variational_autoencoder.py (MLP)",
-    "mnist-vae": "Rezende & Mohamed (2015) as pythae reproduced it (benchmark_VAE vae.py)",
-    "mnist-vampprior": "Tomczak & Welling (2018) as pythae reproduced it (benchmark_VAE "
-                       "vamp.py)",
-    "iwae-paper": "Burda, Grosse & Salakhutdinov (2016), yburda/iwae",
-    "cifar10": "vaelab's conv model with the PixelCNN++ likelihood (Salimans et al. 2017)",
-}
+#: The sections that choose a registered kind: section -> the field naming the kind.
+COMPONENTS: dict[str, str] = {"likelihood": "name", "prior": "name", "model": "kind",
+                              "eval": "estimator"}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The default run: Fashion-MNIST, Bernoulli likelihood on dynamically binarised images.
-    "default": {},
-    # The PyTorch examples repository's VAE (pytorch/examples, vae/main.py), as it trains:
-    # MNIST grey levels (transforms.ToTensor), all 60,000 training images, 784-400-20 ReLU
-    # MLP with PyTorch's default nn.Linear initialisation, sigma = exp(logvar / 2), a
-    # sigmoid output and F.binary_cross_entropy summed over pixels (not a likelihood on grey
-    # levels), Adam(1e-3, eps 1e-8), batch 128, 10 epochs, the test loss printed after every
-    # epoch (the last epoch kept).
-    "pytorch-example": {
-        "data": {"dataset": "mnist", "binarize": "none", "validation_size": 0},
-        "likelihood": {"name": "bernoulli", "unnormalized": True, "output": "torch-probs"},
-        "model": {"kind": "mlp", "latent_dim": 20, "hidden": [400], "activation": "relu",
-                  "encoder_scale": "exp", "init": "torch", "output_bias": "none"},
-        "train": {"batch_size": 128, "lr": 1e-3, "adam_eps": 1e-8, "epochs": 10,
-                  "validation_split": "test", "select": "last"},
-    },
-    # The Keras VAE example (keras-team/keras examples/variational_autoencoder.py, Keras
-    # 2.2.4, MLP version) as it trains: MNIST / 255, all 60,000 training images, 784-512-2
-    # ReLU with Keras' glorot-uniform weights and zero biases, sigma = exp(z_log_var / 2),
-    # 784 * mean binary_crossentropy (sigmoid output clipped to [1e-7, 1 - 1e-7]) + summed
-    # KL, Adam (Keras' defaults: 1e-3, eps 1e-7), batch 128, 50 epochs, validation_data =
-    # the test set (the last epoch kept).
-    "keras-example": {
-        "data": {"dataset": "mnist", "binarize": "none", "validation_size": 0},
-        "likelihood": {"name": "bernoulli", "unnormalized": True, "output": "keras-probs"},
-        "model": {"kind": "mlp", "latent_dim": 2, "hidden": [512], "activation": "relu",
-                  "encoder_scale": "exp", "init": "glorot", "output_bias": "none"},
-        "train": {"batch_size": 128, "lr": 1e-3, "adam_eps": 1e-7, "epochs": 50,
-                  "validation_split": "test", "select": "last"},
-    },
-    # Rezende & Mohamed (2015, Table 2: 89.9 nats) as pythae reproduced it (89.78 nats with
-    # 200 importance samples; clementchadebec/benchmark_VAE,
-    # examples/scripts/reproducibility/vae.py): 784-400-40 ReLU MLP, sigma = exp(logvar / 2)
-    # with an unbounded log-variance, Bernoulli, PyTorch's default initialisation, Adam
-    # 1e-4 (eps 1e-8), batch 100, 500 epochs, MultiStepLR(milestones 200, 350, 500, 750,
-    # 1000; gamma 10^(-1/5)) stepped per epoch, the best validation NELBO kept (pythae's
-    # BaseTrainer). pythae uses Larochelle's binarized MNIST (50k/10k/10k); here MNIST with
-    # one seeded static draw and 10,000 training images held out for validation.
-    "mnist-vae": {
-        "data": {"dataset": "mnist", "binarize": "static", "validation_size": 10000},
-        "likelihood": {"name": "bernoulli"},
-        "model": {"kind": "mlp", "latent_dim": 40, "hidden": [400], "activation": "relu",
-                  "encoder_scale": "exp", "output_bias": "none"},
-        "train": {"batch_size": 100, "lr": 1e-4, "epochs": 500, "lr_schedule": "multistep",
-                  "lr_milestones": [200, 350, 500, 750, 1000], "lr_gamma": 10 ** (-1 / 5)},
-        "eval": {"iw_samples": 5000},
-    },
-    # The VampPrior (Tomczak & Welling 2018, Table 1: 85.57 nats) as pythae reproduced it
-    # (85.79 with 5000 importance samples; clementchadebec/benchmark_VAE,
-    # examples/scripts/reproducibility/vamp.py): gated dense 784-300-300-40 encoder and
-    # 40-300-300-784 decoder, log-variance through Hardtanh(-6, 2), He-initialised weights,
-    # 500 pseudo-inputs (N(0.05, 0.01) through Hardtanh(0, 1), the paper's code), KL warm-up
-    # over 100 epochs, RMSprop 1e-4 (pythae's script uses RMSprop, not Adam), batch 100,
-    # 2000 epochs, the same MultiStepLR as mnist-vae, the best validation NELBO kept.
-    "mnist-vampprior": {
-        "data": {"dataset": "mnist", "binarize": "static", "validation_size": 10000},
-        "likelihood": {"name": "bernoulli"},
-        "model": {"kind": "mlp", "latent_dim": 40, "hidden": [300, 300], "gated": True,
-                  "encoder_scale": "logvar-hardtanh", "init": "he", "output_bias": "none"},
-        "prior": {"name": "vampprior", "components": 500},
-        "objective": {"warmup_epochs": 100},
-        "train": {"batch_size": 100, "optimizer": "rmsprop", "lr": 1e-4, "epochs": 2000,
-                  "lr_schedule": "multistep", "lr_milestones": [200, 350, 500, 750, 1000],
-                  "lr_gamma": 10 ** (-1 / 5)},
-        "eval": {"iw_samples": 5000},
-    },
-    # Burda, Grosse & Salakhutdinov 2016 (IWAE): MNIST, dynamic binarisation, 400 training
-    # images held out (yburda/iwae README), 784-200-200-50 tanh, batch 20, Adam(1e-3, eps
-    # 1e-4) with 3^i epochs at lr 1e-3 * 10^(-i/7), i = 0..7 (3280 epochs).
-    # `objective.kind` elbo (VAE) or iwae with k = objective.samples.
-    "iwae-paper": {
-        "data": {"dataset": "mnist", "binarize": "dynamic", "validation_size": 400},
-        "likelihood": {"name": "bernoulli"},
-        "model": {"kind": "mlp", "latent_dim": 50, "hidden": [200, 200], "activation": "tanh"},
-        "objective": {"kind": "iwae", "samples": 5},
-        "train": {"batch_size": 20, "lr": 1e-3, "lr_schedule": "iwae", "adam_eps": 1e-4,
-                  "epochs": 3280},
-        "eval": {"iw_samples": 5000},
-    },
-    # CIFAR-10 (32x32 RGB, 8-bit; 45,000 training images after the 5,000 held out for
-    # validation) with the 10-component discretised logistic mixture of PixelCNN++ (an exact
-    # likelihood of the 8-bit values: the report's bits/dim are of the data itself, no
-    # dequantisation offset). The conv model of models.conv.sized_for((3, 32, 32)): stages of
-    # 32, 64, 128 channels (32 -> 16 -> 8 -> 4) with two pre-activation residual blocks each,
-    # its mirror with transposed convs, a 1x1 output layer to 4 * 10 * 3 = 120 channels;
-    # latent 128 (a 32x32 colour image holds far more than MNIST's 16-50 dimensions can
-    # carry; 4 x 4 x 128 features -> 2 x 128). Adam 1e-3 (PyTorch's default rate; stable
-    # without normalisation layers in a 200-step check on synthetic images at 5e-4, 1e-3 and
-    # 2e-3), batch 128, 30 epochs: about 4 minutes per epoch on 2 CPU cores (README,
-    # Performance). Evaluation: K = 100 importance samples on the 10,000 test images, one
-    # image per batch so that a chunk holds its 100 decoded samples (49 MB of mixture
-    # parameters; with batches of 100 a chunk of 4,000 decodes took 6 GB and 1.8x the time):
-    # 10^6 decoder passes, about half an hour on 2 cores. Validation batches of 250 images
-    # (1000 would hold 0.5 GB of mixture parameters and several GB of intermediates).
-    "cifar10": {
-        "data": {"dataset": "cifar10", "binarize": "none", "validation_size": 5000},
-        "likelihood": {"name": "discretized-logistic-mixture", "components": 10},
-        "model": {"kind": "conv", "latent_dim": 128, "channels": [32, 64, 128], "blocks": 2,
-                  "hidden": [], "activation": "relu"},
-        "train": {"batch_size": 128, "lr": 1e-3, "epochs": 30, "eval_batch_size": 250},
-        "eval": {"iw_samples": 100},
-    },
+
+def _registry(section: str) -> Any:
+    """The registry of a component section (imported here, when a config is resolved: the
+    registries import torch, and ``vaelab --help`` must not)."""
+    if section == "likelihood":
+        from .likelihoods import LIKELIHOODS
+
+        return LIKELIHOODS
+    if section == "prior":
+        from .priors import PRIORS
+
+        return PRIORS
+    if section == "model":
+        from .models import MODELS
+
+        return MODELS
+    from .estimators import ESTIMATORS
+
+    return ESTIMATORS
+
+
+def kind_options(section: str, kind: str) -> type:
+    """The options dataclass of ``kind`` in the component ``section`` (ConfigError for an
+    unknown kind, listing the registered ones)."""
+    return _registry(section).options(kind)
+
+
+# --------------------------------------------------------------------------- presets
+
+#: The preset files: one TOML file per preset, each citing the source it follows.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _load_presets() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    layers, sources = {}, {}
+    for path in sorted(PRESETS_DIR.glob("*.toml")):
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        sources[path.stem] = raw.pop("source")
+        layers[path.stem] = raw
+    return layers, sources
+
+
+#: name -> the preset's layer (the TOML file's sections); ``default`` is empty.
+#: PRESET_SOURCES: name -> the code or paper it follows (the report names it).
+PRESETS, PRESET_SOURCES = _load_presets()
+
+
+# --------------------------------------------------------------------------- resolution
+
+#: Keys that vaelab wrote flat before components owned their options, with the default it
+#: wrote for them (dropped from a saved config when the chosen kind has no such option)
+#: and the name they have now.
+_LEGACY: dict[str, dict[str, tuple[Any, str]]] = {
+    "likelihood": {"scale": (None, "scale"), "unnormalized": (False, "unnormalized"),
+                   "output": (None, "output"), "components": (None, "components"),
+                   "init_scale": (None, "init_scale"), "min_scale": (None, "min_scale")},
+    "model": {"hidden": ([512, 256], "hidden"), "channels": ([32, 64], "channels"),
+              "blocks": (0, "blocks"), "gated": (False, "gated")},
+    "prior": {"components": (None, "components")},
+    "eval": {"iw_samples": (None, "samples")},
 }
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+def _section_fields(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.name not in ("options", "sections")]
 
 
-def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
-    """Convert a TOML/CLI value to the field's declared type, or raise ConfigError."""
-    where = f"{section}.{key}"
-    optional = "None" in annotation
-    textual = annotation.startswith(("str", "float | str"))
-    if value is None or (
-        not textual and isinstance(value, str) and value.lower() in ("none", "null", "")
-    ):
-        if optional:
-            return None
-        raise ConfigError(f"{where} cannot be empty: give a value of type {annotation}")
-    try:
-        if annotation.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return tuple(int(v) for v in value)
-        if annotation == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation.startswith("float | str"):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return str(value)
-        if annotation.startswith("float"):
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-            return out
-        if annotation.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
+def _shorthand(section: str, values: dict[str, Any], kind: str, saved: bool) -> dict[str, Any]:
+    """Move flat option keys (``model.hidden``) into the chosen kind's sub-section; a saved
+    config's old defaults for options the kind does not have are dropped."""
+    own = set(_section_fields(SECTIONS[section]))
+    flat = {k: v for k, v in values.items() if k not in own and not isinstance(v, dict)}
+    if not flat:
+        return values
+    out = {k: v for k, v in values.items() if k not in flat}
+    cls = kind_options(section, kind)
+    known = {f.name for f in fields(cls)}
+    nested = dict(out.get(kind) or {})
+    for key, value in flat.items():
+        legacy_default, name = _LEGACY.get(section, {}).get(key, (None, key))
+        if name in known:
+            nested.setdefault(name, value)
+        elif saved and key in _LEGACY.get(section, {}) and value in (legacy_default, None):
+            continue  # an old config wrote every field; this kind never used it
+        else:
+            _unknown_option(section, key, kind, own)
+    out[kind] = nested
+    return out
+
+
+def _unknown_option(section: str, key: str, kind: str, own: set[str]) -> None:
+    registry = _registry(section)
+    having = [k for k in registry.names() if key in {f.name for f in fields(registry.options(k))}]
+    if having:
         raise ConfigError(
-            f"{where} = {value!r} is not a valid {annotation}: give e.g. "
-            f"{section}.{key}={_example(annotation)}"
-        ) from None
-    return value
+            f"{section}.{key} is an option of the {' and '.join(having)} {registry.kind}"
+            f"{'s' if len(having) > 1 else ''}, not of {kind!r}: set {section}.{having[0]}.{key} "
+            f"(used when {section}.{COMPONENTS[section]} = {having[0]})")
+    raise ConfigError(f"unknown config key {section}.{key}: valid keys in [{section}] are "
+                      f"{', '.join(sorted(own))} and the [{section}.<{COMPONENTS[section]}>] "
+                      f"options of each {registry.kind}")
 
 
-def _example(annotation: str) -> str:
-    if annotation.startswith("tuple"):
-        return "512,256"
-    return {"bool": "true", "int": "10", "float": "0.5"}.get(annotation.split(" ")[0], "name")
+def _component(section: str, values: dict[str, Any], base: Any, saved: bool) -> Any:
+    """The section's dataclass from ``values`` over ``base``, with the chosen kind's options."""
+    cls = SECTIONS[section]
+    kind_key = COMPONENTS[section]
+    kind = str(values.get(kind_key, getattr(base, kind_key)))
+    values = _shorthand(section, values, kind, saved)
+    plain = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+    for reserved in ("options", "sections"):
+        if reserved in plain:
+            raise ConfigError(f"unknown config key {section}.{reserved}: give the chosen kind's "
+                              f"options as [{section}.<{kind_key}>], e.g. [{section}.{kind}]")
+    resolved = build(_plain_class(cls), plain, section, base=_plain_part(base, cls))
+    registry = _registry(section)
+    for other, given in nested.items():  # every kind named must exist; its keys are checked
+        if other not in registry:
+            raise ConfigError(f"[{section}.{other}]: unknown {registry.kind} {other!r}: choose "
+                              f"one of {', '.join(registry.names())}")
+        check_keys(f"{section}.{other}", given, registry.options(other))
+    chosen_kind = getattr(resolved, kind_key)
+    sections = {k: dict(v) for k, v in (base.sections or {}).items()}
+    for other, given in nested.items():
+        sections[other] = {**sections.get(other, {}), **given}
+    options_cls = registry.options(chosen_kind)
+    if getattr(base, kind_key) == chosen_kind and isinstance(base.options, options_cls):
+        start, given = base.options, nested.get(chosen_kind, {})
+    else:  # a new kind: its defaults, then everything given for it in any layer
+        start, given = None, sections.get(chosen_kind, {})
+    chosen = build(options_cls, given, f"{section}.{chosen_kind}", base=start)
+    return cls(**dataclasses.asdict(resolved), options=chosen, sections=sections)
 
 
-def _check_keys(section: str, given: dict[str, Any], cls: type) -> None:
-    valid = [f.name for f in fields(cls)]
-    for key in given:
-        if key not in valid:
-            raise ConfigError(
-                f"unknown config key {section}.{key}: valid keys in [{section}] are "
-                + ", ".join(valid)
-            )
+_PLAIN_CLASSES: dict[type, type] = {}
 
 
-def from_dict(raw: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """Overlay a nested dict (TOML layout) on ``base`` and validate the result."""
-    base = base or RunConfig()
+def _plain_class(cls: type) -> type:
+    """``cls`` without its ``options`` field (what :func:`vaelab.options.build` checks)."""
+    if cls not in _PLAIN_CLASSES:
+        keep = [(f.name, f.type, f) for f in fields(cls) if f.name not in ("options", "sections")]
+        _PLAIN_CLASSES[cls] = dataclasses.make_dataclass(
+            cls.__name__, [(name, tp, spec) for name, tp, spec in keep], frozen=True)
+    return _PLAIN_CLASSES[cls]
+
+
+def _plain_part(base: Any, cls: type) -> Any:
+    plain = _plain_class(cls)
+    return plain(**{name: getattr(base, name) for name in _section_fields(cls)})
+
+
+_DEFAULTS: list[RunConfig] = []
+
+
+def defaults() -> RunConfig:
+    """The default configuration, every component's options filled in."""
+    if not _DEFAULTS:
+        _DEFAULTS.append(from_dict({}, RunConfig()))
+    return _DEFAULTS[0]
+
+
+def from_dict(raw: dict[str, Any], base: RunConfig | None = None, *,
+              saved: bool = False) -> RunConfig:
+    """Overlay a nested dict (the TOML layout) on ``base`` (default: :func:`defaults`) and
+    validate the result. ``saved``: the dict is a config vaelab wrote (a run's
+    ``config.toml`` or a checkpoint), possibly in the flat layout of older versions.
+
+    Raises:
+        ConfigError: an unknown section, key or kind (the valid ones listed), or a value
+            that breaks its rule.
+    """
+    base = base if base is not None else RunConfig()
     updates: dict[str, Any] = {}
     for section, values in raw.items():
         if section == "preset":
@@ -456,26 +457,35 @@ def from_dict(raw: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
             )
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of key = value pairs")
-        cls = SECTIONS[section]
-        _check_keys(section, values, cls)
-        annotations = {f.name: str(f.type) for f in fields(cls)}
-        coerced = {k: _coerce(section, k, v, annotations[k]) for k, v in values.items()}
-        updates[section] = dataclasses.replace(getattr(base, section), **coerced)
+        if section in COMPONENTS:
+            updates[section] = _component(section, values, getattr(base, section), saved)
+        else:
+            updates[section] = build(SECTIONS[section], values, section,
+                                     base=getattr(base, section))
+    for section in COMPONENTS:  # a bare base (RunConfig()) gets its kinds' default options
+        current = updates.get(section, getattr(base, section))
+        if current.options is None:
+            updates[section] = _component(section, {}, current, saved)
     cfg = dataclasses.replace(base, **updates)
     validate(cfg)
     return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Nested plain dict (tuples as lists, None values dropped) for TOML/JSON."""
+    """Nested plain dict (tuples as lists, unset values left out) for TOML/JSON: every
+    section, and in each component section the chosen kind's options only."""
     out: dict[str, Any] = {}
     if cfg.preset is not None:
         out["preset"] = cfg.preset
     for section in SECTIONS:
-        values = dataclasses.asdict(getattr(cfg, section))
-        out[section] = {
-            k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None
-        }
+        value = getattr(cfg, section)
+        plain = {k: getattr(value, k) for k in _section_fields(type(value))}
+        out[section] = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in plain.items() if v is not None}
+        options = (to_plain(value.options) if section in COMPONENTS and value.options is not None
+                   else {})
+        if options:
+            out[section][getattr(value, COMPONENTS[section])] = options
     return out
 
 
@@ -496,22 +506,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> dict[str, Any]:
-    """``"model.latent_dim=32"`` -> ``{"model": {"latent_dim": "32"}}`` (coerced later)."""
+    """``"model.latent_dim=32"`` -> ``{"model": {"latent_dim": "32"}}``;
+    ``"prior.vampprior.components=50"`` -> ``{"prior": {"vampprior": {"components": "50"}}}``
+    (values are coerced later)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(
             f"override {text!r} is not of the form section.key=value: e.g. model.latent_dim=32"
         )
     key, value = text.split("=", 1)
-    section, name = key.strip().split(".", 1)
-    return {section: {name: value.strip()}}
+    parts = [p.strip() for p in key.split(".")]
+    if len(parts) > 3 or not all(parts):
+        raise ConfigError(f"override {text!r}: give section.key=value or "
+                          "section.kind.key=value, e.g. prior.vampprior.components=500")
+    layer: dict[str, Any] = {parts[-1]: value.strip()}
+    for part in reversed(parts[:-1]):
+        layer = {part: layer}
+    return layer
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win, key by key, at every depth."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if isinstance(value, dict):
-                out.setdefault(key, {}).update(value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            elif isinstance(value, dict):
+                out[key] = merge(value)
             else:
                 out[key] = value
     return out
@@ -534,10 +555,19 @@ def resolve(
 def given_keys(preset: str | None = None, file: str | Path | None = None,
                overrides: list[str] | tuple[str, ...] = (),
                extra: dict[str, Any] | None = None) -> set[str]:
-    """The ``section.key`` names that :func:`resolve` with these arguments takes from a
-    preset, a file, named flags or ``--set`` rather than from the defaults."""
-    return {f"{section}.{key}" for layer in _layers(preset, file, overrides, extra)[1]
-            for section, values in layer.items() if isinstance(values, dict) for key in values}
+    """The dotted keys (``model.latent_dim``, ``model.conv.channels``) that :func:`resolve`
+    with these arguments takes from a preset, a file, named flags or ``--set`` rather than
+    from the defaults."""
+    def walk(prefix: str, values: dict[str, Any]) -> set[str]:
+        out: set[str] = set()
+        for key, value in values.items():
+            out |= walk(f"{prefix}.{key}", value) if isinstance(value, dict) else \
+                {f"{prefix}.{key}"}
+        return out
+
+    return {key for layer in _layers(preset, file, overrides, extra)[1]
+            for section, values in layer.items() if isinstance(values, dict)
+            for key in walk(section, values)}
 
 
 def _layers(preset: str | None, file: str | Path | None, overrides: list[str] | tuple[str, ...],
@@ -547,70 +577,15 @@ def _layers(preset: str | None, file: str | Path | None, overrides: list[str] | 
     file_layer = load_toml(file) if file is not None else {}
     preset = preset or file_layer.get("preset")
     if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)} "
+                          "(vaelab train --preset list shows them)")
     layers = [PRESETS[preset] if preset else {}, file_layer, extra or {}]
     return preset, layers + [parse_override(o) for o in overrides]
 
 
-# Values that are not registry names (those are checked by their registries: the schedule
-# here, as it needs no torch; likelihood, model, activation, encoder scale, init, objective
-# kind and optimizer when the run is built, before anything is written).
-_CHOICES = {
-    ("data", "binarize"): BINARIZE_MODES,
-    ("objective", "kl"): KL_MODES,
-    ("model", "output_bias"): OUTPUT_BIAS_MODES,
-    ("train", "validation_split"): VALIDATION_SPLITS,
-    ("train", "select"): SELECTIONS,
-}
-
-
 def validate(cfg: RunConfig) -> None:
-    """Raise ConfigError for impossible values (names are checked by their registries)."""
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}")
-    positive = {
-        "model.latent_dim": cfg.model.latent_dim,
-        "objective.samples": cfg.objective.samples,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-        "eval.iw_samples": cfg.eval.iw_samples,
-        "eval.batch_size": cfg.eval.batch_size,
-        "train.lr": cfg.train.lr,
-    }
-    for name, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{name} must be positive, got {value}: give a value > 0")
-    for name, value in {
-        "objective.beta": cfg.objective.beta,
-        "objective.free_bits": cfg.objective.free_bits,
-        "objective.warmup_steps": cfg.objective.warmup_steps,
-        "objective.warmup_epochs": cfg.objective.warmup_epochs,
-        "data.validation_size": cfg.data.validation_size,
-        "model.blocks": cfg.model.blocks,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}: give a value >= 0")
-    for name, value in {
-        "model.hidden": cfg.model.hidden,
-        "model.channels": cfg.model.channels,
-    }.items():
-        if any(v <= 0 for v in value):
-            raise ConfigError(f"{name} sizes must be positive, got {list(value)}: give "
-                              f"layer sizes > 0, e.g. {name}=512,256")
-    for name, value in {
-        "data.train_limit": cfg.data.train_limit,
-        "data.test_limit": cfg.data.test_limit,
-        "train.patience": cfg.train.patience,
-        "train.grad_clip": cfg.train.grad_clip,
-        "train.threads": cfg.train.threads,
-        "train.adam_eps": cfg.train.adam_eps,
-        "likelihood.components": cfg.likelihood.components,
-    }.items():
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be positive (or unset), got {value}")
+    """Raise ConfigError for combinations that cannot work (single values are checked by
+    their fields' rules; names by their registries)."""
     if cfg.train.validation_split == "test" and (cfg.train.select == "best"
                                                   or cfg.train.patience is not None):
         raise ConfigError(
@@ -626,10 +601,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.objective.warmup_steps and cfg.objective.warmup_epochs:
         raise ConfigError("KL warm-up is in steps or in epochs, not both: set "
                           "objective.warmup_steps or objective.warmup_epochs to 0")
-    if not cfg.train.lr_gamma > 0 or any(m < 0 for m in cfg.train.lr_milestones):
-        raise ConfigError(f"train.lr_gamma must be > 0 and train.lr_milestones >= 0, got "
-                          f"{cfg.train.lr_gamma} and {list(cfg.train.lr_milestones)}")
+    if any(m < 0 for m in cfg.train.lr_milestones):
+        raise ConfigError(f"train.lr_milestones must be >= 0, got {list(cfg.train.lr_milestones)}")
     if cfg.objective.kind == "iwae" and (cfg.objective.beta != 1.0 or cfg.objective.free_bits):
         raise ConfigError(
             "objective.kind = iwae does not use beta or free bits: leave them at 1 and 0"
         )
+

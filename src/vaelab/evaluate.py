@@ -33,36 +33,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config, distributed, metrics, objectives, runs, runtime
+from . import config, distributed, estimators, metrics, objectives, runs, runtime
 from ._io import atomic_write_text
-from .data import ImageSet, load_split
+from .data import ImageSet, Splits
 
-__all__ = ["evaluate", "evaluate_run", "estimate_seconds", "write_report", "format_table",
-           "format_markdown"]
+__all__ = ["evaluate", "evaluate_run", "run_fields", "estimate_seconds", "write_report",
+           "format_table", "format_markdown"]
 
 
 def evaluate(
     model: nn.Module,
     data: metrics.Data,
     *,
-    iw_samples: int = 1000,
+    estimator: Any = "is",
+    iw_samples: int | None = None,
     batch_size: int = 100,
     seed: int = 0,
     checkpoint_name: str | None = None,
     ctx: distributed.Context | None = None,
-    estimator: str = "is",
-    ais_steps: int = 100,
-    ais_chains: int = 32,
     progress: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """The full report for ``model`` on the split ``data`` (see the module docstring).
 
+    ``estimator``: how ``nll`` is estimated: a registered name
+    (:data:`vaelab.estimators.ESTIMATORS`; ``"is"``, importance sampling with ``q(z|x)``, the
+    default; ``"ais"``, annealed importance sampling) with its ``options`` (``samples=5000``;
+    ``steps=100, chains=32``), or an estimator from :func:`vaelab.estimators.get`.
+    ``iw_samples=K`` is short for ``estimator="is", samples=K``.
+
     ``progress``: say what the log-likelihood estimate computes and show its progress with
     an ETA on standard error (rank 0).
-
-    ``estimator``: how ``nll`` is estimated: ``"is"`` (importance sampling with
-    ``iw_samples`` samples from ``q(z|x)``) or ``"ais"`` (annealed importance sampling with
-    ``ais_steps`` steps and ``ais_chains`` chains; :mod:`vaelab.estimators`).
 
     ``data``: an :class:`~vaelab.data.ImageSet`, a tensor of inputs in the model's data
     units, or an iterable of such batches (see :mod:`vaelab.metrics`).
@@ -71,7 +72,13 @@ def evaluate(
     launched by ``torchrun`` (``WORLD_SIZE`` > 1; every rank must then call this, and
     all get the same report), else evaluates in this process. Pass
     ``distributed.Context()`` to evaluate in this process alone under torchrun.
+
+    Raises:
+        ConfigError: an unknown estimator, option or value.
     """
+    if iw_samples is not None:
+        options["samples"] = iw_samples
+    est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
     if ctx is None:
         ctx = distributed.setup(metrics.model_device(model))
     family = getattr(model, "likelihood", None)
@@ -94,7 +101,7 @@ def evaluate(
         "nll": None,
         "nll_stderr": None,
         "nll_mc_stderr": None,
-        "iw_samples": iw_samples,
+        "iw_samples": est.samples if est.name == "is" else None,
         "gap": None,
         "bits_per_dim": None,
         "bits_per_dim_of": None,
@@ -108,20 +115,16 @@ def evaluate(
         "warnings": [],
     }
     if normalized:
-        what = (f"{iw_samples:,} importance samples per example" if estimator == "is" else
-                f"AIS, {ais_steps} steps x {ais_chains} chains per example")
         label = (f"estimating -log p(x) on {report['dataset']} {report['split']} "
-                 f"({elbo['n']:,} examples, {what})")
-        nll = metrics.nll_metrics(model, data, iw_samples=iw_samples, batch_size=batch_size,
-                                  seed=seed, ctx=ctx, estimator=estimator,
-                                  ais_steps=ais_steps, ais_chains=ais_chains,
-                                  progress=label if progress else None)
+                 f"({elbo['n']:,} examples, {est.describe()})")
+        nll = metrics.nll_metrics(model, data, estimator=est, batch_size=batch_size,
+                                  seed=seed, ctx=ctx, progress=label if progress else None)
         report.update(nll=nll["nll"], nll_stderr=nll["nll_stderr"],
                       nll_mc_stderr=nll["nll_mc_stderr"], gap=elbo["nelbo"] - nll["nll"],
                       estimator=nll["estimator"], pareto_k=nll["pareto_k"],
                       ess_median=nll["ess_median"])
         if nll["pareto_k"]["warn"]:
-            report["warnings"].append(_pareto_warning(nll["pareto_k"], estimator))
+            report["warnings"].append(_pareto_warning(nll["pareto_k"], est.name))
         report["bits_per_dim"] = objectives.bits_per_dim(
             nll["nll"], dims, eight_bit_density=eight_bit_density)
         report["bits_per_dim_of"] = "nll"
@@ -139,6 +142,17 @@ def evaluate(
     return report
 
 
+def run_fields(cfg: config.RunConfig, checkpoint: str, epoch: int | None) -> dict[str, Any]:
+    """What a report of a run adds: which checkpoint's epoch, how it was selected, and the
+    preset with the source it follows."""
+    selection = ("lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
+                 and cfg.train.select == "best" and cfg.train.validation_split == "validation"
+                 and cfg.data.validation_size else "the last epoch")
+    preset = cfg.preset or "default"
+    return {"checkpoint_epoch": epoch, "model_selection": selection, "preset": preset,
+            "preset_source": config.PRESET_SOURCES.get(preset)}
+
+
 def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
     share = 100 * summary["fraction_above"]
     if estimator == "is":
@@ -152,13 +166,15 @@ def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
             f"its standard error too small; {fix}")
 
 
-def estimate_seconds(model: nn.Module, data: metrics.Data, *, iw_samples: int,
-                     batch_size: int = 100) -> float:
-    """Roughly how long :func:`evaluate` with importance sampling takes on ``data``: one batch
-    is timed with a chunk of samples (after a warm-up call) and scaled to every example and
-    ``iw_samples`` samples; the ELBO pass is small beside it. Seconds, in this process."""
+def estimate_seconds(model: nn.Module, data: metrics.Data, *, estimator: Any = "is",
+                     batch_size: int = 100, **options: Any) -> float:
+    """Roughly how long :func:`evaluate` takes on ``data`` with ``estimator``: one chunk of
+    decoder passes on one batch is timed (after a warm-up call) and scaled to every example
+    and the estimator's decoder passes per example (its ``cost``); the ELBO pass is small
+    beside it. Seconds, in this process."""
+    est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
     x = next(metrics.batches(data, model, batch_size, 0, distributed.Context()))[1]
-    samples = objectives.default_chunk(model, x, iw_samples)
+    samples = objectives.default_chunk(model, x, 1000)
     gen = torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
         model.eval()
@@ -166,7 +182,7 @@ def estimate_seconds(model: nn.Module, data: metrics.Data, *, iw_samples: int,
         started = time.perf_counter()
         objectives.log_likelihood(model, x, num_samples=samples, generator=gen)
         per_decode = (time.perf_counter() - started) / (samples * x.shape[0])
-    return per_decode * iw_samples * metrics.num_examples(data)
+    return per_decode * est.cost * metrics.num_examples(data)
 
 
 def _describe_data(data: metrics.Data) -> dict[str, Any]:
@@ -189,6 +205,7 @@ def evaluate_run(
     *,
     split: str = "test",
     checkpoint: str = "best",
+    estimator: str | None = None,
     iw_samples: int | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
@@ -196,22 +213,19 @@ def evaluate_run(
     data_dir: str | None = None,
     device: torch.device | str = "auto",
     ctx: distributed.Context | None = None,
-    estimator: str = "is",
-    ais_steps: int = 100,
-    ais_chains: int = 32,
     bdmc_examples: int | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """The report of the run in ``run_dir`` on one split of its dataset.
+    """The report of the run in ``run_dir`` on one split of its dataset (from Python; ``vaelab
+    eval`` opens the run once through :mod:`vaelab.experiment` and reports the same).
 
-    ``estimator``, ``ais_steps``, ``ais_chains``: as for :func:`evaluate`. ``bdmc_examples``:
-    also run bidirectional Monte Carlo with the AIS settings on that many examples simulated
-    from the model (:func:`vaelab.metrics.bdmc_metrics`), reported under ``bdmc``.
-
-    Defaults come from the run's ``[eval]`` section (``iw_samples``, ``batch_size``,
-    ``seed``). ``limit`` evaluates the first N examples; ``data_dir`` overrides where the
-    dataset files are. The report also says which checkpoint (and epoch) was evaluated,
-    how it was selected, and the run's preset.
+    Defaults come from the run's ``[eval]`` section: the estimator and its options
+    (``options`` override them, e.g. ``samples=5000``; ``iw_samples=K`` is short for
+    ``estimator="is", samples=K``), ``batch_size``, ``seed``.
+    ``limit`` evaluates the first N examples; ``data_dir`` overrides where the dataset files
+    are. ``bdmc_examples``: also bound log p(x) by bidirectional Monte Carlo on that many
+    examples simulated from the model, with the AIS settings (:func:`vaelab.metrics.bdmc_metrics`).
 
     Raises:
         CheckpointError: no such run or checkpoint; DataError / ConfigError: the data.
@@ -225,27 +239,24 @@ def evaluate_run(
     cfg = run.config
     data_cfg = dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir,
                                    train_limit=None, test_limit=None)
-    images = load_split(data_cfg, split, cfg.train.seed)
+    images = Splits(data_cfg, cfg.train.seed, device)[split]
     if limit is not None:
         images = images.subset(torch.arange(min(limit, len(images))))
-    report = evaluate(run.model, images.to(device),
-                      iw_samples=iw_samples if iw_samples is not None else cfg.eval.iw_samples,
-                      batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
-                      seed=seed if seed is not None else cfg.eval.seed,
-                      checkpoint_name=checkpoint, ctx=ctx, estimator=estimator,
-                      ais_steps=ais_steps, ais_chains=ais_chains, progress=progress)
+    name = estimator or ("is" if iw_samples is not None else cfg.eval.estimator)
+    if iw_samples is not None:
+        options["samples"] = iw_samples
+    base = cfg.eval.options if name == cfg.eval.estimator else None
+    est = estimators.get(name, base, **options)
+    batch_size = batch_size if batch_size is not None else cfg.eval.batch_size
+    seed = seed if seed is not None else cfg.eval.seed
+    report = evaluate(run.model, images, estimator=est, batch_size=batch_size, seed=seed,
+                      checkpoint_name=checkpoint, ctx=ctx, progress=progress)
     if bdmc_examples:
-        report["bdmc"] = metrics.bdmc_metrics(
-            run.model, bdmc_examples, steps=ais_steps, chains=ais_chains,
-            batch_size=batch_size if batch_size is not None else cfg.eval.batch_size,
-            seed=seed if seed is not None else cfg.eval.seed, ctx=ctx)
-    report["checkpoint_epoch"] = run.epoch
-    report["model_selection"] = (
-        "lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
-        and cfg.train.select == "best" and cfg.train.validation_split == "validation"
-        and cfg.data.validation_size else "the last epoch")
-    report["preset"] = cfg.preset or "default"
-    report["preset_source"] = config.PRESET_SOURCES.get(report["preset"])
+        ais = est.options if est.name == "ais" else estimators.AISOptions()
+        report["bdmc"] = metrics.bdmc_metrics(run.model, bdmc_examples, steps=ais.steps,
+                                              chains=ais.chains, batch_size=batch_size,
+                                              seed=seed, ctx=ctx)
+    report.update(run_fields(cfg, checkpoint, run.epoch))
     return report
 
 
@@ -300,10 +311,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _estimator_text(result: dict[str, Any]) -> str:
-    est = result.get("estimator") or {"name": "is", "samples": result["iw_samples"]}
-    if est["name"] == "ais":
-        return f"AIS, {est['steps']} steps x {est['chains']} chains"
-    return f"K={est['samples']}"
+    est = result.get("estimator") or {}
+    return est.get("description") or f"K={result['iw_samples']}"  # reports of older versions
 
 
 def _pareto_text(summary: dict[str, Any] | None) -> str:

@@ -33,7 +33,8 @@ from torch import nn
 from . import distributed, estimators, objectives, psis
 from .data import ImageSet
 from .data.progress import Progress
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .options import to_plain
 from .rng import Purpose, seeded_generator
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "PARETO_K_WARN_FRACTION", "elbo_metrics", "nll_metrics",
@@ -189,68 +190,60 @@ def elbo_metrics(model: nn.Module, data: Data, *, batch_size: int = 1000, seed: 
     }
 
 
-def nll_metrics(model: nn.Module, data: Data, *, iw_samples: int = 1000, batch_size: int = 100,
+def nll_metrics(model: nn.Module, data: Data, *, estimator: Any = "is", batch_size: int = 100,
                 seed: int = 0, ctx: distributed.Context | None = None,
-                per_example: bool = False, estimator: str = "is", ais_steps: int = 100,
-                ais_chains: int = 32, progress: str | None = None) -> dict[str, Any]:
+                per_example: bool = False, progress: str | None = None,
+                **options: Any) -> dict[str, Any]:
     """:math:`-\\log p(x)` over a split, with the reliability of each example's estimate.
 
-    ``estimator="is"``: importance sampling with ``q(z|x)``
-    (:func:`vaelab.objectives.log_likelihood`, ``iw_samples`` samples per example from
-    ``seeded_generator(seed, n, Purpose.EVAL_IW)`` for batch ``n``). ``"ais"``: annealed
-    importance sampling (:func:`vaelab.estimators.ais`, ``ais_steps`` steps, ``ais_chains``
-    chains, from ``Purpose.EVAL_AIS``); ``iw_samples`` is then unused.
+    ``estimator``: a registered name (:data:`vaelab.estimators.ESTIMATORS`: ``"is"``,
+    importance sampling with ``q(z|x)``; ``"ais"``, annealed importance sampling) with its
+    ``options`` (e.g. ``samples=5000``; ``steps=100, chains=32``), or an estimator built by
+    :func:`vaelab.estimators.get`. Batch ``n`` draws from ``seeded_generator(seed, n,
+    estimator.purpose)``.
 
     Returns:
         ``n``, ``nll`` and ``nll_stderr`` (over examples), ``nll_mc_stderr`` (the Monte-Carlo
         standard error of the split mean, from the per-example delta-method estimates;
-        unreliable when the weights are heavy-tailed), ``iw_samples``, and ``pareto_k``: the
-        summary of the examples' PSIS k-hat (:func:`pareto_k_summary`) and ``ess_median``;
-        with ``per_example``, also ``per_example_nll``, ``per_example_pareto_k`` and
-        ``per_example_ess``: float64 ``(n,)`` tensors in the order of ``data`` (for paired
-        comparisons of two models on the same examples and draws).
-    """
-    kept: list[tuple[int, torch.Tensor]] = []
+        unreliable when the weights are heavy-tailed), ``iw_samples`` (K for importance
+        sampling, else None), ``estimator`` (its name, options and what it reports), and
+        ``pareto_k``: the summary of the examples' PSIS k-hat (:func:`pareto_k_summary`) and
+        ``ess_median``; with ``per_example``, also ``per_example_nll``,
+        ``per_example_pareto_k`` and ``per_example_ess``: float64 ``(n,)`` tensors in the
+        order of ``data`` (for paired comparisons of two models on the same examples and
+        draws).
 
-    if estimator not in ("is", "ais"):
-        raise ConfigError(f"unknown estimator {estimator!r}: choose is (importance "
-                          "sampling) or ais (annealed importance sampling)")
+    Raises:
+        ConfigError: an unknown estimator, option or value.
+    """
+    est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
     kept: list[tuple[int, torch.Tensor]] = []
-    acceptance: list[float] = []
-    settings: dict[str, Any] = {}
+    extras: list[dict[str, Any]] = []
 
     def columns(number: int, x: torch.Tensor) -> torch.Tensor:
-        if estimator == "ais":
-            gen = seeded_generator(seed, number, Purpose.EVAL_AIS, device=x.device)
-            result = estimators.ais(model, x, steps=ais_steps, chains=ais_chains, generator=gen)
-            acceptance.append(float(result.acceptance.nanmean()))
-            settings.update(leapfrog_steps=result.leapfrog_steps, schedule=result.schedule,
-                            start=result.start)
-        else:
-            gen = seeded_generator(seed, number, Purpose.EVAL_IW, device=x.device)
-            result = objectives.log_likelihood(model, x, num_samples=iw_samples, generator=gen)
-        nll = -result.per_example.double()
+        gen = seeded_generator(seed, number, est.purpose, device=x.device)
+        result = est.estimate(model, x, gen)
+        if result.extras:
+            extras.append(result.extras)
+        nll = -result.log_likelihood.double()
         kept.append((number, torch.stack([nll, result.pareto_k, result.ess], 1).cpu()))
         mc_var = result.mc_stderr.double().nan_to_num(0.0) ** 2
         return torch.stack([nll, nll**2, mc_var], 1)
 
     ctx = ctx or distributed.Context()
-    samples = ais_chains if estimator == "ais" else iw_samples
     n, sums = _split_sums(model, data, batch_size, seed, ctx, columns, 3, progress)
     nll, nll_stderr = _mean_stderr(float(sums[0]), float(sums[1]), n)
     gathered = distributed.all_gather_objects(kept, ctx)
     rows = torch.cat([v for _, v in sorted((item for part in gathered for item in part),
                                            key=lambda item: item[0])])
+    all_extras = [e for part in distributed.all_gather_objects(extras, ctx) for e in part]
     out = {"n": n, "nll": nll, "nll_stderr": nll_stderr,
-           "nll_mc_stderr": math.sqrt(float(sums[2])) / n if samples > 1 else None,
-           "iw_samples": iw_samples, "pareto_k": pareto_k_summary(rows[:, 1], samples),
+           "nll_mc_stderr": math.sqrt(float(sums[2])) / n if est.samples > 1 else None,
+           "iw_samples": est.samples if est.name == "is" else None,
+           "pareto_k": pareto_k_summary(rows[:, 1], est.samples),
            "ess_median": float(rows[:, 2].nanmedian()) if rows[:, 2].isfinite().any() else None,
-           "estimator": {"name": "is", "samples": iw_samples}}
-    if estimator == "ais":
-        accepted = [a for part in distributed.all_gather_objects(acceptance, ctx) for a in part]
-        settings = next(part for part in distributed.all_gather_objects(settings, ctx) if part)
-        out["estimator"] = {"name": "ais", "steps": ais_steps, "chains": ais_chains, **settings,
-                            "mean_acceptance": sum(accepted) / len(accepted)}
+           "estimator": {"name": est.name, "description": est.describe(),
+                         **to_plain(est.options), **est.report(all_extras)}}
     if per_example:
         out.update(per_example_nll=rows[:, 0], per_example_pareto_k=rows[:, 1],
                    per_example_ess=rows[:, 2])

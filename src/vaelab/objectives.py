@@ -32,12 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from .config import KL_MODES, ObjectiveConfig
 from .errors import ConfigError, DataError
 from .psis import WeightDiagnostics
 from .registry import Registry
@@ -63,6 +63,9 @@ __all__ = [
     "per_example_loss",
     "training_loss",
 ]
+
+#: How the KL term is computed (:func:`elbo_terms`); the config's ``objective.kl`` rule.
+KL_MODES = ("auto", "analytic", "mc")
 
 #: Default bound on ``chunk_size * B`` (decoded examples per chunk) in :func:`log_likelihood`.
 #: 2**12 keeps a chunk's decoder outputs (4096 x 784 floats, 12.8 MB) in the CPU's L3 cache:
@@ -437,7 +440,7 @@ class Objective(nn.Module):
     Subclasses are registered in :data:`OBJECTIVES` under ``objective.kind``.
     """
 
-    def __init__(self, model: nn.Module, cfg: ObjectiveConfig,
+    def __init__(self, model: nn.Module, cfg: Any,
                  global_sum: GlobalSum | None = None) -> None:
         super().__init__()
         self.model = model
@@ -474,7 +477,7 @@ class IWAEObjective(Objective):
         return -iwae_bound(self.model, x, self.cfg.samples, generator=generator, eps=eps), None
 
 
-def build_objective(model: nn.Module, cfg: ObjectiveConfig,
+def build_objective(model: nn.Module, cfg: Any,
                     global_sum: GlobalSum | None = None) -> Objective:
     """The objective ``cfg.kind`` for ``model``.
 

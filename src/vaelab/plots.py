@@ -30,10 +30,10 @@ Every figure of a run states the split, the checkpoint (and its epoch) and its u
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from . import grids, metrics
-from .data import ImageSet, load_split
+from .data import ImageSet, Splits
 from .errors import CheckpointError, ConfigError, VaelabError
 from .metrics import ACTIVE_UNIT_THRESHOLD
 from .rng import Purpose, seeded_generator
-from .runs import Run, open_run
+from .runs import open_run
 
 __all__ = [
     "FIGURES",
@@ -59,6 +59,9 @@ __all__ = [
     "traversals_figure",
     "save_figure",
     "sample_figure",
+    "RunFigures",
+    "draw_figures",
+    "read_report",
     "plot_run",
     "read_metrics",
     "top_kl_dims",
@@ -499,8 +502,33 @@ def _unit_images(x: Tensor, family: nn.Module | None) -> Tensor:
     return x.float().clamp(0.0, 1.0)
 
 
+@dataclass
+class RunFigures:
+    """What the figures of a run are drawn from: the objects a command already holds.
+
+    Attributes:
+        model: the model, with ``checkpoint``'s weights, in eval mode.
+        test: the run's test split (:class:`~vaelab.data.ImageSet`).
+        config: the run's :class:`~vaelab.config.RunConfig`.
+        records: the per-epoch rows of ``metrics.jsonl``.
+        checkpoint: ``"best"`` or ``"last"``; ``epoch`` the epoch it was written after.
+        run_name: the run directory's name (figure titles).
+        report: the test report of this checkpoint, when there is one (its KL per
+            dimension is used; otherwise it is computed on up to 2000 test examples).
+    """
+
+    model: nn.Module
+    test: ImageSet
+    config: Any
+    records: list[dict[str, Any]]
+    checkpoint: str
+    epoch: int | None
+    run_name: str
+    report: dict[str, Any] | None = None
+
+
 @torch.no_grad()
-def _encode_subset(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor]:
+def _encode_subset(run: RunFigures, n: int) -> tuple[Tensor, Tensor]:
     """Model inputs (display units) and encoder means of the first ``n`` test images."""
     model, family = run.model, getattr(run.model, "likelihood", None)
     kind = getattr(family, "data_kind", "unit")
@@ -509,20 +537,16 @@ def _encode_subset(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor]:
     for number, start in enumerate(range(0, n, 1000)):
         index = torch.arange(start, min(start + 1000, n))
         gen = seeded_generator(run.config.eval.seed, number, Purpose.FIGURE_BINARIZE)
-        x = test.inputs(index, kind, gen).to(device)
+        x = run.test.inputs(index, kind, gen).to(device)
         inputs.append(_unit_images(x, family).cpu())
         locs.append(model.encode(x).mean.cpu())
     return torch.cat(inputs), torch.cat(locs)
 
 
-def _report_stats(run: Run) -> dict[str, Any] | None:
-    """``report.json`` when it describes this checkpoint and latent size, else None."""
-    path = run.directory / "report.json"
-    if not path.is_file():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+def _report_stats(run: RunFigures) -> dict[str, Any] | None:
+    """The report when it describes this checkpoint and latent size on the test split."""
+    report = run.report
+    if report is None:
         return None
     kl, variance = report.get("kl_per_dim"), report.get("latent_variance")
     if (report.get("checkpoint") != run.checkpoint or report.get("split") != "test"
@@ -532,7 +556,7 @@ def _report_stats(run: Run) -> dict[str, Any] | None:
     return report
 
 
-def _kl_statistics(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor, str]:
+def _kl_statistics(run: RunFigures, n: int) -> tuple[Tensor, Tensor, str]:
     """KL per latent dimension and Var_x E_q[z_j] ``(L,)`` float64, and where they come from:
     the run's test report when it fits, else :func:`vaelab.metrics.elbo_metrics` on the first
     ``n`` test examples. Without a per-dimension KL (a prior that does not factorise), the
@@ -541,7 +565,7 @@ def _kl_statistics(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor, st
     if report is not None:
         stats, source = report, f"report.json, {report.get('n_examples', '?')} test examples"
     else:
-        stats = metrics.elbo_metrics(run.model, test.subset(torch.arange(n)),
+        stats = metrics.elbo_metrics(run.model, run.test.subset(torch.arange(n)),
                                      seed=run.config.eval.seed)
         source = f"first {n} test examples"
     variance = torch.tensor(stats["latent_variance"], dtype=torch.float64)
@@ -550,20 +574,83 @@ def _kl_statistics(run: Run, test: ImageSet, n: int) -> tuple[Tensor, Tensor, st
     return torch.tensor(stats["kl_per_dim"], dtype=torch.float64), variance, source
 
 
-def _grey_originals(run: Run, test: ImageSet, n: int) -> Tensor | None:
-    """The first ``n`` test images in grey levels when the model sees them binarised."""
-    if test.binarize == "none":
+def _grey_originals(test: ImageSet, n: int) -> Tensor | None:
+    """The first ``n`` test images in grey levels when the model sees a draw made from them."""
+    if test.binarize == "none" or test.grey is None:
         return None
-    grey_cfg = dataclasses.replace(run.config.data, binarize="none")
-    grey = load_split(grey_cfg, "test", run.config.train.seed)
-    if grey.levels != 256 or grey.event_shape != test.event_shape:
-        return None
-    return grey.images[:n].float() / 255.0
+    return test.grey[:n].float().cpu() / 255.0
 
 
 def _class_names(test: ImageSet) -> Sequence[str] | None:
     """Label names from the data's metadata (registered datasets, class sub-folders)."""
     return test.metadata.get("classes") or None
+
+
+def draw_figures(run: RunFigures, out_dir: str | Path,
+                 figures: Sequence[str] | None = None) -> list[Path]:
+    """Write the analysis figures of a run (see the module docstring) as PNG files into
+    ``out_dir`` (created if needed); ``figures``: only these (names from :data:`FIGURES`).
+
+    Returns:
+        the paths written, in the order of :data:`FIGURES`.
+
+    Raises:
+        ConfigError: an unknown figure name. VaelabError: an empty test split.
+    """
+    wanted = list(FIGURES) if figures is None else list(figures)
+    unknown = [name for name in wanted if name not in FIGURES]
+    if unknown:
+        raise ConfigError(f"unknown figure {unknown[0]!r}: choose from {', '.join(FIGURES)}")
+    test = run.test
+    if len(test) == 0:
+        raise VaelabError(f"the test split of {run.run_name} is empty: set data.test_limit "
+                          "to >= 1")
+    n = min(len(test), _N_SCATTER)
+    inputs, loc = _encode_subset(run, n)
+    kl, variance, kl_source = _kl_statistics(run, n)
+    where = f"{test.name} test split, checkpoint {run.checkpoint} (epoch {run.epoch})"
+    model_where = where.replace("test split, ", "")
+    seed = run.config.train.seed
+    shown = min(_N_RECONSTRUCTIONS, n)
+    binarised = test.binarize != "none"
+    model = run.model
+    # The trainer's fixed z (same seed and purpose), so samples.png matches the epoch grids.
+    z_fixed = torch.randn(_N_SAMPLES, model.latent_dim,
+                          generator=seeded_generator(seed, 0, Purpose.SAMPLES))
+    drawers = {
+        "reconstructions": lambda: reconstructions_figure(
+            inputs[:shown], _decode_means(model, loc[:shown]),
+            originals=_grey_originals(test, shown),
+            input_label=f"model input\n({test.binarize} binarisation)" if binarised
+            else "original", title=where),
+        "samples": lambda: samples_figure(
+            _decode_means(model, z_fixed), title=model_where,
+            caption=rf"decoder mean of p(x|z) for {_N_SAMPLES} fixed $z \sim N(0, I)$ "
+                    f"(seed {seed}, the same z as the per-epoch grids)"),
+        "manifold": lambda: manifold_figure(model, kl,
+                                            title=f"{model_where}\nKL from {kl_source}"),
+        "latent_scatter": lambda: latent_scatter_figure(
+            loc, test.labels[:n].cpu() if test.labels is not None else None,
+            _class_names(test), title=where),
+        "training_curves": lambda: training_curves_figure(
+            run.records, checkpoint=run.checkpoint, checkpoint_epoch=run.epoch,
+            title=f"{run.run_name} ({test.name})"),
+        "kl_per_dim": lambda: kl_per_dim_figure(kl, variance,
+                                                title=f"{where}\nKL from {kl_source}"),
+        "traversals": lambda: traversals_figure(model, loc[0], kl, title=where),
+    }
+    out = Path(out_dir)
+    return [save_figure(drawers[name](), out / f"{name}.png")
+            for name in FIGURES if name in wanted]
+
+
+def read_report(run_dir: str | Path) -> dict[str, Any] | None:
+    """``report.json`` of a run directory, or None when it is missing or unreadable."""
+    path = Path(run_dir) / "report.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def plot_run(
@@ -573,73 +660,31 @@ def plot_run(
     device: torch.device | str = "cpu",
     figures: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write the analysis figures of a run (see the module docstring) as PNG files.
+    """Open a run directory and write its figures (:func:`draw_figures`), from Python
+    (``vaelab plot`` opens the run once through :mod:`vaelab.experiment`).
 
     Args:
         run_dir: a vaelab run directory (checkpoints, ``metrics.jsonl``, optional
-            ``report.json`` whose ``kl_per_dim`` is used when it describes ``checkpoint``;
-            otherwise the KL per dimension is computed on up to 2000 test examples).
+            ``report.json`` whose ``kl_per_dim`` is used when it describes ``checkpoint``).
         checkpoint: ``"best"`` or ``"last"``.
-        out_dir: where to write (default ``RUN_DIR/figures``); created if needed.
+        out_dir: where to write (default ``RUN_DIR/figures``).
         device: where the model runs.
         figures: draw only these (names from :data:`FIGURES`); default all.
 
-    Returns:
-        the paths written, in the order of :data:`FIGURES`.
-
     Raises:
         CheckpointError: the run directory, checkpoint or ``metrics.jsonl`` is missing.
-        ConfigError: an unknown figure name.
-        VaelabError: an empty test split.
+        ConfigError: an unknown figure name. VaelabError: an empty test split.
     """
-    wanted = list(FIGURES) if figures is None else list(figures)
-    unknown = [name for name in wanted if name not in FIGURES]
-    if unknown:
-        raise ConfigError(f"unknown figure {unknown[0]!r}: choose from {', '.join(FIGURES)}")
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist: give the --out "
                               "directory of a vaelab train run")
     records = read_metrics(run_dir)
     run = open_run(run_dir, checkpoint, device)
-    test = load_split(run.config.data, "test", run.config.train.seed)
-    if len(test) == 0:
-        raise VaelabError(f"the test split of {run_dir} is empty: set data.test_limit to >= 1")
-    n = min(len(test), _N_SCATTER)
-    inputs, loc = _encode_subset(run, test, n)
-    kl, variance, kl_source = _kl_statistics(run, test, n)
-    where = f"{test.name} test split, checkpoint {checkpoint} (epoch {run.epoch})"
-    model_where = where.replace("test split, ", "")
-    seed = run.config.train.seed
-    shown = min(_N_RECONSTRUCTIONS, n)
-    binarised = test.binarize != "none"
-    # The trainer's fixed z (same seed and purpose), so samples.png matches the epoch grids.
-    z_fixed = torch.randn(_N_SAMPLES, run.model.latent_dim,
-                          generator=seeded_generator(seed, 0, Purpose.SAMPLES))
-    drawers = {
-        "reconstructions": lambda: reconstructions_figure(
-            inputs[:shown], _decode_means(run.model, loc[:shown]),
-            originals=_grey_originals(run, test, shown),
-            input_label=f"model input\n({test.binarize} binarisation)" if binarised
-            else "original", title=where),
-        "samples": lambda: samples_figure(
-            _decode_means(run.model, z_fixed), title=model_where,
-            caption=rf"decoder mean of p(x|z) for {_N_SAMPLES} fixed $z \sim N(0, I)$ "
-                    f"(seed {seed}, the same z as the per-epoch grids)"),
-        "manifold": lambda: manifold_figure(run.model, kl,
-                                            title=f"{model_where}\nKL from {kl_source}"),
-        "latent_scatter": lambda: latent_scatter_figure(
-            loc, test.labels[:n].cpu() if test.labels is not None else None,
-            _class_names(test), title=where),
-        "training_curves": lambda: training_curves_figure(
-            records, checkpoint=checkpoint, checkpoint_epoch=run.epoch,
-            title=f"{run.directory.name} ({test.name})"),
-        "kl_per_dim": lambda: kl_per_dim_figure(kl, variance,
-                                                title=f"{where}\nKL from {kl_source}"),
-        "traversals": lambda: traversals_figure(run.model, loc[0], kl, title=where),
-    }
-    out = Path(out_dir) if out_dir is not None else run.directory / "figures"
-    return [save_figure(drawers[name](), out / f"{name}.png")
-            for name in FIGURES if name in wanted]
+    test = Splits(run.config.data, run.config.train.seed, device)["test"]
+    figures_of = RunFigures(run.model, test, run.config, records, checkpoint, run.epoch,
+                            run.directory.name, read_report(run_dir))
+    return draw_figures(figures_of, out_dir if out_dir is not None else run.directory / "figures",
+                        figures)
 
 
 def sample_figure(

@@ -26,8 +26,10 @@ float32 cancellation when :math:`|z - \mu| \ll |z|` and :math:`\sigma` is small.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from .errors import ConfigError
+from .options import build, option, positive
 from .registry import Registry
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "MixtureOfGaussians",
     "GaussianMixture",
     "build_prior",
+    "VampPriorOptions",
+    "MixtureOfGaussiansOptions",
 ]
 
 #: ``encode(u)`` of the model's encoder: pseudo-inputs ``(K, *event_shape)`` in [0, 1] ->
@@ -120,6 +125,20 @@ class GaussianMixture(Distribution):
             return self.rsample(sample_shape)
 
 
+@dataclass(frozen=True)
+class VampPriorOptions:
+    """``prior.vampprior``: see :class:`VampPrior`."""
+
+    components: int = option(500, positive, "pseudo-inputs K (the paper and pythae: 500)")
+
+
+@dataclass(frozen=True)
+class MixtureOfGaussiansOptions:
+    """``prior.mog``: see :class:`MixtureOfGaussians`."""
+
+    components: int = option(10, positive, "Gaussian components K")
+
+
 class Prior(nn.Module):
     """Base class: ``distribution(encode, latent_dim, device, dtype)`` returns p(z)."""
 
@@ -142,11 +161,8 @@ class StandardNormal(Prior):
 
     name = "normal"
 
-    def __init__(self, latent_dim: int, event_shape: tuple[int, ...],
-                 components: int | None = None) -> None:
+    def __init__(self, latent_dim: int, event_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if components is not None:
-            raise ConfigError("the normal prior has no components: unset prior.components")
 
     def distribution(self, encode, latent_dim, device, dtype):
         loc = torch.zeros(latent_dim, device=device, dtype=dtype)
@@ -172,12 +188,13 @@ class VampPrior(Prior):
     """
 
     name = "vampprior"
+    Options = VampPriorOptions
     INIT_MEAN, INIT_STD = 0.05, 0.01
 
     def __init__(self, latent_dim: int, event_shape: tuple[int, ...],
-                 components: int | None = None) -> None:
+                 components: int = 500) -> None:
         super().__init__()
-        k = _components("vampprior", components, 500)
+        k = _components("vampprior", components)
         self.pseudo_inputs = nn.Parameter(
             torch.randn(k, *event_shape) * self.INIT_STD + self.INIT_MEAN)
 
@@ -207,11 +224,12 @@ class MixtureOfGaussians(Prior):
     """
 
     name = "mog"
+    Options = MixtureOfGaussiansOptions
 
     def __init__(self, latent_dim: int, event_shape: tuple[int, ...],
-                 components: int | None = None) -> None:
+                 components: int = 10) -> None:
         super().__init__()
-        k = _components("mog", components, 10)
+        k = _components("mog", components)
         self.logits = nn.Parameter(torch.zeros(k))
         self.loc = nn.Parameter(torch.randn(k, latent_dim))
         # softplus(raw) + 1e-4 = 1 at the start
@@ -224,20 +242,21 @@ class MixtureOfGaussians(Prior):
         return {"components": self.logits.shape[0]}
 
 
-def _components(name: str, components: int | None, default: int) -> int:
-    k = default if components is None else components
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"prior.components must be a positive integer for {name}, got {k!r}")
-    return k
+def _components(name: str, components: int) -> int:
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise ConfigError(f"prior.{name}.components must be a positive integer, got "
+                          f"{components!r}")
+    return components
 
 
 def build_prior(name: str, latent_dim: int, event_shape: tuple[int, ...],
-                components: int | None = None) -> Prior:
+                **options: Any) -> Prior:
     """The registered prior ``name`` for ``latent_dim`` latents and examples of
-    ``event_shape``.
+    ``event_shape``, with its ``options`` (``[prior.<name>]``, e.g. ``components=500``).
 
     Raises:
-        ConfigError: an unknown name (the message lists the registered ones) or bad
-            ``components``.
+        ConfigError: an unknown name (the message lists the registered ones), an option it
+            does not take, or a bad value.
     """
-    return PRIORS[name](latent_dim, tuple(event_shape), components)
+    chosen = build(PRIORS.options(name), options, f"prior.{name}")
+    return PRIORS[name](latent_dim, tuple(event_shape), **dataclasses.asdict(chosen))

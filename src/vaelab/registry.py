@@ -15,26 +15,41 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to objects; an unknown name raises :class:`ConfigError` listing the valid ones.
 
+    An entry may declare its options: a frozen dataclass (see :mod:`vaelab.options`), given
+    as ``register(name, options=...)`` or as the entry's ``Options`` attribute;
+    :meth:`options` returns it (:class:`~vaelab.options.NoOptions` when there is none).
+
     Example::
 
         LIKELIHOODS = Registry("likelihood")
 
         @LIKELIHOODS.register("bernoulli")
-        class Bernoulli: ...
+        class Bernoulli:
+            Options = BernoulliOptions
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._options: dict[str, type] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
+            if options is not None:
+                self._options[name] = options
             return obj
 
         return decorator
+
+    def options(self, name: str) -> type:
+        """The options dataclass of ``name`` (ConfigError for an unknown name)."""
+        from .options import NoOptions
+
+        entry = self[name]
+        return self._options.get(name) or getattr(entry, "Options", None) or NoOptions
 
     def __getitem__(self, name: str) -> T:
         try:

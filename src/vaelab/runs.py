@@ -65,7 +65,7 @@ def open_run(
         )
     meta = ckpt.read_meta(path)
     try:
-        cfg = config_mod.from_dict(meta["config"])
+        cfg = config_mod.from_dict(meta["config"], saved=True)
     except (KeyError, TypeError):
         raise CheckpointError(f"{path}.json has no valid config: it was not written by vaelab") from None
     event_shape = tuple(meta.get("event_shape") or ())

@@ -45,7 +45,7 @@ from torch import nn
 from . import checkpoint, config, distributed, grids, metrics, models, objectives, runtime
 from ._io import atomic_write_text
 from .config import RunConfig
-from .data import ImageSet, load_split
+from .data import ImageSet, Splits
 from .errors import CheckpointError, ConfigError, VaelabError
 from .registry import Registry
 from .rng import Purpose, seeded_generator
@@ -65,10 +65,11 @@ __all__ = [
     "train_step",
 ]
 
-# Config keys that may change when resuming a run (everything else must match).
+# Config keys that may change when resuming a run (everything else must match); "*": the
+# whole section (the evaluation does not change what is trained).
 RESUMABLE_KEYS = {
     "train": {"epochs", "lr", "patience", "device", "threads", "grad_clip", "eval_batch_size"},
-    "eval": {"iw_samples", "batch_size", "seed"},
+    "eval": {"*"},
     "data": {"data_dir", "test_limit"},
 }
 
@@ -349,7 +350,7 @@ def train_and_evaluate(
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     ctx: distributed.Context | None = None,
-    on_setup: Callable[[nn.Module], None] | None = None,
+    data: Splits | None = None,
 ) -> dict[str, Any]:
     """Train the model of ``cfg`` into ``run_dir``, evaluating on the validation split after
     every epoch; return a summary (run_dir, epochs, steps, best_epoch).
@@ -359,16 +360,17 @@ def train_and_evaluate(
         run_dir: where config, metrics, checkpoints and the sample grids go.
         resume: continue from ``run_dir/checkpoints/last`` (``cfg`` must match the saved
             config except for :data:`RESUMABLE_KEYS`).
-        model: your own model (``encode``, ``decode``, ``prior``, ``latent_dim``; see
-            :mod:`vaelab.objectives`) instead of the one ``cfg.model`` describes; pass the
-            same model again to resume.
+        model: the model to train: your own (``encode``, ``decode``, ``prior``,
+            ``latent_dim``; see :mod:`vaelab.objectives`; pass the same model again to
+            resume), or the one ``cfg`` describes already built (seeded with
+            ``torch.manual_seed(cfg.train.seed)`` just before, as here); default: built here.
         progress: show a tqdm bar (default: when stderr is a terminal).
         echo: where per-epoch lines go (default: ``print`` on rank 0).
         ctx: the process group (default: joined here when launched by torchrun, and left
             at the end).
-        on_setup: called on rank 0 with the model once it is built (and resumed), before
-            the first epoch (``vaelab train`` uses it to say how long the final evaluation
-            will take).
+        data: the run's splits (:class:`~vaelab.data.Splits`, on the training device), so
+            that what is loaded here serves the report and figures after; default: loaded
+            here.
 
     Raises:
         TrainingDiverged: a loss term became NaN/Inf (``last`` keeps the last good state).
@@ -390,11 +392,9 @@ def train_and_evaluate(
         # any rank stops every rank with its message instead of leaving the others waiting.
         with distributed.agree(ctx, "setup"):
             loop, state = _setup(cfg, run_dir, resume, model, ctx, device,
-                                 progress and ctx.is_main, stack, echo)
+                                 progress and ctx.is_main, stack, echo, data)
         # A failed collective from here on (a rank died or hangs) ends with a clear message.
         stack.enter_context(distributed.lost_contact(ctx, "training"))
-        if on_setup is not None and ctx.is_main:
-            on_setup(loop.model)
         z_fixed = torch.randn(64, loop.model.latent_dim,
                               generator=seeded_generator(cfg.train.seed, 0, Purpose.SAMPLES))
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -415,24 +415,25 @@ def train_and_evaluate(
 
 def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
            ctx: distributed.Context, device: torch.device, progress: bool,
-           stack: contextlib.ExitStack, echo: Callable[[str], None]
+           stack: contextlib.ExitStack, echo: Callable[[str], None], data: Splits | None
            ) -> tuple[_Loop, dict[str, Any]]:
     """Checks, data, model, objective, optimizer, lock, state: everything before epoch 1."""
     _check_run_dir(cfg, run_dir, resume, ctx)  # writes nothing
     seed = cfg.train.seed
     # --- data: uint8 images stay in memory (on the device); floats are made per batch
-    train_set = load_split(cfg.data, "train", seed).to(device)
+    data = data if data is not None else Splits(cfg.data, seed, device)
+    train_set = data["train"]
     if cfg.train.validation_split == "test":
-        val_set = load_split(cfg.data, "test", seed).to(device)
+        val_set = data["test"]
     elif cfg.data.validation_size:
-        val_set = load_split(cfg.data, "validation", seed).to(device)
+        val_set = data["validation"]
     else:
         val_set = None
     if len(train_set) == 0:
         raise ConfigError("the training split is empty: use a larger dataset or train_limit")
     # --- model (seeded before construction: same seed, same weights) and objective
-    torch.manual_seed(seed)
     if model is None:
+        torch.manual_seed(seed)
         model = models.build_from_config(cfg, train_set.event_shape)
     model = model.to(device)
     if cfg.model.output_bias == "data-mean" and hasattr(model, "init_output_bias"):
@@ -489,7 +490,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, ctx: distributed
             raise CheckpointError(
                 f"nothing to resume in {run_dir}: no checkpoints/last.json (start a new run "
                 "with --out instead)" + _shared_fs_hint(ctx))
-        saved = config.from_dict(checkpoint.read_meta(last)["config"])
+        saved = config.from_dict(checkpoint.read_meta(last)["config"], saved=True)
         _check_resume_config(saved, cfg)
     elif ctx.is_main and last.with_suffix(".json").exists():
         raise CheckpointError(f"{run_dir} already holds a run: continue it with --resume "
@@ -593,16 +594,27 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def _check_resume_config(saved: RunConfig, requested: RunConfig) -> None:
-    saved_d, req_d = config.to_dict(saved), config.to_dict(requested)
-    for section in config.SECTIONS:
-        keys = set(saved_d.get(section, {})) | set(req_d.get(section, {}))
-        for key in sorted(keys):
-            a, b = saved_d.get(section, {}).get(key), req_d.get(section, {}).get(key)
-            if a != b and key not in RESUMABLE_KEYS.get(section, set()):
-                raise ConfigError(
-                    f"cannot change {section}.{key} from {a!r} to {b!r} when resuming: "
-                    "start a new run with --out instead"
-                )
+    for key, (a, b) in _differences(config.to_dict(saved), config.to_dict(requested)).items():
+        section = key.split(".")[0]
+        resumable = RESUMABLE_KEYS.get(section, set())
+        if "*" not in resumable and key.split(".", 1)[1] not in resumable:
+            raise ConfigError(
+                f"cannot change {key} from {a!r} to {b!r} when resuming: "
+                "start a new run with --out instead"
+            )
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """Dotted key -> (value in a, value in b) wherever the nested dicts differ."""
+    out: dict[str, tuple] = {}
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_differences(x, y, name + "."))
+        elif x != y and key != "preset":
+            out[name] = (x, y)
+    return out
 
 
 def _nan_message(bad: _NonFinite, step: int, epoch: int, batch: int, run_dir: Path,

@@ -48,10 +48,12 @@ from .sources import (
     system_data_dirs,
     verify_file,
 )
+from .splits import Splits
 
 __all__ = [
     "load",
     "load_split",
+    "Splits",
     "ImageSet",
     "BINARIZE_MODES",
     "REGISTERED_SPLITS",

@@ -47,6 +47,8 @@ class ImageSet:
             against published values for registered datasets, see ``metadata["files"]``).
         metadata: JSON-able provenance: source files, validation seed/size/index digest,
             binarisation seed, ...
+        grey: uint8 ``(N, C, H, W)`` grey levels that a static draw made at load time came
+            from (to show beside the 0/1 images in figures), else None.
     """
 
     images: torch.Tensor
@@ -57,6 +59,7 @@ class ImageSet:
     levels: int = 256
     checksums: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    grey: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -159,7 +162,8 @@ class ImageSet:
     def to(self, device: torch.device | str) -> ImageSet:
         """A copy with images and labels on ``device`` (metadata shared)."""
         labels = self.labels.to(device) if self.labels is not None else None
-        return dataclasses.replace(self, images=self.images.to(device), labels=labels)
+        grey = self.grey.to(device) if self.grey is not None else None
+        return dataclasses.replace(self, images=self.images.to(device), labels=labels, grey=grey)
 
     def subset(self, index: torch.Tensor | Any) -> ImageSet:
         """The examples ``index`` (e.g. ``torch.arange(1000)``) as a new set; metadata records
@@ -168,8 +172,9 @@ class ImageSet:
         labels = self.labels[index] if self.labels is not None else None
         metadata = {**self.metadata, "subset": {"of": len(self), "kept": int(index.numel()),
                                                 "indices_sha256": indices_digest(index.cpu())}}
+        grey = self.grey[index].contiguous() if self.grey is not None else None
         return dataclasses.replace(self, images=self.images[index].contiguous(), labels=labels,
-                                   metadata=metadata)
+                                   metadata=metadata, grey=grey)
 
     def pixel_mean(self) -> torch.Tensor:
         """Mean of each sub-pixel over the set, float32 ``(C, H, W)`` in [0, 1].

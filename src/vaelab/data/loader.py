@@ -220,9 +220,13 @@ def _load_registered(
     files = [resolution.files[name] for name in spec.parts[part]]
     images, labels = read_part(spec, part, files)
     part_size = int(images.shape[0])
+    grey = images
     images, levels, mode, binarization = binarize_images(
         images, spec.levels, binarize, split, seed, part, official_binary=spec.levels == 2)
+    drawn = levels == 2 and spec.levels == 256  # a draw made now: keep what it was made of
     if part == "train" and "valid" not in spec.parts:
+        if drawn:
+            grey = _select(grey, None, split, validation_size, seed, spec.name, "")[0]
         images, labels, validation = _select(images, labels, split, validation_size, seed,
                                              spec.name, f"official train part ({part_size})")
     else:
@@ -242,4 +246,4 @@ def _load_registered(
     if spec.classes:
         metadata["classes"] = list(spec.classes)
     return ImageSet(images, labels, spec.name, split, mode, levels,
-                    {f.key: f.sha256 for f in files}, metadata)
+                    {f.key: f.sha256 for f in files}, metadata, grey=grey if drawn else None)

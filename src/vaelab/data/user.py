@@ -215,13 +215,15 @@ def load_user(path: Path, name: str, split: str, binarize: str, validation_size:
         if split == "validation" and validation_size == 0:
             raise DataError(f"{name}: the validation split is empty (validation_size=0): pass "
                             f"validation_size > 0 or evaluate on another split")
-    images = torch.from_numpy(source.images)
+    grey = torch.from_numpy(source.images)
     labels = torch.from_numpy(source.labels) if source.labels is not None else None
     images, levels, mode, binarization = binarize_images(
-        images, source.levels, binarize, split, seed, part, official_binary=False)
+        grey, source.levels, binarize, split, seed, part, official_binary=False)
+    drawn = levels == 2 and source.levels == 256  # a draw made now: keep what it was made of
     if index is not None:
         images = images.index_select(0, index)  # 2x faster than images[index] (one copy)
         labels = labels.index_select(0, index) if labels is not None else None
+        grey = grey.index_select(0, index) if drawn else None
     metadata = {
         "dataset": name, "split": split, "num_examples": int(images.shape[0]),
         "image_shape": list(images.shape[1:]), "levels": levels, "file_size": n,
@@ -234,7 +236,7 @@ def load_user(path: Path, name: str, split: str, binarize: str, validation_size:
         metadata["test_of"] = {"dataset": name, "path": data.metadata.get("path"),
                                "checksums": dict(data.checksums)}
     result = ImageSet(images, labels, name, split, mode, levels, dict(source.checksums),
-                      metadata)
+                      metadata, grey=grey if drawn else None)
     for read in reads:  # only now that every check passed: a refused input leaves nothing
         read.save_cache()
     return result

@@ -136,8 +136,9 @@ def sized_for(event_shape: Sequence[int]) -> dict[str, Any]:
             f"images of {h}x{w} cannot be halved by a stride-2 conv to at least 4x4: resize "
             "them (e.g. --image-size 32) or use model.kind = 'mlp'"
         )
-    return {"kind": "conv", "channels": [min(32 * 2**i, 256) for i in range(stages)],
-            "blocks": 2, "hidden": [], "latent_dim": 32 if c == 1 and max(h, w) <= 28 else 128}
+    return {"kind": "conv", "latent_dim": 32 if c == 1 and max(h, w) <= 28 else 128,
+            "conv": {"channels": [min(32 * 2**i, 256) for i in range(stages)], "blocks": 2,
+                     "hidden": []}}
 
 
 class ResidualBlock(nn.Module):

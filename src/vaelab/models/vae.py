@@ -18,8 +18,10 @@ the common log-variance form :math:`\sigma = \exp(r / 2)` with ``r`` clamped to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,16 +30,16 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from .. import likelihoods
-from ..config import RunConfig
 from ..errors import ConfigError, DataError
+from ..options import boolean, build, non_negative, option, positive_sizes
 from ..priors import Prior, StandardNormal, build_prior
 from ..registry import Registry
 from .conv import ConvDecoder, ConvEncoder
 from .init import INITS, initialise
 from .mlp import MLPDecoder, MLPEncoder, check_sizes, make_activation
 
-__all__ = ["MODELS", "ENCODER_SCALES", "VAE", "build_model", "from_config", "build_from_config",
-           "num_parameters"]
+__all__ = ["MODELS", "ENCODER_SCALES", "VAE", "MLPOptions", "ConvOptions", "build_model",
+           "from_config", "build_from_config", "num_parameters"]
 
 MIN_SCALE = 1e-6
 """Smallest encoder standard deviation with the softplus parameterisation."""
@@ -185,21 +187,48 @@ class VAE(nn.Module):
 MODELS: Registry[Callable[..., tuple[nn.Module, nn.Module]]] = Registry("model")
 
 
-@MODELS.register("mlp")
-def _mlp(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated,
-         blocks=0, memory_format="auto"):
-    """Fully connected encoder/decoder; ``channels`` and ``memory_format`` are unused."""
-    if blocks:
-        raise ConfigError(f"model.blocks = {blocks} is for the conv model (residual blocks per "
-                          "stage): set model.kind = 'conv' or model.blocks = 0")
+def _channel_sizes(value: tuple[int, ...]) -> str | None:
+    if not value:
+        return "is empty: give at least one stage, e.g. 32,64"
+    return positive_sizes(value)
+
+
+@dataclass(frozen=True)
+class MLPOptions:
+    """``model.mlp``: a fully connected encoder and its mirror."""
+
+    hidden: tuple[int, ...] = option((512, 256), positive_sizes,
+                                     "hidden sizes of the encoder (the decoder mirrors them)")
+    gated: bool = option(False, boolean, "gated dense layers h(x) * sigmoid(g(x)) (Dauphin et "
+                         "al. 2017; the VampPrior paper's) instead of Linear + activation")
+
+
+@dataclass(frozen=True)
+class ConvOptions:
+    """``model.conv``: stride-2 conv stages, residual blocks, dense layers, and the mirror."""
+
+    channels: tuple[int, ...] = option((32, 64), _channel_sizes,
+                                       "channels of the encoder's stride-2 stages (H and W "
+                                       "must be divisible by 2 ** len(channels))")
+    blocks: int = option(0, non_negative, "residual blocks (two 3x3 convs and a skip) per "
+                         "stage; 0 = plain stride-2 convs")
+    hidden: tuple[int, ...] = option((512, 256), positive_sizes,
+                                     "dense layers between the convolutions and the latent")
+    gated: bool = option(False, boolean, "gated dense layers")
+
+
+@MODELS.register("mlp", options=MLPOptions)
+def _mlp(event_shape, latent_dim, params_per_channel, activation, hidden, gated,
+         memory_format="auto"):
+    """Fully connected encoder/decoder (``memory_format`` is unused)."""
     encoder = MLPEncoder(event_shape, latent_dim, hidden, activation, gated)
     decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation, gated)
     return encoder, decoder
 
 
-@MODELS.register("conv")
-def _conv(event_shape, latent_dim, params_per_channel, hidden, activation, channels, gated,
-          blocks=0, memory_format="auto"):
+@MODELS.register("conv", options=ConvOptions)
+def _conv(event_shape, latent_dim, params_per_channel, activation, channels, blocks, hidden,
+          gated, memory_format="auto"):
     """Stride-2 conv stages with ``blocks`` residual blocks each, the transposed-conv mirror;
     ``hidden`` are dense layers between (see :mod:`vaelab.models.conv`)."""
     channels = check_sizes("channels", channels, allow_empty=False)
@@ -215,87 +244,84 @@ def build_model(
     event_shape: Sequence[int],
     latent_dim: int,
     likelihood: nn.Module,
-    hidden: Sequence[int] = (400,),
+    *,
     activation: str = "relu",
-    channels: Sequence[int] = (32, 64),
     encoder_scale: str = "softplus",
-    gated: bool = False,
     init: str = "torch",
     prior: str = "normal",
-    prior_components: int | None = None,
-    blocks: int = 0,
+    prior_options: dict[str, Any] | None = None,
     memory_format: str = "auto",
+    **options: Any,
 ) -> VAE:
-    """Build a VAE for data of ``event_shape`` whose decoder feeds ``likelihood``.
+    """A VAE with the ``kind`` architecture (:data:`MODELS`) for examples of ``event_shape``.
 
     Args:
-        kind: ``"mlp"`` or ``"conv"`` (see :data:`MODELS`).
+        kind: ``"mlp"`` or ``"conv"``.
         event_shape: one example's shape, e.g. ``(1, 28, 28)``.
         latent_dim: ``L``.
         likelihood: family with ``params_per_channel`` (``P``) and ``data_kind``.
-        hidden: dense hidden sizes of the encoder; the decoder mirrors them.
         activation: a name in :data:`~vaelab.models.mlp.ACTIVATIONS`.
-        channels: conv channels of the encoder (conv only); the decoder mirrors them.
         encoder_scale: a name in :data:`ENCODER_SCALES` (``softplus``, ``exp``,
             ``logvar-hardtanh``).
-        gated: gated dense layers (:class:`~vaelab.models.mlp.GatedDense`) instead of
-            Linear + activation.
         init: a weight initialisation in :data:`~vaelab.models.init.INITS`.
-        prior: a name in :data:`~vaelab.priors.PRIORS`; ``prior_components`` its ``K``.
-        blocks: residual blocks per conv stage (conv only; 0 = plain stride-2 convs).
+        prior: a name in :data:`~vaelab.priors.PRIORS`; ``prior_options`` its options
+            (``[prior.<name>]``, e.g. ``{"components": 500}``).
         memory_format: layout the convolutions run in: ``"auto"`` (channels_last on CPU,
             contiguous elsewhere), ``"channels_last"`` or ``"contiguous"`` (conv only; see
             :mod:`vaelab.models.conv`).
+        **options: the architecture's own options (``[model.<kind>]``): :class:`MLPOptions`
+            (``hidden``, ``gated``) or :class:`ConvOptions` (``channels``, ``blocks``,
+            ``hidden``, ``gated``); unset ones take their defaults.
 
     Raises:
-        ConfigError: unknown kind/activation/scale, bad sizes, or an image size the
+        ConfigError: unknown kind/activation/scale/option, bad sizes, or an image size the
             conv model's stages do not divide.
     """
     builder = MODELS[kind]
+    chosen = build(MODELS.options(kind), options, f"model.{kind}")
     make_activation(activation)  # unknown names fail here, listing the valid ones
     ENCODER_SCALES[encoder_scale]
     event_shape = check_sizes("event_shape", event_shape, allow_empty=False)
-    hidden = check_sizes("hidden", hidden)
     (latent_dim,) = check_sizes("latent_dim", (latent_dim,))
     p = getattr(likelihood, "params_per_channel", None)
     if not isinstance(p, int) or p < 1:
         raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
     INITS[init]  # unknown names fail before anything is built
-    encoder, decoder = builder(event_shape, latent_dim, p, hidden, activation, channels, gated,
-                               blocks=blocks, memory_format=memory_format)
+    encoder, decoder = builder(event_shape, latent_dim, p, activation,
+                               **dataclasses.asdict(chosen), memory_format=memory_format)
     initialise(encoder, init)
     initialise(decoder, init)
-    prior_module = build_prior(prior, latent_dim, event_shape, prior_components)
+    prior_module = build_prior(prior, latent_dim, event_shape, **(prior_options or {}))
     return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale,
                prior_module)
 
 
 def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module,
                 prior: Any = None) -> VAE:
-    """Build from a :class:`~vaelab.config.ModelConfig` (or an object with its fields) and
-    optionally a :class:`~vaelab.config.PriorConfig` (default: the standard normal)."""
+    """Build from a run config's ``[model]`` section (a
+    :class:`~vaelab.config.ModelConfig`: ``kind``, ``latent_dim``, ``activation``,
+    ``encoder_scale``, ``init`` and the kind's ``options``) and optionally its ``[prior]``
+    section (``name`` and ``options``; default: the standard normal)."""
     return build_model(
         config.kind,
         event_shape,
         config.latent_dim,
         likelihood,
-        hidden=tuple(config.hidden),
         activation=config.activation,
-        channels=tuple(config.channels),
-        encoder_scale=getattr(config, "encoder_scale", "softplus"),
-        gated=getattr(config, "gated", False),
-        init=getattr(config, "init", "torch"),
+        encoder_scale=config.encoder_scale,
+        init=config.init,
         prior=prior.name if prior is not None else "normal",
-        prior_components=prior.components if prior is not None else None,
-        blocks=getattr(config, "blocks", 0),
+        prior_options=dataclasses.asdict(prior.options) if prior is not None else None,
         memory_format=getattr(config, "memory_format", "auto"),
+        **dataclasses.asdict(config.options),
     )
 
 
-def build_from_config(cfg: RunConfig, event_shape: Sequence[int]) -> VAE:
-    """The VAE a run's configuration describes, for examples of ``event_shape`` (C, H, W):
-    the likelihood ``cfg.likelihood`` and the model ``cfg.model``."""
-    family = likelihoods.get(cfg.likelihood.name, **cfg.likelihood.options())
+def build_from_config(cfg: Any, event_shape: Sequence[int]) -> VAE:
+    """The VAE a run's configuration (a :class:`~vaelab.config.RunConfig`) describes, for
+    examples of ``event_shape`` (C, H, W): the likelihood ``cfg.likelihood``, the model
+    ``cfg.model`` and the prior ``cfg.prior``."""
+    family = likelihoods.get(cfg.likelihood.name, **dataclasses.asdict(cfg.likelihood.options))
     return from_config(cfg.model, event_shape, family, cfg.prior)
 
 

@@ -86,8 +86,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .errors import ConfigError
-from .objectives import (
+from ..errors import ConfigError
+from ..objectives import (
     _check_count,
     _decoder_log_prob,
     _delta_method_stderr,
@@ -96,12 +96,17 @@ from .objectives import (
     decodes_per_chunk,
     mean_and_stderr,
 )
-from .psis import WeightDiagnostics
-from .registry import Registry
+from ..options import fraction, one_of, option, positive
+from ..psis import WeightDiagnostics
+from ..registry import Registry
+from ..rng import Purpose
+from .base import ESTIMATORS, Estimate
 
 __all__ = [
     "SCHEDULES",
     "STARTS",
+    "AIS",
+    "AISOptions",
     "AISEstimate",
     "BDMCResult",
     "ais",
@@ -597,3 +602,59 @@ def _sample_torch(dist: Distribution, generator: torch.Generator | None) -> Tens
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return dist.sample()
+
+
+# --------------------------------------------------------------------------- the registered kind
+
+
+@dataclass(frozen=True)
+class AISOptions:
+    """``eval.ais``: see :func:`ais`."""
+
+    steps: int = option(100, positive, "annealing steps T (T - 1 HMC transitions)")
+    chains: int = option(32, positive, "chains per example (>= 25 for its Pareto k-hat)")
+    leapfrog_steps: int = option(10, positive, "leapfrog steps per HMC transition")
+    schedule: str = option("sigmoid", one_of("sigmoid", "linear"), "the annealing schedule")
+    start: str = option("q", one_of(*STARTS), "where chains start: q(z|x) or the prior")
+    target_acceptance: float = option(0.65, fraction, "the pilot chains' target Metropolis "
+                                      "acceptance probability")
+
+
+@ESTIMATORS.register("ais")
+class AIS:
+    """Annealed importance sampling with HMC (:func:`ais`): ``steps`` x ``chains``."""
+
+    name = "ais"
+    Options = AISOptions
+    purpose = Purpose.EVAL_AIS
+
+    def __init__(self, options: AISOptions) -> None:
+        self.options = options
+        self._acceptance: list[float] = []
+
+    @property
+    def samples(self) -> int:
+        """Weights per example (for the k-hat threshold)."""
+        return self.options.chains
+
+    @property
+    def cost(self) -> float:
+        """Decoder forward passes per example, counting a backward pass as two: every
+        leapfrog step decodes and differentiates each chain (and one pilot per chunk)."""
+        o = self.options
+        return (o.chains + 1) * (1 + 3 * (o.steps - 1) * o.leapfrog_steps)
+
+    def describe(self) -> str:
+        return f"AIS, {self.options.steps} steps x {self.options.chains} chains"
+
+    def estimate(self, model, x: Tensor, generator: torch.Generator | None) -> Estimate:
+        o = self.options
+        result = ais(model, x, steps=o.steps, chains=o.chains, generator=generator,
+                     start=o.start, schedule=o.schedule, leapfrog_steps=o.leapfrog_steps,
+                     target_acceptance=o.target_acceptance)
+        return Estimate(result.per_example, result.mc_stderr, result.pareto_k, result.ess,
+                        {"acceptance": float(result.acceptance.nanmean())})
+
+    def report(self, extras: list[dict]) -> dict:
+        accepted = [e["acceptance"] for e in extras]
+        return {"mean_acceptance": sum(accepted) / len(accepted) if accepted else None}
