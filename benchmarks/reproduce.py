@@ -48,8 +48,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "pythae": {"value": 89.78, "stderr_over_5_repeats": 0.01, "iw_samples": 200,
                    "source": "clementchadebec/benchmark_VAE, examples/scripts/reproducibility/"
                              "README.md (vae.py)"},
-        "binarization_note": "pythae trains on Larochelle's binarized MNIST; here MNIST is "
-                             "binarised by one seeded static draw (not Larochelle's file)",
+        "binarization_note": "the preset trains on Larochelle's binarized MNIST, as pythae; "
+                             "runs with --set data.dataset=mnist use one seeded static draw "
+                             "of MNIST instead (the config in the JSON says which)",
     },
     "mnist-vampprior": {
         "preset": "mnist-vampprior",
@@ -61,8 +62,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "pythae": {"value": 85.79, "stderr_over_5_repeats": 0.00, "iw_samples": 5000,
                    "source": "clementchadebec/benchmark_VAE, examples/scripts/reproducibility/"
                              "README.md (vamp.py)"},
-        "binarization_note": "pythae trains on Larochelle's binarized MNIST; here MNIST is "
-                             "binarised by one seeded static draw (not Larochelle's file)",
+        "binarization_note": "the preset trains on Larochelle's binarized MNIST, as pythae; "
+                             "runs with --set data.dataset=mnist use one seeded static draw "
+                             "of MNIST instead (the config in the JSON says which)",
     },
 }
 

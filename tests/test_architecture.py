@@ -23,7 +23,7 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 LAYERS = [
     {"errors", "registry", "_io", "rng", "schedules", "psis", "threads", "options"},
     {"runtime", "distributed"},
-    {"likelihoods", "priors", "compat", "audit"},
+    {"likelihoods", "priors", "posteriors", "compat", "audit"},
     {"models"},
     {"objectives"},
     {"estimators"},

@@ -484,18 +484,20 @@ def test_keras_hybrids_summary_on_known_runs():
         scipy_stats.levene(tight, [50.0, -50.0], center="median").pvalue, abs=1e-6)
 
 
-#: Real MNIST (the four official files), beside the checkout as on the project's machines.
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+#: Larochelle's binarised MNIST (the .amat.gz files), beside the checkout as on the
+#: project's machines.
+LAROCHELLE_DIR = ROOT.parent / "shared" / "data" / "binarized-mnist"
 
 
 def test_reproduce_smoke_run(tmp_path):
-    """``reproduce.py --epochs 1``: a smoke run of the mnist-vae protocol, marked as such."""
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"needs real MNIST in {MNIST_DIR} (the four official files)")
+    """``reproduce.py --epochs 1``: a smoke run of the mnist-vae protocol (on Larochelle's
+    files, as the preset), marked as such."""
+    if not (LAROCHELLE_DIR / "binarized_mnist_train.amat.gz").is_file():
+        pytest.skip(f"needs Larochelle's binarised MNIST in {LAROCHELLE_DIR}")
     out = tmp_path / "reproduce.json"
     cmd = [sys.executable, str(BENCH / "reproduce.py"), "mnist-vae", "--epochs", "1",
            "--eval-limit", "20", "--set", "data.train_limit=2000", "--data-dir",
-           str(MNIST_DIR), "--run-dir", str(tmp_path / "run"), "--threads", "1",
+           str(LAROCHELLE_DIR), "--run-dir", str(tmp_path / "run"), "--threads", "1",
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

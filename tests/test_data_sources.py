@@ -245,3 +245,59 @@ def test_decompressed_copy_without_content_checksum_is_refused_with_a_hint(tiny,
     with pytest.raises(DataError, match=r"a decompressed copy of tiny cannot be verified: keep "
                                         r"the .gz file"):
         load("tiny", split="test", data_dir=directory)
+
+
+# --------------------------------------------------------------------------- compressed copies
+
+COMPRESSORS = {".gz": gzip.compress, ".xz": lambda b: __import__("lzma").compress(b),
+               ".bz2": lambda b: __import__("bz2").compress(b)}
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESSORS))
+def test_a_registered_file_may_sit_compressed_beside_its_name(tmp_path, monkeypatch, suffix):
+    """Issue 24: Larochelle's files are shipped as binarized_mnist_*.amat.gz; the registry
+    pins the SHA-256 of the .amat files. A compressed copy (.gz, .xz, .bz2) beside the
+    official name is read, verified by its decompressed content, and gives the same images;
+    a copy whose content differs is refused with both hashes."""
+    from vaelab.data.testing import write_amat_dataset
+
+    spec, arrays = write_amat_dataset(tmp_path / "plain", name="tiny-binary")
+    monkeypatch.setitem(DATASETS._entries, "tiny-binary", spec)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in arrays:
+        raw = (tmp_path / "plain" / name).read_bytes()
+        (packed / (name + suffix)).write_bytes(COMPRESSORS[suffix](raw))
+    for split in ("train", "validation", "test"):
+        want = load("tiny-binary", split=split, data_dir=tmp_path / "plain")
+        got = load("tiny-binary", split=split, data_dir=packed)
+        assert (got.images == want.images).all() and got.checksums == want.checksums
+        info = got.metadata["files"][0]
+        assert info["verified"] == sources.VERIFIED_CONTENT
+        assert info["path"].endswith(suffix) and info["checksum_name"].endswith(".amat")
+    bad = packed / f"tiny-binary_test.amat{suffix}"
+    raw = bytearray((tmp_path / "plain" / "tiny-binary_test.amat").read_bytes())
+    raw[0] = ord("1") if raw[0] == ord("0") else ord("0")  # one pixel flipped
+    bad.write_bytes(COMPRESSORS[suffix](bytes(raw)))
+    with pytest.raises(DataError, match="does not match tiny-binary's published checksum"):
+        load("tiny-binary", split="test", data_dir=packed)
+    bad.write_bytes(COMPRESSORS[suffix](bytes(raw))[:-20])  # truncated
+    with pytest.raises(DataError, match="damaged or truncated"):
+        load("tiny-binary", split="test", data_dir=packed)
+
+
+LAROCHELLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                          "binarized-mnist")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LAROCHELLE, "binarized_mnist_test.amat.gz")),
+                    reason="Larochelle's binarized MNIST (.amat.gz) is not in ../shared/data")
+def test_larochelles_compressed_files_verify_against_the_registry():
+    sizes = {"train": 50_000, "validation": 10_000, "test": 10_000}
+    for split, n in sizes.items():
+        images = load("binarized-mnist", split=split, data_dir=LAROCHELLE)
+        assert images.images.shape == (n, 1, 28, 28) and images.levels == 2
+        info = images.metadata["files"][0]
+        assert info["verified"] == sources.VERIFIED_CONTENT and info["path"].endswith(".gz")
+        assert images.metadata["binarization"]["draw"].startswith(
+            "the dataset's official fixed binarisation")

@@ -315,8 +315,30 @@ def test_bad_config_raises_config_error(kwargs, pattern):
         build_model(kind, shape, latent, BernoulliLogits(), **kwargs)
 
 
+#: One row per registered architecture: its options and an event shape it takes.
+MODEL_EXAMPLES = {
+    "mlp": ({"hidden": (8, 4), "gated": True}, (1, 28, 28)),
+    "conv": ({"channels": (4, 8), "blocks": 1, "hidden": (8,)}, (3, 16, 16)),
+}
+
+
+def test_every_model_has_an_example():
+    assert sorted(MODEL_EXAMPLES) == MODELS.names()
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_EXAMPLES))
+def test_every_model_encodes_and_decodes_with_its_options(kind):
+    options, shape = MODEL_EXAMPLES[kind]
+    model = build_model(kind, shape, 3, BernoulliLogits(), **options)
+    x = (torch.rand(2, *shape) > 0.5).float()
+    qz = model.encode(x)
+    assert qz.mean.shape == (2, 3)
+    assert model.decode(qz.rsample()).log_prob(x).shape == (2,)
+    with pytest.raises(ConfigError, match=rf"unknown config key model\.{kind}\.width"):
+        build_model(kind, shape, 3, BernoulliLogits(), width=3)
+
+
 def test_registries_have_what_the_docs_promise():
-    assert MODELS.names() == ["conv", "mlp"]
     assert ACTIVATIONS.names() == sorted(
         ["relu", "tanh", "elu", "gelu", "silu", "softplus", "leaky-relu"]
     )

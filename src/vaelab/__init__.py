@@ -23,7 +23,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 _SUBMODULES = {
     "rng", "config", "schedules", "errors", "registry", "runtime", "distributed", "data",
-    "likelihoods", "models", "objectives", "metrics", "checkpoint", "train", "runs",
+    "likelihoods", "priors", "posteriors", "estimators", "experiment", "options", "models",
+    "objectives", "metrics", "checkpoint", "train", "runs",
     "evaluate", "grids", "plots", "audit", "compat",
 }
 

@@ -20,6 +20,7 @@ section         kind key        kinds (registry)
 ``likelihood``  ``name``        :data:`vaelab.likelihoods.LIKELIHOODS`
 ``prior``       ``name``        :data:`vaelab.priors.PRIORS`
 ``model``       ``kind``        :data:`vaelab.models.MODELS`
+``posterior``   ``flow``        :data:`vaelab.posteriors.FLOWS`
 ``eval``        ``estimator``   :data:`vaelab.estimators.ESTIMATORS`
 ==============  ==============  ============================================================
 
@@ -76,6 +77,7 @@ __all__ = [
     "LikelihoodConfig",
     "ModelConfig",
     "PriorConfig",
+    "PosteriorConfig",
     "ObjectiveConfig",
     "TrainConfig",
     "EvalConfig",
@@ -182,6 +184,18 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+class PosteriorConfig:
+    """q(z|x) beyond the encoder's diagonal Gaussian; see :mod:`vaelab.posteriors`."""
+
+    flow: str = option("none", None, "none (the diagonal Gaussian) | planar (Rezende & "
+                       "Mohamed 2015): a normalizing flow with parameters from the encoder")
+    options: Any = None
+    """The flow's options ([posterior.<flow>]), filled by :func:`from_dict`."""
+    sections: Any = field(default=None, compare=False, repr=False)
+    """Every kind's section given so far (for a later switch of kind; not saved)."""
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     """The training objective. The *reported* ELBO always has beta = 1."""
 
@@ -252,6 +266,7 @@ class RunConfig:
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -263,6 +278,7 @@ SECTIONS: dict[str, type] = {
     "likelihood": LikelihoodConfig,
     "model": ModelConfig,
     "prior": PriorConfig,
+    "posterior": PosteriorConfig,
     "objective": ObjectiveConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
@@ -270,7 +286,7 @@ SECTIONS: dict[str, type] = {
 
 #: The sections that choose a registered kind: section -> the field naming the kind.
 COMPONENTS: dict[str, str] = {"likelihood": "name", "prior": "name", "model": "kind",
-                              "eval": "estimator"}
+                              "posterior": "flow", "eval": "estimator"}
 
 
 def _registry(section: str) -> Any:
@@ -288,6 +304,10 @@ def _registry(section: str) -> Any:
         from .models import MODELS
 
         return MODELS
+    if section == "posterior":
+        from .posteriors import FLOWS
+
+        return FLOWS
     from .estimators import ESTIMATORS
 
     return ESTIMATORS

@@ -185,6 +185,27 @@ def _draw(q: Distribution, num: int, generator: torch.Generator | None,
     return _sample_other(q, num, generator), None
 
 
+def _draw_log_q(q: Distribution, num: int, generator: torch.Generator | None,
+                eps: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(z, eps, log q(z|x))``: :func:`_draw`, and for a posterior that pushes noise through a
+    flow (``q.push(eps) -> (z, log_q)``, :class:`vaelab.posteriors.FlowPosterior`) the exact
+    ``(num, B)`` log-density of its draws, known only there (None for other ``q``: the
+    callers compute it from ``eps`` or ``q.log_prob``). The flow's base noise follows the
+    draw rule of a diagonal Gaussian (block ``s`` is the ``s``-th ``randn((B, L))``)."""
+    if not hasattr(q, "push"):
+        return (*_draw(q, num, generator, eps), None)
+    if eps is None:
+        eps = _standard_normal(num, q.loc.shape, q.loc, generator)
+    elif tuple(eps.shape) != (num, *q.loc.shape):
+        raise ConfigError(
+            f"eps has shape {tuple(eps.shape)} but {num} samples of q(z|x) with loc "
+            f"{tuple(q.loc.shape)} need {(num, *q.loc.shape)}: draw one (B, L) block per sample")
+    eps = eps.to(device=q.loc.device, dtype=q.loc.dtype)
+    z, log_q = q.push(eps)
+    return z, eps, log_q
+
+
 def _sample_other(q: Distribution, num: int,
                   generator: torch.Generator | None) -> torch.Tensor:
     """``rsample`` of a non-Gaussian ``q``, under a seed drawn from ``generator``."""
@@ -233,16 +254,20 @@ def _decoder_log_prob(model, x: torch.Tensor, z: torch.Tensor,
 
 def _log_weights(model, x: torch.Tensor, q: Distribution, prior: Distribution,
                  z: torch.Tensor, eps: torch.Tensor | None = None,
-                 validate: bool | None = None) -> torch.Tensor:
+                 validate: bool | None = None,
+                 log_q: torch.Tensor | None = None) -> torch.Tensor:
     r""":math:`\log p(x|z) + \log p(z) - \log q(z|x)` for ``z`` ``(S, B, L)`` -> ``(S, B)``.
 
     With the noise ``eps`` behind ``z = loc + scale * eps`` (diagonal Gaussian ``q``),
     :math:`\log q = \sum_j -\tfrac12 \epsilon_j^2 - \log \sigma_j - \tfrac12 \log 2\pi`
     is computed from ``eps`` itself: ``q.log_prob(z)`` would recover ``eps`` as
     ``(z - loc) / scale``, which float32 cancellation ruins when ``|loc| / scale`` is large.
-    Values and gradients are the same in exact arithmetic.
+    Values and gradients are the same in exact arithmetic. ``log_q`` (a flow's exact
+    log-density of its own draws, :func:`_draw_log_q`) is used as given.
     """
-    if eps is not None:
+    if log_q is not None:
+        pass
+    elif eps is not None:
         scale = q.base_dist.scale
         log_q = (-0.5 * eps.square() - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
     else:
@@ -323,13 +348,16 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
         raise ConfigError(f"unknown kl mode {kl!r}: choose one of {', '.join(KL_MODES)}")
     q = model.encode(x)
     prior = model.prior(x.device)
-    z = _sample(q, num_samples, generator, eps)
+    z, _, log_q = _draw_log_q(q, num_samples, generator, eps)
     log_px = _decoder_log_prob(model, x, z)
     recon = log_px[0] if num_samples == 1 else log_px.mean(0)  # same value, one op less
     analytic = kl == "analytic" or (
         kl == "auto" and _is_diagonal_normal(q) and _is_diagonal_normal(prior)
     )
-    kl_value, kl_per_dim = _analytic_kl(q, prior) if analytic else _mc_kl(q, prior, z)
+    if log_q is not None:  # a flow: its exact log q at the draws, no per-dimension split
+        kl_value, kl_per_dim = (log_q - prior.log_prob(z)).mean(0), None
+    else:
+        kl_value, kl_per_dim = _analytic_kl(q, prior) if analytic else _mc_kl(q, prior, z)
     return ELBOTerms(recon=recon, kl=kl_value, kl_per_dim=kl_per_dim, elbo=recon - kl_value)
 
 
@@ -521,8 +549,8 @@ def iwae_bound(model, x: torch.Tensor, k: int,
     _check_count("k", k)
     q = model.encode(x)
     prior = model.prior(x.device)
-    z, noise = _draw(q, k, generator, eps)
-    log_w = _log_weights(model, x, q, prior, z, noise)
+    z, noise, log_q = _draw_log_q(q, k, generator, eps)
+    log_w = _log_weights(model, x, q, prior, z, noise, log_q=log_q)
     return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
@@ -585,10 +613,10 @@ def log_likelihood(model, x: torch.Tensor, num_samples: int = 1000,
         weights = WeightDiagnostics(num_samples, x.shape[0], device=x.device)
         for start in range(0, num_samples, chunk_size):
             count = min(chunk_size, num_samples - start)
-            z, noise = _draw(q, count, generator)
+            z, noise, log_q = _draw_log_q(q, count, generator)
             # x is checked against the likelihood with the first chunk only
             weights.update(_log_weights(model, x, q, prior, z, noise,
-                                        validate=None if start == 0 else False))
+                                        validate=None if start == 0 else False, log_q=log_q))
     per_example = weights.log_sum_w - math.log(num_samples)
     mean, stderr = mean_and_stderr(per_example)
     diagnostics = weights.result()

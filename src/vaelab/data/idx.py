@@ -13,8 +13,10 @@ a truncated or padded file is never read "as far as it goes".
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import zlib
 from pathlib import Path
 
@@ -38,6 +40,16 @@ __all__ = [
 
 IDX_UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+BZIP2_MAGIC = b"BZh"
+#: Compressions a dataset file may come in, by magic number: (name, opener, its errors).
+COMPRESSIONS = (
+    (GZIP_MAGIC, "gzip", lambda f: gzip.GzipFile(fileobj=f), (EOFError, OSError, zlib.error)),
+    (XZ_MAGIC, "xz", lzma.LZMAFile, (EOFError, OSError, lzma.LZMAError)),
+    (BZIP2_MAGIC, "bzip2", bz2.BZ2File, (EOFError, OSError, ValueError)),
+)
+#: Suffixes of a compressed copy of a file stored beside its official name.
+COMPRESSED_SUFFIXES = (".gz", ".xz", ".bz2")
 MAX_DECOMPRESSED_BYTES = 1 << 30
 """Largest decompressed size accepted (MNIST's training images are 47,040,016 bytes)."""
 _DTYPE_NAMES = {
@@ -60,28 +72,31 @@ def describe_start(data: bytes) -> str:
 
 
 def decompress(data: bytes, source: str | Path) -> bytes:
-    """Gunzip ``data`` if it starts with the gzip magic number, else return it unchanged.
+    """Decompress ``data`` if it starts with the magic number of gzip, xz or bzip2, else
+    return it unchanged.
 
-    At most :data:`MAX_DECOMPRESSED_BYTES` are produced, so a gzip bomb (a small file
-    that expands to gigabytes) is refused instead of exhausting memory.
+    At most :data:`MAX_DECOMPRESSED_BYTES` are produced, so a bomb (a small file that
+    expands to gigabytes) is refused instead of exhausting memory.
 
     Raises:
-        DataError: a damaged or truncated gzip stream, or one that expands too far.
+        DataError: a damaged or truncated stream, or one that expands too far.
     """
-    if not data.startswith(GZIP_MAGIC):
+    found = next((c for c in COMPRESSIONS if data.startswith(c[0])), None)
+    if found is None:
         return data
+    _, name, opener, errors = found
     limit = MAX_DECOMPRESSED_BYTES
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+        with opener(io.BytesIO(data)) as stream:
             out = stream.read(limit + 1)
-    except (EOFError, OSError, zlib.error) as exc:
+    except errors as exc:
         raise DataError(
-            f"{source} is a damaged or truncated gzip file ({exc}): {_REFETCH}"
+            f"{source} is a damaged or truncated {name} file ({exc}): {_REFETCH}"
         ) from None
     if len(out) > limit:
         raise DataError(
             f"{source} decompresses to more than {limit} bytes, far more than any dataset "
-            f"file vaelab reads (a gzip bomb?): {_REFETCH}"
+            f"file vaelab reads (a {name} bomb?): {_REFETCH}"
         )
     return out
 

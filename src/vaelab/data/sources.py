@@ -24,8 +24,10 @@ published one, or the SHA-256 of its decompressed bytes the published content ha
 :mod:`vaelab.data.registry`). A file that fails is refused with an error naming it, both
 hashes and the fix; vaelab never deletes or overwrites it (not even in the cache), so a
 tampered or damaged file is never trusted silently and never removed behind your back.
-A file may be stored gzip-compressed under its official name or decompressed under the
-name without ``.gz``.
+A file may be stored gzip-compressed under its official name, decompressed under the name
+without ``.gz``, or compressed beside its name (``NAME.gz``, ``NAME.xz``, ``NAME.bz2``,
+e.g. ``binarized_mnist_train.amat.gz``); a compressed copy is verified by the SHA-256 of
+its decompressed bytes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .idx import GZIP_MAGIC, decompress, describe_start
+from .idx import COMPRESSED_SUFFIXES, GZIP_MAGIC, decompress, describe_start
 from .registry import DatasetSpec, RemoteFile
 
 __all__ = [
@@ -164,6 +166,9 @@ def verify_file(remote: RemoteFile, path: Path, dataset: str) -> VerifiedFile:
     content_hash = _sha256(data) if data is not raw else file_hash
     if remote.content_sha256 is not None and content_hash == remote.content_sha256:
         return VerifiedFile(remote, path, data, remote.stem, content_hash, VERIFIED_CONTENT)
+    if data is not raw and remote.name == remote.stem and content_hash == remote.sha256:
+        # a compressed copy of a file published uncompressed (NAME.gz beside NAME)
+        return VerifiedFile(remote, path, data, remote.name, content_hash, VERIFIED_CONTENT)
     if not remote.verifiable:
         if path.name == remote.name and remote.size is not None and len(raw) != remote.size:
             raise DataError(
@@ -193,7 +198,9 @@ def verify_file(remote: RemoteFile, path: Path, dataset: str) -> VerifiedFile:
 
 
 def _find(remote: RemoteFile, directory: Path) -> Path | None:
-    for name in dict.fromkeys((remote.name, remote.stem)):
+    """The official name, the decompressed name, then a compressed copy beside it."""
+    names = (remote.name, remote.stem, *(remote.stem + s for s in COMPRESSED_SUFFIXES))
+    for name in dict.fromkeys(names):
         path = directory / name
         if path.is_file():
             return path

@@ -84,7 +84,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 
 from ..errors import ConfigError
 from ..objectives import (
@@ -287,6 +287,13 @@ class _Path:
             q = model.encode(x)
         self.prior = model.prior(x.device)
         batch = x.shape[0]
+        # A flow posterior (vaelab.posteriors): with start="q", anneal in its base space,
+        # from its Gaussian N(loc, scale) to p(x, f(z0)) |det J_f(z0)|, whose normaliser is
+        # p(x) too; the chains' states are then base points z0.
+        self.flow = q if start == "q" and hasattr(q, "push_base") else None
+        if self.flow is not None:
+            q = Independent(Normal(q.loc, q.scale, validate_args=False), 1,
+                            validate_args=False)
         self.start = q if start == "q" else self.prior.expand(torch.Size([batch]))
         start_std = _diagonal_std(self.start, batch, x)
         q_std = _diagonal_std(q, batch, x)
@@ -300,7 +307,10 @@ class _Path:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             log_start = self.start.log_prob(z)
-            log_joint = _decoder_log_prob(self.model, self.x, z, validate) + self.prior.log_prob(z)
+            point, log_det = (self.flow.push_base(z) if self.flow is not None
+                              else (z, 0.0))
+            log_joint = (_decoder_log_prob(self.model, self.x, point, validate)
+                         + self.prior.log_prob(point) + log_det)
             (grad_start,) = torch.autograd.grad(log_start.sum(), z)
             (grad_joint,) = torch.autograd.grad(log_joint.sum(), z)
         self._validated = True
@@ -554,6 +564,10 @@ def bdmc(model, num_examples: int, *, steps: int, chains: int,
     _check_options(steps, chains, leapfrog_steps, target_acceptance, start, schedule,
                    chunk_size)
     z, x = _simulate(model, num_examples, device, generator)
+    if start == "q" and hasattr(model.encode(x), "push_base"):
+        raise ConfigError("BDMC's reverse chains start at the exact posterior sample z, which "
+                          "a flow posterior would need to invert: use start='prior' "
+                          "(--set eval.ais.start=prior)")
     forward = ais(model, x, steps=steps, chains=chains, generator=generator, start=start,
                   schedule=schedule, leapfrog_steps=leapfrog_steps,
                   target_acceptance=target_acceptance, chunk_size=chunk_size)

@@ -202,6 +202,7 @@ class ConvEncoder(nn.Sequential):
         blocks: residual blocks per stage.
         memory_format: ``"auto"``, ``"channels_last"`` or ``"contiguous"`` (see the module
             docstring).
+        extra: more outputs after the ``2 L`` (a posterior flow's parameters).
     """
 
     def __init__(
@@ -214,6 +215,7 @@ class ConvEncoder(nn.Sequential):
         gated: bool = False,
         blocks: int = 0,
         memory_format: str = "auto",
+        extra: int = 0,
     ) -> None:
         h, w = conv_feature_size(event_shape, channels)
         blocks = _check_blocks(blocks)
@@ -224,7 +226,7 @@ class ConvEncoder(nn.Sequential):
             layers.append(_inplace(make_activation(activation)))
         flat = channels[-1] * h * w
         layers += [nn.Flatten(), *dense_layers((flat, *hidden), activation, gated)]
-        layers.append(nn.Linear(hidden[-1] if hidden else flat, 2 * latent_dim))
+        layers.append(nn.Linear(hidden[-1] if hidden else flat, 2 * latent_dim + extra))
         super().__init__(*layers)
         self.memory_format = _check_layout(memory_format)
 

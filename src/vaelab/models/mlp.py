@@ -91,17 +91,18 @@ def dense_layers(sizes: Sequence[int], activation: str, gated: bool = False) -> 
 
 
 class MLPEncoder(nn.Sequential):
-    """``x (B, *event_shape) -> (B, 2 L)``: flatten, hidden layers, linear head."""
+    """``x (B, *event_shape) -> (B, 2 L + extra)``: flatten, hidden layers, linear head
+    (``extra``: a posterior flow's parameters)."""
 
     def __init__(
         self, event_shape: tuple[int, ...], latent_dim: int, hidden: Sequence[int],
-        activation: str, gated: bool = False,
+        activation: str, gated: bool = False, extra: int = 0,
     ) -> None:
         d = math.prod(event_shape)
         super().__init__(
             nn.Flatten(),
             *dense_layers((d, *hidden), activation, gated),
-            nn.Linear(hidden[-1] if hidden else d, 2 * latent_dim),
+            nn.Linear(hidden[-1] if hidden else d, 2 * latent_dim + extra),
         )
 
 

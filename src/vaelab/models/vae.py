@@ -32,6 +32,7 @@ from torch.distributions import Distribution, Independent, Normal
 from .. import likelihoods
 from ..errors import ConfigError, DataError
 from ..options import boolean, build, non_negative, option, positive_sizes
+from ..posteriors import FlowPosterior, NoFlow, build_flow
 from ..priors import Prior, StandardNormal, build_prior
 from ..registry import Registry
 from .conv import ConvDecoder, ConvEncoder
@@ -81,6 +82,8 @@ class VAE(nn.Module):
         event_shape: shape of one example, e.g. ``(1, 28, 28)``.
         encoder_scale: a name in :data:`ENCODER_SCALES`; see the module docstring.
         prior: the prior module (:mod:`vaelab.priors`); default :math:`N(0, I)`.
+        flow: the posterior flow (:mod:`vaelab.posteriors`); default none: q(z|x) is the
+            diagonal Gaussian. With one, the encoder outputs ``(B, 2 L + P)``.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class VAE(nn.Module):
         event_shape: tuple[int, ...],
         encoder_scale: str = "softplus",
         prior: Prior | None = None,
+        flow: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -103,6 +107,7 @@ class VAE(nn.Module):
         self._scale = ENCODER_SCALES[encoder_scale]
         self._uint8 = getattr(likelihood, "data_kind", None) == "uint8"
         self.prior_module = prior if prior is not None else StandardNormal(latent_dim, event_shape)
+        self.flow = flow if flow is not None and not isinstance(flow, NoFlow) else None
 
     def _float_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in data units -> floats for the encoder (uint8 data divided by 255)."""
@@ -117,8 +122,10 @@ class VAE(nn.Module):
             return x.to(torch.get_default_dtype())
         return x
 
-    def encode(self, x: torch.Tensor) -> Independent:
-        """q(z|x): ``Independent(Normal(loc (B, L), scale (B, L)), 1)``.
+    def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z|x): ``Independent(Normal(loc (B, L), scale (B, L)), 1)``, or with a flow a
+        :class:`~vaelab.posteriors.FlowPosterior` (that Gaussian pushed through the flow
+        with the parameters the encoder outputs for ``x``).
 
         Args:
             x: ``(B, *event_shape)`` in the likelihood's data units.
@@ -126,16 +133,26 @@ class VAE(nn.Module):
         Raises:
             DataError: ``x`` does not have the model's event shape.
         """
-        loc, scale = self._loc_scale(self._float_input(x))
+        loc, scale, params = self._encoded(self._float_input(x))
+        if self.flow is not None:
+            return FlowPosterior(loc, scale, self.flow, params)
         return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
-    def _loc_scale(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder ``(loc (B, L), scale (B, L))`` of float inputs in [0, 1] units."""
+    def _encoded(self, inputs: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Encoder ``(loc (B, L), scale (B, L), flow parameters (B, P) or None)``."""
         out = self.encoder(inputs)
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()  # under autocast: the KL and log q stay float32
-        loc, raw = out.chunk(2, dim=-1)
-        return loc, self._scale(raw)
+        latent = self.latent_dim
+        loc, raw = out[..., :latent], out[..., latent:2 * latent]
+        params = out[..., 2 * latent:] if self.flow is not None else None
+        return loc, self._scale(raw), params
+
+    def _loc_scale(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder ``(loc (B, L), scale (B, L))`` of float inputs in [0, 1] units."""
+        loc, scale, _ = self._encoded(inputs)
+        return loc, scale
 
     def decode(self, z: torch.Tensor) -> Any:
         """p(x|z): the likelihood family's distribution for ``z (N, L)``."""
@@ -219,21 +236,21 @@ class ConvOptions:
 
 @MODELS.register("mlp", options=MLPOptions)
 def _mlp(event_shape, latent_dim, params_per_channel, activation, hidden, gated,
-         memory_format="auto"):
+         memory_format="auto", extra=0):
     """Fully connected encoder/decoder (``memory_format`` is unused)."""
-    encoder = MLPEncoder(event_shape, latent_dim, hidden, activation, gated)
+    encoder = MLPEncoder(event_shape, latent_dim, hidden, activation, gated, extra)
     decoder = MLPDecoder(event_shape, latent_dim, params_per_channel, hidden, activation, gated)
     return encoder, decoder
 
 
 @MODELS.register("conv", options=ConvOptions)
 def _conv(event_shape, latent_dim, params_per_channel, activation, channels, blocks, hidden,
-          gated, memory_format="auto"):
+          gated, memory_format="auto", extra=0):
     """Stride-2 conv stages with ``blocks`` residual blocks each, the transposed-conv mirror;
     ``hidden`` are dense layers between (see :mod:`vaelab.models.conv`)."""
     channels = check_sizes("channels", channels, allow_empty=False)
     encoder = ConvEncoder(event_shape, latent_dim, channels, hidden, activation, gated,
-                          blocks, memory_format)
+                          blocks, memory_format, extra)
     decoder = ConvDecoder(event_shape, latent_dim, params_per_channel, channels, hidden,
                           activation, gated, blocks, memory_format)
     return encoder, decoder
@@ -250,6 +267,8 @@ def build_model(
     init: str = "torch",
     prior: str = "normal",
     prior_options: dict[str, Any] | None = None,
+    flow: str = "none",
+    flow_options: dict[str, Any] | None = None,
     memory_format: str = "auto",
     **options: Any,
 ) -> VAE:
@@ -266,6 +285,9 @@ def build_model(
         init: a weight initialisation in :data:`~vaelab.models.init.INITS`.
         prior: a name in :data:`~vaelab.priors.PRIORS`; ``prior_options`` its options
             (``[prior.<name>]``, e.g. ``{"components": 500}``).
+        flow: the posterior flow, a name in :data:`~vaelab.posteriors.FLOWS` (``none``: the
+            diagonal Gaussian); ``flow_options`` its options (``[posterior.<flow>]``); the
+            encoder outputs the flow's parameters after ``loc`` and the raw scale.
         memory_format: layout the convolutions run in: ``"auto"`` (channels_last on CPU,
             contiguous elsewhere), ``"channels_last"`` or ``"contiguous"`` (conv only; see
             :mod:`vaelab.models.conv`).
@@ -287,21 +309,28 @@ def build_model(
     if not isinstance(p, int) or p < 1:
         raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
     INITS[init]  # unknown names fail before anything is built
+    flow_module = build_flow(flow, **(flow_options or {}))
+    if flow != "none" and prior == "vampprior":
+        raise ConfigError("the VampPrior is a mixture of q(z|u_k), whose density a flow "
+                          "posterior knows only at its own samples: use posterior.flow = none "
+                          "with the VampPrior, or another prior with the flow")
     encoder, decoder = builder(event_shape, latent_dim, p, activation,
-                               **dataclasses.asdict(chosen), memory_format=memory_format)
+                               **dataclasses.asdict(chosen), memory_format=memory_format,
+                               extra=flow_module.num_params(latent_dim))
     initialise(encoder, init)
     initialise(decoder, init)
     prior_module = build_prior(prior, latent_dim, event_shape, **(prior_options or {}))
     return VAE(encoder, decoder, likelihood, latent_dim, event_shape, encoder_scale,
-               prior_module)
+               prior_module, flow_module)
 
 
 def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module,
-                prior: Any = None) -> VAE:
+                prior: Any = None, posterior: Any = None) -> VAE:
     """Build from a run config's ``[model]`` section (a
     :class:`~vaelab.config.ModelConfig`: ``kind``, ``latent_dim``, ``activation``,
     ``encoder_scale``, ``init`` and the kind's ``options``) and optionally its ``[prior]``
-    section (``name`` and ``options``; default: the standard normal)."""
+    section (``name`` and ``options``; default: the standard normal) and its
+    ``[posterior]`` section (``flow`` and ``options``; default: no flow)."""
     return build_model(
         config.kind,
         event_shape,
@@ -312,6 +341,8 @@ def from_config(config: Any, event_shape: Sequence[int], likelihood: nn.Module,
         init=config.init,
         prior=prior.name if prior is not None else "normal",
         prior_options=dataclasses.asdict(prior.options) if prior is not None else None,
+        flow=posterior.flow if posterior is not None else "none",
+        flow_options=dataclasses.asdict(posterior.options) if posterior is not None else None,
         memory_format=getattr(config, "memory_format", "auto"),
         **dataclasses.asdict(config.options),
     )
@@ -322,7 +353,7 @@ def build_from_config(cfg: Any, event_shape: Sequence[int]) -> VAE:
     examples of ``event_shape`` (C, H, W): the likelihood ``cfg.likelihood``, the model
     ``cfg.model`` and the prior ``cfg.prior``."""
     family = likelihoods.get(cfg.likelihood.name, **dataclasses.asdict(cfg.likelihood.options))
-    return from_config(cfg.model, event_shape, family, cfg.prior)
+    return from_config(cfg.model, event_shape, family, cfg.prior, cfg.posterior)
 
 
 def num_parameters(module: nn.Module) -> int:
