@@ -42,7 +42,9 @@ input of pythae's Sigmoid), checked against pythae's per-example NELBO with the 
 float32; vaelab's exact logits form against pythae in float64; both must agree within
 2^-16 relative, a float32 sum's rounding), and scored on the 10,000 test images with
 ``vaelab.evaluate.evaluate(model, test, iw_samples=K)`` for K = 200 and 5000 (NLL by
-importance sampling with q(z|x), NELBO, standard errors; seed 0).
+importance sampling with q(z|x), NELBO, standard errors; seed 0) and with vaelab's default
+estimator (``auto``: K = 1,000 corrected by AIS on 200 random test images, with its
+verdict).
 
 Resume state (``--state-dir``, default ``benchmarks/resume/pythae-vae/``; about 11 MB):
 ``state.pt`` (tensors and plain values only, ``torch.load(weights_only=True)``: epoch, model,
@@ -593,24 +595,27 @@ def _mapping_check(state_dir: Path, best: dict[str, Any], test) -> dict[str, Any
     return out
 
 
-def _score(state_dir: Path, best: dict[str, Any], test, k: int, key: dict[str, Any],
+def _score(state_dir: Path, best: dict[str, Any], test, k: int | None, key: dict[str, Any],
            threads: int) -> dict[str, Any]:
-    """``vaelab.evaluate.evaluate`` at ``iw_samples=k`` (cached in ``vaelab_k{k}.json``)."""
+    """``vaelab.evaluate.evaluate`` at ``iw_samples=k``, or with vaelab's default estimator
+    (``auto``) for ``k=None`` (cached in ``vaelab_k{k}.json`` / ``vaelab_default.json``)."""
     from vaelab import evaluate as veval
 
-    cache = state_dir / f"vaelab_k{k}.json"
+    what = f"K={k}" if k else "default"
+    cache = state_dir / (f"vaelab_k{k}.json" if k else "vaelab_default.json")
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
-            print(f"vaelab K={k}: reusing {cache}", flush=True)
+            print(f"vaelab {what}: reusing {cache}", flush=True)
             return cached
-    print(f"vaelab K={k}: scoring {len(test)} test images", flush=True)
+    print(f"vaelab {what}: scoring {len(test)} test images", flush=True)
     started = time.perf_counter()
-    report = veval.evaluate(_vaelab_model(best), test, iw_samples=k, seed=0, batch_size=100)
+    how = {"iw_samples": k} if k else {"estimator": "auto"}
+    report = veval.evaluate(_vaelab_model(best), test, seed=0, batch_size=100, **how)
     out = {"key": key, "seconds": round(time.perf_counter() - started, 2), "threads": threads,
            "report": report}
     _atomic_write_text(cache, json.dumps(out, indent=2) + "\n")
-    print(f"vaelab K={k}: nll {report['nll']:.4f} +- {report['nll_stderr']:.4f}, nelbo "
+    print(f"vaelab {what}: nll {report['nll']:.4f} +- {report['nll_stderr']:.4f}, nelbo "
           f"{report['nelbo']:.4f} ({out['seconds']} s)", flush=True)
     return out
 
@@ -726,6 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
           flush=True)
     key = {"epoch": state["epoch"], "best_epoch": state["best_epoch"], "n_test": len(test)}
     scores = {f"k{k}": _score(state_dir, best, test, k, key, args.threads) for k in K_VALUES}
+    scores["default"] = _score(state_dir, best, test, None, key, args.threads)
     curve = state["curve"]
     best_row = next(r for r in curve if r["epoch"] == state["best_epoch"])
     reports = {k: s["report"] for k, s in scores.items()}
@@ -780,7 +786,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             k: {f: r.get(f) for f in ("nll", "nll_stderr", "nll_mc_stderr", "iw_samples",
                                        "nelbo", "nelbo_stderr", "recon", "kl", "gap",
                                        "active_units", "bits_per_dim", "pareto_k",
-                                       "ess_median", "warnings", "n_examples")}
+                                       "ess_median", "warnings", "n_examples",
+                                       "verdict")}
             | {"seconds": scores[k]["seconds"]}
             for k, r in reports.items()},
         "vaelab_full_reports": reports,

@@ -96,7 +96,10 @@ def tiny_overrides(**extra: object) -> list[str]:
         "train.epochs": 2,
         "train.batch_size": 64,
         "train.eval_batch_size": 256,
-        "eval.is.samples": 20,
+        "eval.auto.samples": 20,  # the default estimator, with a small AIS check
+        "eval.auto.check_examples": 8,
+        "eval.auto.check_steps": 5,
+        "eval.auto.check_chains": 4,
         "eval.batch_size": 100,
         "model.hidden": "64",
         "model.latent_dim": 4,

@@ -432,10 +432,10 @@ ROWS: dict[str, Row] = {
                                     ("objective.samples must be positive, got 0", "> 0")),
     "zero importance samples (train)": Row(
         ["train", *FAST, "--iw-samples", "0", "--out", "{out}"],
-        ("eval.is.samples must be positive, got 0", "> 0")),
+        ("eval.auto.samples must be positive, got 0", "> 0")),
     "negative importance samples (eval)": Row(
         ["eval", "{run}", "--iw-samples", "-5"],
-        ("eval.is.samples must be positive, got -5", "give a value > 0"), run="a"),
+        ("samples must be positive, got -5", "give a value > 0"), run="a"),
     "beta < 0": Row(["train", *FAST, "--beta", "-0.5", "--out", "{out}"],
                     ("objective.beta must be >= 0, got -0.5", "give a value >= 0")),
     "zero learning rate": Row(["train", *FAST, "--lr", "0", "--out", "{out}"],

@@ -498,15 +498,48 @@ def test_reproduce_smoke_run(tmp_path):
     cmd = [sys.executable, str(BENCH / "reproduce.py"), "mnist-vae", "--epochs", "1",
            "--eval-limit", "20", "--set", "data.train_limit=2000", "--data-dir",
            str(LAROCHELLE_DIR), "--run-dir", str(tmp_path / "run"), "--threads", "1",
+           "--eval-set", "eval.auto.check_examples=5", "--eval-set", "eval.auto.check_steps=10",
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["smoke"] is True and r["epochs_trained"] == 1 and r["budget_epochs"] is None
-    assert [t["iw_samples"] for t in r["test"]] == [200, 5000]
+    assert [(t["estimator"], t["iw_samples"]) for t in r["test"]] == [
+        ("is", 200), ("is", 5000), ("auto", None)]
+    assert r["test"][2]["report"]["estimator"]["correction"]["examples"] == 5
     assert all(t["n_examples"] == 20 and math.isfinite(t["nll"]) for t in r["test"])
     # the importance-sampled NLL is below the NELBO of the same images (Jensen)
     assert all(t["nll"] <= t["nelbo"] + 3 * t["nll_stderr"] for t in r["test"])
     assert r["published"]["value"] == 89.9 and r["pythae"]["value"] == 89.78
     assert r["config"]["data"]["binarize"] == "static" and len(r["curve"]) == 1
     assert any("--epochs 1" in c for c in r["commands"])
+
+
+def test_estimators_benchmark(tiny_npz, tmp_path):
+    """``estimators.py`` on a 2-D latent model trained for one epoch: every row is written,
+    quadrature is the reference, and the AIS ladder stops when two rungs agree."""
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "vaelab", "train", "--dataset", str(tiny_npz), "--out",
+             str(run), "--epochs", "1", "--latent-dim", "2", "--no-report",
+             "--set", "model.hidden=32", "--set", "data.validation_size=40"]
+    done = subprocess.run(train, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "estimators.json"
+    cmd = [sys.executable, str(BENCH / "estimators.py"), str(run), "--examples", "6",
+           "--reference-steps", "20", "--max-steps", "80", "--tolerance", "5", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    entry = json.loads(out.read_text())["run"]
+    names = [row["estimator"] for row in entry["rows"]]
+    assert names[:4] == ["default", "quadrature", "is-1000", "is-5000"]
+    assert names[4:] == ["ais-20", "ais-40"]  # 20 and 40 steps agree within 5 nats
+    assert entry["reference"] == {"estimator": "quadrature", "nll": entry["rows"][1]["nll"],
+                                  "converged": "exact"}
+    default, exact = entry["rows"][0], entry["rows"][1]
+    assert default["verdict"]["status"] == "exact" and default["nll"] == exact["nll"]
+    for row in entry["rows"]:
+        assert row["examples"] == 6 and row["seconds"] > 0
+        assert row["minus_reference"] == pytest.approx(row["nll"] - exact["nll"], abs=1e-12)
+    # importance sampling on a 2-D latent space is close to exact with 5,000 samples
+    assert abs(entry["rows"][3]["minus_reference"]) < 0.5
+    assert entry["machine"]["cores"] >= 1

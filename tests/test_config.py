@@ -54,8 +54,8 @@ def test_toml_round_trip(preset):
         ("train.epochs=0", "train.epochs must be positive, got 0: give a value > 0"),
         ("train.batch_size=-4", "train.batch_size must be positive, got -4"),
         ("model.latent_dim=0", "model.latent_dim must be positive"),
-        ("eval.iw_samples=0", "eval.is.samples must be positive, got 0"),
-        ("eval.is.samples=0", "eval.is.samples must be positive, got 0"),
+        ("eval.iw_samples=0", "eval.auto.samples must be positive, got 0"),
+        ("eval.auto.samples=0", "eval.auto.samples must be positive, got 0"),
         ("objective.samples=0", "objective.samples must be positive"),
         ("objective.beta=-0.5", r"objective.beta must be >= 0, got -0.5: give a value >= 0"),
         ("train.epochs=ten", "train.epochs = 'ten' is not a valid int"),
@@ -207,8 +207,10 @@ seed = 0
 def test_a_config_of_the_old_format_is_migrated_when_read():
     old = c.tomllib.loads(OLD_FORMAT)
     cfg = c.from_dict(old, saved=True)
-    # (the preset trains on Larochelle's file now; this run used the seeded draw of MNIST)
-    assert cfg == c.resolve(preset="mnist-vampprior", overrides=["data.dataset=mnist"])
+    # (the preset trains on Larochelle's file now, and estimates with auto; this run used the
+    # seeded draw of MNIST and importance sampling, as vaelab 0.1.0 did)
+    assert cfg == c.resolve(preset="mnist-vampprior", overrides=[
+        "data.dataset=mnist", "eval.estimator=is", "eval.is.samples=5000"])
     # a user's config in the old layout is read too, but an option the kind does not have
     # is an error there (it was one before: "the normal prior has no components")
     with pytest.raises(ConfigError, match="model.channels is an option of the conv model"):

@@ -14,9 +14,10 @@ import math
 
 import pytest
 import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
 
 from ppca import PPCA, D
-from vaelab import likelihoods
+from vaelab import likelihoods, rng
 from vaelab.errors import ConfigError
 from vaelab.estimators import (
     SCHEDULES,
@@ -219,14 +220,43 @@ def test_bad_options_are_refused_with_the_rule():
 
 # --------------------------------------------------------------------------- the registry
 
-#: One row per registered estimator: its options on pPCA with an encoder 1.5x too wide and
-#: shifted by 0.2 (seed 0). Through vaelab.metrics.nll_metrics (the path of every report),
-#: the split mean must land within 3 of its Monte-Carlo standard errors of the closed form
-#: and every example within 1 nat, with per-example standard errors below 0.2 nats (so the
-#: check has power).
+class LinearGaussian(PPCA):
+    """pPCA with a latent space of ``latent`` dimensions (1 or 2: quadrature's domain)."""
+
+    def __init__(self, latent: int, width: float = 1.5, shift: float = 0.2) -> None:
+        super().__init__(width=width, shift=shift)
+        self.w = self.w[:, :latent].clone()
+        self.latent_dim = latent
+        self.offset = self.offset[:latent]
+
+    def posterior(self, x):
+        latent = self.latent_dim
+        m = self.w.T @ self.w + 0.25 * torch.eye(latent, dtype=torch.float64)  # SIGMA = 0.5
+        mean = torch.linalg.solve(m, self.w.T @ (x - self.mu).T).T
+        return mean, 0.25 * torch.linalg.inv(m)
+
+    def prior(self, device):
+        zeros = torch.zeros(self.latent_dim, dtype=torch.float64, device=device)
+        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+    def log_px(self, x):
+        cov = self.w @ self.w.T + 0.25 * torch.eye(D, dtype=torch.float64)
+        return MultivariateNormal(self.mu, covariance_matrix=cov).log_prob(x)
+
+
+#: One row per registered estimator: its options, and the model it is checked on: pPCA with
+#: an encoder 1.5x too wide and shifted by 0.2 (seed 0; the latent space quadrature takes
+#: for quadrature). Through vaelab.metrics.nll_metrics (the path of every report), the split
+#: mean must land within 3 of its stated standard errors of the closed form and every
+#: example within 1 nat, with per-example errors below 0.2 nats (so the check has power).
 ESTIMATOR_EXAMPLES = {
-    "is": {"samples": 2000},
-    "ais": {"steps": 50, "chains": 16, "leapfrog_steps": 5},
+    "is": ({"samples": 2000}, lambda: PPCA(width=1.5, shift=0.2)),
+    "ais": ({"steps": 50, "chains": 16, "leapfrog_steps": 5}, lambda: PPCA(width=1.5, shift=0.2)),
+    "quadrature": ({}, lambda: LinearGaussian(2)),
+    "is-ais": ({"samples": 500, "check_examples": 6, "check_steps": 200, "check_chains": 8},
+               lambda: PPCA(width=1.5, shift=0.2)),
+    "auto": ({"samples": 500, "check_examples": 6, "check_steps": 200, "check_chains": 8},
+             lambda: PPCA(width=1.5, shift=0.2)),
 }
 
 
@@ -240,16 +270,125 @@ def test_every_estimator_has_an_example():
 def test_every_estimator_matches_the_closed_form(name):
     from vaelab import estimators, metrics
 
-    model, x = PPCA(width=1.5, shift=0.2), data(12)
-    est = estimators.get(name, **ESTIMATOR_EXAMPLES[name])
+    options, make = ESTIMATOR_EXAMPLES[name]
+    model, x = make(), data(12)
+    est = estimators.get(name, **options)
     result = metrics.nll_metrics(model, x, estimator=est, batch_size=6, seed=0,
                                  per_example=True)
     truth = -model.log_px(x)
     err = result["per_example_nll"] - truth
-    one = est.estimate(model, x[:6], gen(0))
+    one = (est.for_model(model) if hasattr(est, "for_model") else est).estimate(
+        model, x[:6], gen(0))
     assert one.log_likelihood.shape == one.mc_stderr.shape == (6,)
     assert (one.mc_stderr < 0.2).all()  # the check has power
     assert abs(result["nll"] - float(truth.mean())) < 3 * result["nll_mc_stderr"] + 1e-3
     assert err.abs().max() < 1.0
     assert result["estimator"]["name"] == name and result["estimator"]["description"]
     assert est.cost >= est.samples >= 1
+
+
+@pytest.mark.parametrize("latent", [1, 2])
+def test_quadrature_is_exact_on_the_linear_gaussian_model(latent):
+    """log p(x) of pPCA is closed form: quadrature must give it to 1e-8 nats (a smooth
+    integrand), from an encoder that is far off (the locating grid finds the mass, not q)."""
+    from vaelab import estimators
+
+    model = LinearGaussian(latent, width=4.0, shift=2.5)
+    x = data(5)
+    result = estimators.get("quadrature", tolerance=1e-9).estimate(model, x, None)
+    torch.testing.assert_close(result.log_likelihood, model.log_px(x), rtol=0, atol=1e-8)
+    assert (result.mc_stderr < 1e-9).all() and result.extras["unconverged"] == 0
+    assert torch.isnan(result.pareto_k).all()
+    with pytest.raises(ConfigError, match="it takes at most 2"):
+        estimators.get("quadrature").estimate(PPCA(), x, None)
+
+
+def test_the_two_phase_estimate_corrects_a_biased_importance_sampler():
+    """pPCA with an encoder 3x too narrow: importance sampling is biased high in NLL with a
+    standard error that hides it; AIS on a subsample measures the bias, and the corrected
+    mean lands on the closed form within the stated uncertainty."""
+    from vaelab import estimators, metrics
+
+    model, x = PPCA(width=0.3), data(40, seed=3)
+    truth = -float(model.log_px(x).mean())
+    plain = metrics.nll_metrics(model, x, estimator="is", samples=200, batch_size=10, seed=0)
+    assert plain["nll"] - truth > 5 * plain["nll_mc_stderr"]  # the bias the issue measured
+    est = estimators.get("is-ais", samples=200, check_examples=20, check_steps=800,
+                         check_chains=8)
+    fixed = metrics.nll_metrics(model, x, estimator=est, batch_size=10, seed=0)
+    c = fixed["estimator"]["correction"]
+    assert c["examples"] == 20 and c["mean"] > 0
+    assert abs(fixed["nll"] - truth) < 3 * fixed["nll_mc_stderr"]
+    assert abs(fixed["nll"] - truth) < abs(plain["nll"] - truth) / 3
+    # AIS with half the steps: a drift that is small and stated with its standard error
+    assert c["drift"]["steps"] == 400 and abs(c["drift"]["mean"]) < 0.05
+    assert 0 < c["drift"]["stderr"] < 0.05
+    # phase 1's values of the checked examples are the ones it reported for them
+    per = metrics.nll_metrics(model, x, estimator=est, batch_size=10, seed=0, per_example=True)
+    order = torch.randperm(40, generator=rng.seeded_generator(0, rng.Purpose.EVAL_CHECK))[:20]
+    assert c["is_nll"] == pytest.approx(float(per["per_example_nll"][order].mean()), abs=1e-9)
+    assert per["nll"] == fixed["nll"]  # and the whole is a function of the seed
+
+
+def _verdict(**estimator):
+    from vaelab import evaluate
+
+    report = {"nll": 90.0, "latent_dim": 2, "estimator": estimator,
+              "pareto_k": {"fraction_above": 0.2, "threshold": 0.7, "warn": True}}
+    return evaluate.verdict(report)
+
+
+def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
+    from vaelab import evaluate
+
+    exact = _verdict(name="quadrature", tolerance=1e-6, largest_change=3e-8, unconverged=0)
+    assert exact["status"] == "exact" and "2-D latent space" in exact["text"]
+    assert _verdict(name="quadrature", tolerance=1e-6, largest_change=0.1,
+                    unconverged=3)["status"] == "not verified"
+
+    def corrected(stderr, drift):
+        return _verdict(name="auto", samples=1000, correction={
+            "examples": 200, "mean": 0.3, "stderr": stderr,
+            "ais": {"steps": 1000, "chains": 4, "leapfrog_steps": 1},
+            "drift": {"steps": 500, "mean": drift, "stderr": 0.01}})
+
+    ok = corrected(0.02, 0.01)
+    assert ok["status"] == "converged"
+    assert "corrected by -0.300 ± 0.020 nats" in ok["text"] and "200 random" in ok["text"]
+    assert "check_examples" in corrected(0.2, 0.01)["text"]
+    assert corrected(0.2, 0.01)["status"] == "uncertain"
+    assert "raise eval.auto.check_steps" in corrected(0.02, 0.3)["text"]
+    plain = _verdict(name="is", samples=1000)
+    assert plain["status"] == "unreliable" and "20.0%" in plain["text"]
+    assert evaluate.verdict({"nll": None})["status"] == "no nll"
+
+
+def test_auto_scales_its_samples_down_for_a_costly_decoder():
+    """``auto`` budgets decoder FLOPs per example: an MLP decoder keeps K = 1,000 and the
+    200-example check; a conv decoder 13x as costly gets K and the check scaled down (to
+    their floors), says so in its description and keeps what the user asked below them."""
+    from vaelab import estimators
+
+    family = likelihoods.get("bernoulli")
+    mlp = build_model("mlp", (1, 28, 28), 16, family, hidden=[512, 256])
+    # the counted FLOPs are the decoder's matmuls: 2 * (16*256 + 256*512 + 512*784)
+    assert estimators.decoder_flops(mlp) == 2 * (16 * 256 + 256 * 512 + 512 * 784)
+    kept = estimators.get("auto").for_model(mlp)
+    assert (kept.samples, kept.check_examples, kept.scaled_for) == (1000, 200, None)
+
+    conv = build_model("conv", (1, 28, 28), 16, family, channels=[32, 64])
+    flops = estimators.decoder_flops(conv)
+    assert flops > 10 * 2 * (16 * 256 + 256 * 512 + 512 * 784)
+    scaled = estimators.get("auto").for_model(conv)
+    assert scaled.samples < 1000 and scaled.check_examples < 200
+    assert scaled.samples >= 100 and scaled.check_examples >= 50
+    # K in proportion to the budget: 2 GFLOP over what the unscaled estimate would need
+    needed = flops * estimators.TwoPhase(estimators.TwoPhaseOptions()).cost_for(10_000)
+    assert scaled.samples == max(100, round(1000 * 2e9 / needed))
+    assert scaled.check_examples == max(50, round(200 * 2e9 / needed))
+    assert "scaled down from K=1000" in scaled.describe()
+    assert "budget_gflop" in scaled.describe()
+    small = estimators.get("auto", samples=10, check_examples=0).for_model(conv)
+    assert (small.samples, small.check_examples) == (10, 0)
+    generous = estimators.get("auto", budget_gflop=1e6).for_model(conv)
+    assert (generous.samples, generous.check_examples) == (1000, 200)

@@ -27,6 +27,10 @@ def _folder(root, size=(20, 24), colour=False, binary=False, per_class=12):
     return root
 
 
+#: the default estimator's AIS check kept small (its cost is not what these tests test)
+_SMALL_CHECK = ("--set", "eval.auto.check_steps=5", "--set", "eval.auto.check_chains=2")
+
+
 def _vaelab(*args, capsys):
     """``vaelab ARGS`` in this process: (exit status, stdout, stderr)."""
     threads = torch.get_num_threads()
@@ -44,7 +48,7 @@ def test_a_folder_trains_reports_evaluates_every_split_and_plots(tmp_path, capsy
     code, out, err = _vaelab("train", "--dataset", str(folder), "--image-size", "16", "--epochs", "1",
                   "--set", "data.validation_size=4", "--set", "train.batch_size=8",
                   "--set", "train.threads=1", "--set", "likelihood.discretized-logistic-mixture.components=2",
-                  "--set", "model.latent_dim=4", "--iw-samples", "30", "--out", str(run),
+                  "--set", "model.latent_dim=4", "--iw-samples", "30", *_SMALL_CHECK, "--out", str(run),
                   capsys=capsys)
     assert code == 0, err
     assert ("vaelab: 8-bit colour images: no binarisation, the discretized-logistic-mixture "
@@ -117,8 +121,8 @@ def test_each_split_is_loaded_once_per_command(tmp_path, capsys, monkeypatch):
     code, _, err = _vaelab("train", "--dataset", str(folder), "--image-size", "32",
                            "--epochs", "1", "--set", "data.validation_size=4",
                            "--set", "train.batch_size=8", "--set", "train.threads=1",
-                           "--set", "model.latent_dim=4", "--iw-samples", "5", "--out",
-                           str(run), capsys=capsys)
+                           "--set", "model.latent_dim=4", "--iw-samples", "5", *_SMALL_CHECK,
+                           "--out", str(run), capsys=capsys)
     assert code == 0, err
     assert sorted(counts["load"]) == ["test", "train", "validation"]
     assert len(counts["folder"]) == 3  # one listing per split (the decode is cached)

@@ -69,7 +69,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help=f"(default: {_D.train.seed})")
     p.add_argument("--device", help=f"auto | cpu | cuda[:N] (default: {_D.train.device})")
     p.add_argument("--iw-samples", type=int, help="importance samples K for the final test "
-                   "NLL (eval.is.samples; default 1000)")
+                   "NLL (the estimator's samples, e.g. eval.auto.samples; default 1000)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set model.mlp.hidden=400 or "
                    "--set prior.vampprior.components=50 (repeatable)")
@@ -88,12 +88,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "validation", "test", "all"),
                    help="a split of the run's data; all: every example of your own file or "
                    "folder (default: test)")
-    p.add_argument("--estimator", help="how -log p(x) is estimated (eval.estimator): is "
-                   "(importance sampling with q(z|x), --iw-samples) or ais (annealed importance "
-                   "sampling with HMC, --ais-steps x --ais-chains) (default: the run's)")
+    p.add_argument("--estimator", help="how -log p(x) is estimated (eval.estimator): auto "
+                   "(exact quadrature for 1-2 latent dimensions, else importance sampling "
+                   "corrected by AIS on a subsample), quadrature, is-ais, is (importance "
+                   "sampling alone), ais (--ais-steps x --ais-chains) (default: the run's)")
     p.add_argument("--iw-samples", type=int,
-                   help="importance samples per example (eval.is.samples); 5000 is the IWAE "
-                   "paper protocol (default: the run's, 1000 unless its preset sets another)")
+                   help="importance samples per example (the estimator's samples); 5000 is "
+                   "the IWAE paper protocol (default: the run's, 1000 unless its preset sets "
+                   "another)")
     p.add_argument("--ais-steps", type=int, help="AIS annealing steps (eval.ais.steps; "
                    "default 100)")
     p.add_argument("--ais-chains", type=int, help="AIS chains per example, >= 25 for its "
@@ -224,8 +226,8 @@ def _train_flags(args: argparse.Namespace) -> dict[str, Any]:
     for (section, key), value in mapping.items():
         if value is not None:
             layer.setdefault(section, {})[key] = value
-    if args.iw_samples is not None:
-        layer.setdefault("eval", {})["is"] = {"samples": args.iw_samples}
+    if args.iw_samples is not None:  # the chosen estimator's samples (auto, is-ais, is)
+        layer.setdefault("eval", {})["samples"] = args.iw_samples
     return layer
 
 
@@ -280,8 +282,8 @@ def _eval_layer(args: argparse.Namespace) -> dict[str, Any]:
                        ("seed", args.seed)):
         if value is not None:
             section[key] = value
-    if args.iw_samples is not None:
-        section["is"] = {"samples": args.iw_samples}
+    if args.iw_samples is not None:  # the chosen estimator's samples (auto, is-ais, is)
+        section["samples"] = args.iw_samples
     ais = {k: v for k, v in (("steps", args.ais_steps), ("chains", args.ais_chains))
            if v is not None}
     if ais:

@@ -250,8 +250,10 @@ class TrainConfig:
 class EvalConfig:
     """The final report of `vaelab train` (and the defaults of `vaelab eval`)."""
 
-    estimator: str = option("is", None, "how -log p(x) is estimated "
-                            "(vaelab.estimators.ESTIMATORS): is | ais")
+    estimator: str = option("auto", None, "how -log p(x) is estimated "
+                            "(vaelab.estimators.ESTIMATORS): auto (exact quadrature for 1-2 "
+                            "latent dimensions, else importance sampling corrected by AIS on "
+                            "a subsample) | quadrature | is-ais | is | ais")
     batch_size: int = option(100, positive, "examples per evaluation batch")
     seed: int = option(0, None, "seed of the evaluation's draws")
     options: Any = None
@@ -351,7 +353,7 @@ _LEGACY: dict[str, dict[str, tuple[Any, str]]] = {
     "model": {"hidden": ([512, 256], "hidden"), "channels": ([32, 64], "channels"),
               "blocks": (0, "blocks"), "gated": (False, "gated")},
     "prior": {"components": (None, "components")},
-    "eval": {"iw_samples": (None, "samples")},
+    "eval": {"iw_samples": (None, "samples")},  # saved runs: estimator "is" (see from_dict)
 }
 
 
@@ -399,6 +401,8 @@ def _component(section: str, values: dict[str, Any], base: Any, saved: bool) -> 
     """The section's dataclass from ``values`` over ``base``, with the chosen kind's options."""
     cls = SECTIONS[section]
     kind_key = COMPONENTS[section]
+    if saved and section == "eval" and "iw_samples" in values and "estimator" not in values:
+        values = {**values, "estimator": "is"}  # a run saved when importance sampling was all
     kind = str(values.get(kind_key, getattr(base, kind_key)))
     values = _shorthand(section, values, kind, saved)
     plain = {k: v for k, v in values.items() if not isinstance(v, dict)}

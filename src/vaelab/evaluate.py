@@ -37,8 +37,8 @@ from . import config, distributed, estimators, metrics, objectives, runs, runtim
 from ._io import atomic_write_text
 from .data import ImageSet, Splits
 
-__all__ = ["evaluate", "evaluate_run", "run_fields", "estimate_seconds", "write_report",
-           "format_table", "format_markdown"]
+__all__ = ["evaluate", "evaluate_run", "run_fields", "verdict", "estimate_seconds",
+           "write_report", "format_table", "format_markdown"]
 
 
 def evaluate(
@@ -79,6 +79,8 @@ def evaluate(
     if iw_samples is not None:
         options["samples"] = iw_samples
     est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
+    if hasattr(est, "for_model"):  # "auto": what this model gets, said before it runs
+        est = est.for_model(model)
     if ctx is None:
         ctx = distributed.setup(metrics.model_device(model))
     family = getattr(model, "likelihood", None)
@@ -123,7 +125,7 @@ def evaluate(
                       nll_mc_stderr=nll["nll_mc_stderr"], gap=elbo["nelbo"] - nll["nll"],
                       estimator=nll["estimator"], pareto_k=nll["pareto_k"],
                       ess_median=nll["ess_median"])
-        if nll["pareto_k"]["warn"]:
+        if nll["pareto_k"]["warn"] and "correction" not in nll["estimator"]:
             report["warnings"].append(_pareto_warning(nll["pareto_k"], est.name))
         report["bits_per_dim"] = objectives.bits_per_dim(
             nll["nll"], dims, eight_bit_density=eight_bit_density)
@@ -134,6 +136,7 @@ def evaluate(
             "grey-level data (BCE on grey levels), so no NLL or bits/dim is claimed; "
             "nelbo is the training objective's value, not a bound on -log p(x)"
         )
+    report["verdict"] = verdict(report)
     if eight_bit_density:
         report["note"] = (
             "a density on [0,1] scored on 8-bit data; bits_per_dim includes the "
@@ -151,6 +154,65 @@ def run_fields(cfg: config.RunConfig, checkpoint: str, epoch: int | None) -> dic
     preset = cfg.preset or "default"
     return {"checkpoint_epoch": epoch, "model_selection": selection, "preset": preset,
             "preset_source": config.PRESET_SOURCES.get(preset)}
+
+
+#: The verdict says *converged* when the two-phase correction's standard error and AIS's
+#: drift (its value with half the steps minus its value) are both within this (nats).
+CONVERGED_NATS = 0.05
+
+
+def verdict(report: dict[str, Any]) -> dict[str, str]:
+    """Whether the report's NLL is converged and how vaelab knows: ``{"status", "text"}``,
+    ``status`` one of ``exact``, ``converged``, ``uncertain``, ``not verified``,
+    ``unreliable``, ``no nll``; ``text`` one line that says why (the report prints it)."""
+    if report.get("nll") is None:
+        return {"status": "no nll", "text": "no NLL is claimed: the likelihood is not "
+                "normalised for this data"}
+    est = report.get("estimator") or {}
+    name, k = est.get("name"), report.get("pareto_k") or {}
+    if name == "quadrature":
+        if est.get("unconverged"):
+            return {"status": "not verified", "text": f"quadrature did not converge on "
+                    f"{est['unconverged']} examples (largest change {est['largest_change']:.2g} "
+                    "nats): raise eval.quadrature.max_points"}
+        return {"status": "exact", "text": f"exact: quadrature over the {report['latent_dim']}"
+                f"-D latent space, to {est['tolerance']:g} nats (the last refinements agree to "
+                f"{est['largest_change']:.1g} nats or better)"}
+    correction = est.get("correction")
+    if correction is not None:
+        return _two_phase_verdict(est, correction)
+    if est.get("check_skipped"):
+        return {"status": "not verified", "text": f"not verified: {est['check_skipped']}"}
+    if name == "ais":
+        return {"status": "not verified", "text": f"not verified: AIS with {est['steps']} "
+                "steps; check by doubling --ais-steps or by BDMC (--bdmc N)"}
+    if k.get("fraction_above") is None:
+        return {"status": "not verified", "text": "not verified: too few importance samples "
+                "for a Pareto k-hat (K < 25)"}
+    share = 100 * k["fraction_above"]
+    if not k.get("warn"):
+        return {"status": "converged", "text": f"converged: the importance weights have a "
+                f"Pareto k-hat below {k['threshold']:.2f} on {100 - share:.1f}% of the "
+                "examples (finite variance)"}
+    return {"status": "unreliable", "text": f"unreliable: the importance weights have a Pareto "
+            f"k-hat above {k['threshold']:.2f} on {share:.1f}% of the examples: the NLL is "
+            "likely too high by an unknown amount; use the default estimator (auto)"}
+
+
+def _two_phase_verdict(est: dict[str, Any], correction: dict[str, Any]) -> dict[str, str]:
+    c, se = correction["mean"], correction["stderr"]
+    ais, drift = correction["ais"], correction["drift"]
+    what = (f"importance sampling (K = {est['samples']}) corrected by {-c:+.3f} ± {se:.3f} "
+            f"nats, its bias measured by AIS ({ais['steps']} steps x {ais['chains']} chains) "
+            f"on {correction['examples']} random examples; AIS with {drift['steps']} steps "
+            f"differs by {drift['mean']:+.3f} ± {drift['stderr']:.3f}")
+    if se > CONVERGED_NATS:
+        return {"status": "uncertain", "text": f"uncertain: {what}; check more examples "
+                f"(eval.{est['name']}.check_examples)"}
+    if abs(drift["mean"]) > CONVERGED_NATS:
+        return {"status": "uncertain", "text": f"uncertain: {what}; AIS has not converged: "
+                f"raise eval.{est['name']}.check_steps"}
+    return {"status": "converged", "text": f"converged: {what}"}
 
 
 def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
@@ -173,6 +235,8 @@ def estimate_seconds(model: nn.Module, data: metrics.Data, *, estimator: Any = "
     and the estimator's decoder passes per example (its ``cost``); the ELBO pass is small
     beside it. Seconds, in this process."""
     est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
+    if hasattr(est, "for_model"):
+        est = est.for_model(model)
     x = next(metrics.batches(data, model, batch_size, 0, distributed.Context()))[1]
     samples = objectives.default_chunk(model, x, 1000)
     gen = torch.Generator(device=x.device).manual_seed(0)
@@ -182,7 +246,9 @@ def estimate_seconds(model: nn.Module, data: metrics.Data, *, estimator: Any = "
         started = time.perf_counter()
         objectives.log_likelihood(model, x, num_samples=samples, generator=gen)
         per_decode = (time.perf_counter() - started) / (samples * x.shape[0])
-    return per_decode * est.cost * metrics.num_examples(data)
+    examples = metrics.num_examples(data)
+    cost = est.cost_for(examples) if hasattr(est, "cost_for") else est.cost
+    return per_decode * cost * examples
 
 
 def _describe_data(data: metrics.Data) -> dict[str, Any]:
@@ -299,6 +365,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("  KL", _fmt(result["kl"])),
         (f"NLL (nats, {_estimator_text(result)})", _fmt(result["nll"], result["nll_stderr"])
          if result["nll"] is not None else "n/a: " + result.get("nll_unavailable", "")),
+        ("  verdict", (result.get("verdict") or {}).get("text", "n/a")),
         ("  Pareto k-hat", _pareto_text(result.get("pareto_k"))),
         ("gap NELBO - NLL", _fmt(result["gap"])),
         ("bits/dim", _fmt(result["bits_per_dim"])),

@@ -263,6 +263,7 @@ class Experiment:
         seconds = self.evaluation_seconds()
         if seconds > SLOW_EVALUATION_SECONDS:
             est = self.estimator()
+            est = est.for_model(self.model) if hasattr(est, "for_model") else est
             echo(f"note: the final test evaluation ({len(self.data['test']):,} examples, "
                  f"{est.describe()}) will take about {seconds / 60:.0f} min on this machine; "
                  "choose a cheaper estimate (e.g. --iw-samples), or train with --no-report "

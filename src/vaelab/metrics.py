@@ -217,8 +217,12 @@ def nll_metrics(model: nn.Module, data: Data, *, estimator: Any = "is", batch_si
         ConfigError: an unknown estimator, option or value.
     """
     est = estimators.get(estimator, **options) if isinstance(estimator, str) else estimator
+    if hasattr(est, "for_model"):  # "auto": quadrature or the two-phase estimate
+        est = est.for_model(model)
+    ctx = ctx or distributed.Context()
     kept: list[tuple[int, torch.Tensor]] = []
     extras: list[dict[str, Any]] = []
+    check = _CheckedExamples(est, data, seed, ctx, batch_size)
 
     def columns(number: int, x: torch.Tensor) -> torch.Tensor:
         gen = seeded_generator(seed, number, est.purpose, device=x.device)
@@ -227,27 +231,92 @@ def nll_metrics(model: nn.Module, data: Data, *, estimator: Any = "is", batch_si
             extras.append(result.extras)
         nll = -result.log_likelihood.double()
         kept.append((number, torch.stack([nll, result.pareto_k, result.ess], 1).cpu()))
+        check.keep(number, x, nll)
         mc_var = result.mc_stderr.double().nan_to_num(0.0) ** 2
         return torch.stack([nll, nll**2, mc_var], 1)
 
-    ctx = ctx or distributed.Context()
     n, sums = _split_sums(model, data, batch_size, seed, ctx, columns, 3, progress)
     nll, nll_stderr = _mean_stderr(float(sums[0]), float(sums[1]), n)
     gathered = distributed.all_gather_objects(kept, ctx)
     rows = torch.cat([v for _, v in sorted((item for part in gathered for item in part),
                                            key=lambda item: item[0])])
     all_extras = [e for part in distributed.all_gather_objects(extras, ctx) for e in part]
-    out = {"n": n, "nll": nll, "nll_stderr": nll_stderr,
-           "nll_mc_stderr": math.sqrt(float(sums[2])) / n if est.samples > 1 else None,
-           "iw_samples": est.samples if est.name == "is" else None,
+    mc = math.sqrt(float(sums[2])) / n if est.samples > 1 or est.name == "quadrature" else None
+    out = {"n": n, "nll": nll, "nll_stderr": nll_stderr, "nll_mc_stderr": mc,
+           "iw_samples": est.samples if est.name in ("is", "is-ais", "auto") else None,
            "pareto_k": pareto_k_summary(rows[:, 1], est.samples),
            "ess_median": float(rows[:, 2].nanmedian()) if rows[:, 2].isfinite().any() else None,
            "estimator": {"name": est.name, "description": est.describe(),
                          **to_plain(est.options), **est.report(all_extras)}}
+    correction = check.run(model)
+    if check.skipped:
+        out["estimator"]["check_skipped"] = ("the AIS check needs the examples in a fixed "
+                                             "order across processes (an ImageSet or tensor)")
+    if correction is not None:  # the two-phase estimate: phase 1's mean, minus its bias
+        out["nll"] = nll - correction["mean"]
+        out["nll_mc_stderr"] = math.hypot(mc or 0.0, correction["stderr"])
+        out["estimator"]["correction"] = correction
     if per_example:
         out.update(per_example_nll=rows[:, 0], per_example_pareto_k=rows[:, 1],
                    per_example_ess=rows[:, 2])
     return out
+
+
+class _CheckedExamples:
+    """Phase 2 of a two-phase estimate (:mod:`vaelab.estimators.two_phase`): which examples
+    AIS checks (the first ``check_examples`` of ``randperm(N)`` from ``seeded_generator(seed,
+    Purpose.EVAL_CHECK)``), their phase-1 inputs and values as phase 1 goes by, then AIS
+    with T and T/2 steps on them in groups of ``batch_size`` (group ``j`` on rank ``j % W``,
+    from ``seeded_generator(seed, j, Purpose.EVAL_CHECK, steps)``), so the result does not
+    depend on how many processes share the work."""
+
+    def __init__(self, est: Any, data: Data, seed: int, ctx: distributed.Context,
+                 batch_size: int) -> None:
+        self.est, self.seed, self.ctx, self.batch_size = est, seed, ctx, batch_size
+        self.picked: list[tuple[int, torch.Tensor, float]] = []
+        wanted = getattr(est, "check_examples", 0)
+        total = num_examples(data)
+        fixed = isinstance(data, (ImageSet, torch.Tensor))  # batch n = rows n*size...
+        self.chosen: set[int] = set()
+        if wanted and total and (fixed or ctx.world_size == 1):
+            order = torch.randperm(total, generator=seeded_generator(seed, Purpose.EVAL_CHECK))
+            self.chosen = set(order[:min(wanted, total)].tolist())
+        self.fixed, self.offset = fixed, 0
+        self.skipped = bool(wanted) and not self.chosen
+
+    def keep(self, number: int, x: torch.Tensor, nll: torch.Tensor) -> None:
+        if not self.chosen:
+            return
+        start = number * self.batch_size if self.fixed else self.offset
+        self.offset += x.shape[0]
+        for i in range(x.shape[0]):
+            if start + i in self.chosen:
+                self.picked.append((start + i, x[i].detach().cpu(), float(nll[i])))
+
+    def run(self, model: nn.Module) -> dict[str, Any] | None:
+        if not self.chosen:
+            return None
+        ctx, size = self.ctx, self.batch_size
+        picked = sorted((item for part in distributed.all_gather_objects(self.picked, ctx)
+                         for item in part), key=lambda item: item[0])
+        device = model_device(model)
+        results: list[tuple[int, torch.Tensor]] = []
+        with _eval_mode(model), distributed.agree(ctx, "evaluation"):
+            for j, start in enumerate(range(0, len(picked), size)):
+                if j % ctx.world_size != ctx.rank:
+                    continue
+                x = torch.stack([row for _, row, _ in picked[start:start + size]]).to(device)
+                values = []
+                for ais in (self.est.check, self.est.check_half):
+                    gen = seeded_generator(self.seed, j, Purpose.EVAL_CHECK, ais.options.steps,
+                                           device=device)
+                    values.append(-ais.estimate(model, x, gen).log_likelihood.double().cpu())
+                results.append((j, torch.stack(values, 1)))
+        both = torch.cat([v for _, v in sorted(
+            (item for part in distributed.all_gather_objects(results, ctx) for item in part),
+            key=lambda item: item[0])])
+        first = torch.tensor([value for _, _, value in picked], dtype=torch.float64)
+        return self.est.correction(first, both[:, 0], both[:, 1])
 
 
 #: Share of examples with k-hat above the threshold beyond which the report warns.

@@ -35,6 +35,7 @@ class Purpose(enum.IntEnum):
     EVAL_IW = 13  #: evaluation: the importance samples of batch ``number``
     EVAL_AIS = 14  #: evaluation: the AIS chains of batch ``number``
     EVAL_BDMC = 15  #: evaluation: BDMC's simulated data and chains of batch ``number``
+    EVAL_CHECK = 16  #: evaluation: which examples AIS checks, and its chains per group
     FIGURE_BINARIZE = 21  #: figures: binarisation of the encoded test images
     SAMPLE_DRAW = 22  #: ``vaelab sample``: z and the samples of p(x|z)
 

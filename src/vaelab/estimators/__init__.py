@@ -1,10 +1,15 @@
 r"""Estimators of :math:`\log p(x)` (a registry): importance sampling, annealed importance
 sampling and, for checking AIS itself, bidirectional Monte Carlo.
 
-==========  ===========================================================================
-``is``      importance sampling with :math:`q(z|x)` (``[eval.is] samples``; the default)
-``ais``     annealed importance sampling with HMC (``[eval.ais] steps, chains, ...``)
-==========  ===========================================================================
+==============  =======================================================================
+``auto``        the default: ``quadrature`` for latent spaces of 1 or 2 dimensions, else
+                ``is-ais`` (``[eval.auto]``: the options of ``is-ais``)
+``quadrature``  exact log p(x) by nested trapezoid quadrature (latent dimension <= 2)
+``is-ais``      importance sampling on every example, its bias measured by AIS on a
+                random subsample and subtracted
+``is``          importance sampling with :math:`q(z|x)` (``[eval.is] samples``)
+``ais``         annealed importance sampling with HMC (``[eval.ais] steps, chains, ...``)
+==============  =======================================================================
 
 Each is a class in its own file with its ``Options`` (see :mod:`.base` for the interface);
 adding one: its file, its import here, its row in ``tests/test_estimators.py``'s example
@@ -31,6 +36,8 @@ from .ais import (
 )
 from .base import ESTIMATORS, Estimate
 from .importance import ImportanceSampling, ImportanceSamplingOptions
+from .quadrature import MAX_LATENT_DIM, Quadrature, QuadratureOptions
+from .two_phase import Auto, AutoOptions, TwoPhase, TwoPhaseOptions, decoder_flops
 
 __all__ = [
     "ESTIMATORS",
@@ -38,6 +45,14 @@ __all__ = [
     "get",
     "ImportanceSampling",
     "ImportanceSamplingOptions",
+    "Quadrature",
+    "QuadratureOptions",
+    "MAX_LATENT_DIM",
+    "TwoPhase",
+    "TwoPhaseOptions",
+    "Auto",
+    "AutoOptions",
+    "decoder_flops",
     "AIS",
     "AISOptions",
     "SCHEDULES",
