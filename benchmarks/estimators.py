@@ -3,8 +3,9 @@
 Issue 23. For the ``best`` checkpoint of each run directory given, on its first
 ``--examples`` test images (default 1000), with the run's evaluation seed:
 
-- ``default``: the run's default estimator (``auto``: exact quadrature for 1-2 latent
-  dimensions; else importance sampling with K = 1,000 corrected by AIS on a random 200 of
+- ``default``: vaelab's default estimator with its current defaults, whatever the run's
+  config saved (``auto``: exact quadrature for 1-2 latent
+  dimensions; else importance sampling with K = 1,000 corrected by AIS on a random 400 of
   the images, with its drift check);
 - ``is-1000``, ``is-5000``: importance sampling alone (1,000 was the default before);
 - ``ais-T``: AIS with ``--reference-chains`` chains, 1 leapfrog step, T = ``--reference-steps``
@@ -17,7 +18,9 @@ the reference and the wall time. With ``--full``, the default estimator and impo
 sampling with K = 1,000 on the whole test set too (their times: the cost ratio, and the
 verdict ``vaelab eval`` prints); ``--full default`` only the default. Writes
 ``benchmarks/results/estimators.json`` (one entry
-per run, keyed by the run directory's name; rows are written as they come).
+per run, keyed by the run directory's name; rows are written as they come). ``--reuse``
+keeps the rows of an earlier entry for the same run and number of images, except the
+default estimator's (rerun after its settings change without rerunning the AIS reference).
 
 Run: ``python benchmarks/estimators.py RUN_DIR [RUN_DIR ...] [--examples 1000] [--full]``.
 """
@@ -44,7 +47,8 @@ def _row(name: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def measure(run_dir: Path, examples: int, tolerance: float, first_steps: int, max_steps: int,
-            chains: int, full: tuple[str, ...], save: Any) -> dict[str, Any]:
+            chains: int, full: tuple[str, ...], save: Any,
+            earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     from vaelab import estimators, evaluate, metrics
     from vaelab.experiment import Experiment, Session
 
@@ -58,7 +62,16 @@ def measure(run_dir: Path, examples: int, tolerance: float, first_steps: int, ma
                            "dataset": test.name, "checkpoint_epoch": exp.epoch,
                            "model": exp.cfg.model.kind, "rows": []}
 
+    kept = {}
+    if earlier and earlier.get("examples") == len(subset):
+        kept = {(r["estimator"], r["examples"]): r
+                for r in [*earlier.get("rows", []), *earlier.get("full_test_set", [])]
+                if r["estimator"] != "default"}
+
     def run(name: str, est: Any, data: Any = subset) -> dict[str, Any]:
+        if (name, metrics.num_examples(data)) in kept:
+            print(f"reusing {name} on {metrics.num_examples(data)} examples", flush=True)
+            return kept[(name, metrics.num_examples(data))]
         started = time.perf_counter()
         result = metrics.nll_metrics(exp.model, data, estimator=est, batch_size=batch,
                                      seed=seed)
@@ -73,7 +86,7 @@ def measure(run_dir: Path, examples: int, tolerance: float, first_steps: int, ma
         save(out)
         return row["nll"]
 
-    add(run("default", exp.estimator()))
+    add(run("default", estimators.get("auto")))
     if latent <= estimators.MAX_LATENT_DIM:
         add(run("quadrature", estimators.get("quadrature")))
     for k in (1000, 5000):
@@ -98,7 +111,7 @@ def measure(run_dir: Path, examples: int, tolerance: float, first_steps: int, ma
     if full:
         out["full_test_set"] = []
         for name in full:
-            est = exp.estimator() if name == "default" else estimators.get("is", samples=1000)
+            est = estimators.get("auto" if name == "default" else "is", samples=1000)
             out["full_test_set"].append(run(name, est, test))
             save(out)
     session.close()
@@ -116,6 +129,9 @@ def main() -> None:
     p.add_argument("--full", nargs="*", choices=("default", "is-1000"), default=None,
                    help="also these on the whole test set (no names: both); is-1000 on a "
                         "conv model takes about an hour on one thread")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep an earlier entry's rows for the same run and images, except "
+                        "the default estimator's")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "estimators.json")
     args = p.parse_args()
@@ -130,7 +146,8 @@ def main() -> None:
 
         measure(run_dir, args.examples, args.tolerance, args.reference_steps, args.max_steps,
                 args.reference_chains,
-                ("default", "is-1000") if args.full == [] else tuple(args.full or ()), save)
+                ("default", "is-1000") if args.full == [] else tuple(args.full or ()), save,
+                results.get(run_dir.name) if args.reuse else None)
     print(f"wrote {args.out}")
 
 

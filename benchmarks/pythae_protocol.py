@@ -43,7 +43,7 @@ float32; vaelab's exact logits form against pythae in float64; both must agree w
 2^-16 relative, a float32 sum's rounding), and scored on the 10,000 test images with
 ``vaelab.evaluate.evaluate(model, test, iw_samples=K)`` for K = 200 and 5000 (NLL by
 importance sampling with q(z|x), NELBO, standard errors; seed 0) and with vaelab's default
-estimator (``auto``: K = 1,000 corrected by AIS on 200 random test images, with its
+estimator (``auto``: K = 1,000 corrected by AIS on 400 random test images, with its
 verdict).
 
 Resume state (``--state-dir``, default ``benchmarks/resume/pythae-vae/``; about 11 MB):
@@ -602,6 +602,12 @@ def _score(state_dir: Path, best: dict[str, Any], test, k: int | None, key: dict
     from vaelab import evaluate as veval
 
     what = f"K={k}" if k else "default"
+    if not k:  # the default's settings are part of what a cached score depends on
+        import dataclasses
+
+        from vaelab import estimators
+
+        key = {**key, "auto": dataclasses.asdict(estimators.get("auto").options)}
     cache = state_dir / (f"vaelab_k{k}.json" if k else "vaelab_default.json")
     if cache.is_file():
         cached = json.loads(cache.read_text())

@@ -4,7 +4,7 @@ Trains the preset ``NAME`` with the ``vaelab`` command line (so the JSON records
 commands a user would type), then evaluates the selected checkpoint on the test split by
 importance sampling alone with each importance-sample count of the protocol (the papers'
 and pythae's estimates) and with vaelab's default estimate (``auto``: importance sampling
-corrected by AIS on a random 200 test images; ``--no-default`` skips it), and writes
+corrected by AIS on a random 400 test images; ``--no-default`` skips it), and writes
 ``benchmarks/results/reproduce_<NAME>.json``: the per-epoch curve, the final NLLs with their
 standard errors and K, the checkpoint that was selected and why, wall times, versions and
 the commands.
@@ -176,12 +176,13 @@ def main() -> None:
 
     # --- evaluation of the selected checkpoint: importance sampling alone with each K of the
     # protocol (the papers' and pythae's numbers), then vaelab's default estimate (auto:
-    # importance sampling corrected by AIS on a random 200 test images)
+    # importance sampling corrected by AIS on a random 400 test images)
     evaluations = []
     plan = [(f"k{k}", ["--estimator", "is", "--iw-samples", str(k)], k)
             for k in args.iw_samples or protocol["iw_samples"]]
     if not args.no_default:
-        plan.append(("default", [f"--set={item}" for item in args.eval_set], None))
+        plan.append(("default", ["--estimator", "auto",
+                                 *[f"--set={item}" for item in args.eval_set]], None))
     for stem, how, k in plan:
         out = run_dir / f"eval-test-{stem}.json"
         cmd = [*vaelab, "eval", str(run_dir), "--split", "test", "--checkpoint", "best", *how,

@@ -365,7 +365,7 @@ def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
 
 def test_auto_scales_its_samples_down_for_a_costly_decoder():
     """``auto`` budgets decoder FLOPs per example: an MLP decoder keeps K = 1,000 and the
-    200-example check; a conv decoder 13x as costly gets K and the check scaled down (to
+    400-example check; a conv decoder 13x as costly gets K and the check scaled down (to
     their floors), says so in its description and keeps what the user asked below them."""
     from vaelab import estimators
 
@@ -374,21 +374,21 @@ def test_auto_scales_its_samples_down_for_a_costly_decoder():
     # the counted FLOPs are the decoder's matmuls: 2 * (16*256 + 256*512 + 512*784)
     assert estimators.decoder_flops(mlp) == 2 * (16 * 256 + 256 * 512 + 512 * 784)
     kept = estimators.get("auto").for_model(mlp)
-    assert (kept.samples, kept.check_examples, kept.scaled_for) == (1000, 200, None)
+    assert (kept.samples, kept.check_examples, kept.scaled_for) == (1000, 400, None)
 
     conv = build_model("conv", (1, 28, 28), 16, family, channels=[32, 64])
     flops = estimators.decoder_flops(conv)
     assert flops > 10 * 2 * (16 * 256 + 256 * 512 + 512 * 784)
     scaled = estimators.get("auto").for_model(conv)
-    assert scaled.samples < 1000 and scaled.check_examples < 200
+    assert scaled.samples < 1000 and scaled.check_examples < 400
     assert scaled.samples >= 100 and scaled.check_examples >= 50
-    # K in proportion to the budget: 2 GFLOP over what the unscaled estimate would need
+    # K in proportion to the budget: 3 GFLOP over what the unscaled estimate would need
     needed = flops * estimators.TwoPhase(estimators.TwoPhaseOptions()).cost_for(10_000)
-    assert scaled.samples == max(100, round(1000 * 2e9 / needed))
-    assert scaled.check_examples == max(50, round(200 * 2e9 / needed))
+    assert scaled.samples == max(100, round(1000 * 3e9 / needed))
+    assert scaled.check_examples == max(50, round(400 * 3e9 / needed))
     assert "scaled down from K=1000" in scaled.describe()
     assert "budget_gflop" in scaled.describe()
     small = estimators.get("auto", samples=10, check_examples=0).for_model(conv)
     assert (small.samples, small.check_examples) == (10, 0)
     generous = estimators.get("auto", budget_gflop=1e6).for_model(conv)
-    assert (generous.samples, generous.check_examples) == (1000, 200)
+    assert (generous.samples, generous.check_examples) == (1000, 400)
