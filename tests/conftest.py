@@ -98,6 +98,7 @@ def tiny_overrides(**extra: object) -> list[str]:
         "train.eval_batch_size": 256,
         "eval.auto.samples": 20,  # the default estimator, with a small AIS check
         "eval.auto.check_examples": 8,
+        "eval.auto.max_check_examples": 16,  # and its extension, 8 more while uncertain
         "eval.auto.check_steps": 5,
         "eval.auto.check_chains": 4,
         "eval.batch_size": 100,

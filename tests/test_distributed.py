@@ -331,6 +331,8 @@ def test_vaelab_eval_two_processes_equals_one(resumed, tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one.keys() == two.keys() and one["n_examples"] == two["n_examples"] == 1200
+    # the AIS check went on past its first 8 examples (groups on both ranks), as in one
+    assert one["estimator"]["correction"]["examples"] == 16
     for key, value in one.items():
         # The effective sample size is made of the weights exp(log w): a float32 log-weight
         # near -nll nats carries |nll| * 2^-24 nats per unit in the last place, which is a

@@ -313,8 +313,8 @@ def test_the_two_phase_estimate_corrects_a_biased_importance_sampler():
     truth = -float(model.log_px(x).mean())
     plain = metrics.nll_metrics(model, x, estimator="is", samples=200, batch_size=10, seed=0)
     assert plain["nll"] - truth > 5 * plain["nll_mc_stderr"]  # the bias the issue measured
-    est = estimators.get("is-ais", samples=200, check_examples=20, check_steps=800,
-                         check_chains=8)
+    est = estimators.get("is-ais", samples=200, check_examples=20, max_check_examples=20,
+                         check_steps=800, check_chains=8)
     fixed = metrics.nll_metrics(model, x, estimator=est, batch_size=10, seed=0)
     c = fixed["estimator"]["correction"]
     assert c["examples"] == 20 and c["mean"] > 0
@@ -328,6 +328,31 @@ def test_the_two_phase_estimate_corrects_a_biased_importance_sampler():
     order = torch.randperm(40, generator=rng.seeded_generator(0, rng.Purpose.EVAL_CHECK))[:20]
     assert c["is_nll"] == pytest.approx(float(per["per_example_nll"][order].mean()), abs=1e-9)
     assert per["nll"] == fixed["nll"]  # and the whole is a function of the seed
+
+
+def test_the_check_goes_on_while_its_standard_error_is_above_the_target():
+    """The first check_examples of the random order are checked, then a batch more at a time
+    while the correction's standard error is above check_stderr, up to max_check_examples:
+    the next examples of the same order, each group with its own draws."""
+    from vaelab import estimators, metrics
+
+    model, x = PPCA(width=0.3), data(40, seed=3)
+
+    def check(**options):
+        est = estimators.get("is-ais", samples=50, check_examples=10, max_check_examples=35,
+                             check_steps=20, check_chains=2, **options)
+        result = metrics.nll_metrics(model, x, estimator=est, batch_size=10, seed=0,
+                                     per_example=True)
+        return result, result["estimator"]["correction"]
+
+    _, met = check(check_stderr=100.0)
+    assert met["examples"] == 10 and met["max_examples"] == 35
+    per, going = check(check_stderr=1e-6)  # never met: every candidate is checked
+    assert going["examples"] == 35 and going["target_stderr"] == 1e-6
+    order = torch.randperm(40, generator=rng.seeded_generator(0, rng.Purpose.EVAL_CHECK))
+    assert going["is_nll"] == pytest.approx(float(per["per_example_nll"][order[:35]].mean()),
+                                            abs=1e-9)
+    assert "up to 35 until its standard error is 1e-06 nats" in per["estimator"]["description"]
 
 
 def _verdict(**estimator):
@@ -355,7 +380,7 @@ def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
     ok = corrected(0.02, 0.01)
     assert ok["status"] == "converged"
     assert "corrected by -0.300 ± 0.020 nats" in ok["text"] and "200 random" in ok["text"]
-    assert "check_examples" in corrected(0.2, 0.01)["text"]
+    assert "max_check_examples" in corrected(0.2, 0.01)["text"]
     assert corrected(0.2, 0.01)["status"] == "uncertain"
     assert "raise eval.auto.check_steps" in corrected(0.02, 0.3)["text"]
     plain = _verdict(name="is", samples=1000)

@@ -208,7 +208,7 @@ def _two_phase_verdict(est: dict[str, Any], correction: dict[str, Any]) -> dict[
             f"differs by {drift['mean']:+.3f} ± {drift['stderr']:.3f}")
     if se > CONVERGED_NATS:
         return {"status": "uncertain", "text": f"uncertain: {what}; check more examples "
-                f"(eval.{est['name']}.check_examples)"}
+                f"(eval.{est['name']}.max_check_examples)"}
     if abs(drift["mean"]) > CONVERGED_NATS:
         return {"status": "uncertain", "text": f"uncertain: {what}; AIS has not converged: "
                 f"raise eval.{est['name']}.check_steps"}

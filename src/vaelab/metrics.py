@@ -264,59 +264,86 @@ def nll_metrics(model: nn.Module, data: Data, *, estimator: Any = "is", batch_si
 
 class _CheckedExamples:
     """Phase 2 of a two-phase estimate (:mod:`vaelab.estimators.two_phase`): which examples
-    AIS checks (the first ``check_examples`` of ``randperm(N)`` from ``seeded_generator(seed,
-    Purpose.EVAL_CHECK)``), their phase-1 inputs and values as phase 1 goes by, then AIS
-    with T and T/2 steps on them in groups of ``batch_size`` (group ``j`` on rank ``j % W``,
-    from ``seeded_generator(seed, j, Purpose.EVAL_CHECK, steps)``), so the result does not
-    depend on how many processes share the work."""
+    AIS checks, their phase-1 inputs and values as phase 1 goes by, then AIS with T and T/2
+    steps on them.
+
+    The candidates are the first ``max_check_examples`` of ``randperm(N)`` from
+    ``seeded_generator(seed, Purpose.EVAL_CHECK)``, in that order: the first
+    ``check_examples`` are checked, then ``batch_size`` more at a time while the correction's
+    standard error is above ``check_stderr``. Group ``j`` of the order runs on rank
+    ``j % W`` from ``seeded_generator(seed, j, Purpose.EVAL_CHECK, steps)`` and the decision
+    to go on is taken on the gathered values, so the result does not depend on how many
+    processes share the work."""
 
     def __init__(self, est: Any, data: Data, seed: int, ctx: distributed.Context,
                  batch_size: int) -> None:
         self.est, self.seed, self.ctx, self.batch_size = est, seed, ctx, batch_size
-        self.picked: list[tuple[int, torch.Tensor, float]] = []
+        self.picked: list[tuple[int, torch.Tensor, float]] = []  # (place in the order, x, nll)
         wanted = getattr(est, "check_examples", 0)
+        most = max(wanted, getattr(est, "max_check_examples", 0)) if wanted else 0
         total = num_examples(data)
         fixed = isinstance(data, (ImageSet, torch.Tensor))  # batch n = rows n*size...
-        self.chosen: set[int] = set()
+        self.place: dict[int, int] = {}  # example index -> its place in the random order
         if wanted and total and (fixed or ctx.world_size == 1):
             order = torch.randperm(total, generator=seeded_generator(seed, Purpose.EVAL_CHECK))
-            self.chosen = set(order[:min(wanted, total)].tolist())
+            self.place = {int(i): p for p, i in enumerate(order[:min(most, total)].tolist())}
+        self.first = min(wanted, total)
         self.fixed, self.offset = fixed, 0
-        self.skipped = bool(wanted) and not self.chosen
+        self.skipped = bool(wanted) and not self.place
 
     def keep(self, number: int, x: torch.Tensor, nll: torch.Tensor) -> None:
-        if not self.chosen:
+        if not self.place:
             return
         start = number * self.batch_size if self.fixed else self.offset
         self.offset += x.shape[0]
         for i in range(x.shape[0]):
-            if start + i in self.chosen:
-                self.picked.append((start + i, x[i].detach().cpu(), float(nll[i])))
+            if start + i in self.place:
+                self.picked.append((self.place[start + i], x[i].detach().cpu(), float(nll[i])))
+
+    def _groups(self, count: int) -> list[tuple[int, int]]:
+        """(start, stop) of the groups in the order: the first ``check_examples`` in groups
+        of ``batch_size``, then one group of ``batch_size`` per extension."""
+        size, bounds = self.batch_size, []
+        for start in range(0, min(self.first, count), size):
+            bounds.append((start, min(start + size, self.first)))
+        for start in range(self.first, count, size):
+            bounds.append((start, min(start + size, count)))
+        return bounds
 
     def run(self, model: nn.Module) -> dict[str, Any] | None:
-        if not self.chosen:
+        if not self.place:
             return None
-        ctx, size = self.ctx, self.batch_size
+        ctx = self.ctx
         picked = sorted((item for part in distributed.all_gather_objects(self.picked, ctx)
                          for item in part), key=lambda item: item[0])
+        groups = self._groups(len(picked))
         device = model_device(model)
-        results: list[tuple[int, torch.Tensor]] = []
+        values: dict[int, torch.Tensor] = {}
+        done, stop = 0, sum(1 for start, _ in groups if start < self.first)
         with _eval_mode(model), distributed.agree(ctx, "evaluation"):
-            for j, start in enumerate(range(0, len(picked), size)):
-                if j % ctx.world_size != ctx.rank:
-                    continue
-                x = torch.stack([row for _, row, _ in picked[start:start + size]]).to(device)
-                values = []
-                for ais in (self.est.check, self.est.check_half):
-                    gen = seeded_generator(self.seed, j, Purpose.EVAL_CHECK, ais.options.steps,
-                                           device=device)
-                    values.append(-ais.estimate(model, x, gen).log_likelihood.double().cpu())
-                results.append((j, torch.stack(values, 1)))
-        both = torch.cat([v for _, v in sorted(
-            (item for part in distributed.all_gather_objects(results, ctx) for item in part),
-            key=lambda item: item[0])])
-        first = torch.tensor([value for _, _, value in picked], dtype=torch.float64)
-        return self.est.correction(first, both[:, 0], both[:, 1])
+            while True:
+                mine = []
+                for j in range(done, stop):
+                    if j % ctx.world_size != ctx.rank:
+                        continue
+                    lo, hi = groups[j]
+                    x = torch.stack([row for _, row, _ in picked[lo:hi]]).to(device)
+                    both = []
+                    for ais in (self.est.check, self.est.check_half):
+                        gen = seeded_generator(self.seed, j, Purpose.EVAL_CHECK,
+                                               ais.options.steps, device=device)
+                        both.append(-ais.estimate(model, x, gen).log_likelihood.double().cpu())
+                    mine.append((j, torch.stack(both, 1)))
+                values.update(item for part in distributed.all_gather_objects(mine, ctx)
+                              for item in part)
+                ais = torch.cat([values[j] for j in range(stop)])
+                count = ais.shape[0]
+                first = torch.tensor([value for _, _, value in picked[:count]],
+                                     dtype=torch.float64)
+                result = self.est.correction(first, ais[:, 0], ais[:, 1])
+                if stop == len(groups) or result["stderr"] <= self.est.check_stderr:
+                    return result
+                done, stop = stop, stop + 1
 
 
 #: Share of examples with k-hat above the threshold beyond which the report warns.

@@ -8,7 +8,9 @@ and reports the mean NLL corrected for the importance-sampling bias:
 1. importance sampling with K = ``samples`` on every example: :math:`\hat n_i`;
 2. AIS (``check_steps`` x ``check_chains``, ``check_leapfrog_steps`` leapfrog steps per
    transition) on ``check_examples`` examples drawn at random (a seeded permutation):
-   :math:`a_i`, on exactly the inputs of phase 1;
+   :math:`a_i`, on exactly the inputs of phase 1; while the correction's standard error is
+   above ``check_stderr``, the next examples of the permutation, a batch at a time, up to
+   ``max_check_examples``;
 3. :math:`\widehat{NLL} = \frac1N \sum_i \hat n_i - \frac1m \sum_{i \in S} (\hat n_i - a_i)`.
 
 The correction's standard error, :math:`\mathrm{sd}(\hat n_i - a_i)/\sqrt m`, joins the
@@ -52,6 +54,11 @@ class TwoPhaseOptions:
     samples: int = option(1000, positive, "importance samples K on every example")
     check_examples: int = option(400, non_negative, "examples checked by AIS (0: none, plain "
                                  "importance sampling)")
+    max_check_examples: int = option(600, non_negative, "more examples are checked, a batch "
+                                     "at a time, while the correction's standard error is "
+                                     "above check_stderr, up to this many")
+    check_stderr: float = option(0.05, positive, "the correction's standard error (nats) "
+                                 "that ends the check before max_check_examples")
     check_steps: int = option(1000, positive, "AIS annealing steps of the check (it runs "
                               "again with half as many to measure AIS's own convergence)")
     check_chains: int = option(4, positive, "AIS chains per checked example")
@@ -87,9 +94,18 @@ class TwoPhase:
     def check_examples(self) -> int:
         return self.options.check_examples
 
+    @property
+    def max_check_examples(self) -> int:
+        return max(self.options.check_examples, self.options.max_check_examples)
+
+    @property
+    def check_stderr(self) -> float:
+        return self.options.check_stderr
+
     def cost_for(self, examples: int) -> float:
-        """Decoder passes per example of a split of ``examples`` (phase 2 spread over it)."""
-        checked = min(self.options.check_examples, examples)
+        """Decoder passes per example of a split of ``examples`` (phase 2 spread over it; at
+        most: the check may stop at ``check_examples``)."""
+        checked = min(self.max_check_examples if self.check_examples else 0, examples)
         check = self.check.cost + self.check_half.cost
         return self.first.cost + check * checked / max(examples, 1)
 
@@ -103,6 +119,9 @@ class TwoPhase:
             return f"K={o.samples}"
         text = (f"K={o.samples}, corrected by AIS ({o.check_steps} steps x {o.check_chains} "
                 f"chains x {o.check_leapfrog_steps} leapfrog) on {o.check_examples} examples")
+        if self.max_check_examples > o.check_examples:
+            text += (f" (up to {self.max_check_examples} until its standard error is "
+                     f"{o.check_stderr:g} nats)")
         scaled = self.scaled_for
         if scaled:
             text += (f"; scaled down from K={scaled['samples']} and {scaled['check_examples']} "
@@ -129,6 +148,7 @@ class TwoPhase:
         o = self.options
         return {"examples": is_nll.numel(), "mean": mean, "stderr": stderr,
                 "is_nll": float(is_nll.double().mean()), "ais_nll": float(ais_nll.double().mean()),
+                "target_stderr": o.check_stderr, "max_examples": self.max_check_examples,
                 "ais": {"steps": o.check_steps, "chains": o.check_chains,
                         "leapfrog_steps": o.check_leapfrog_steps},
                 "drift": {"steps": self.check_half.options.steps, "mean": drift,
@@ -193,11 +213,12 @@ class Auto(TwoPhase):
             scale = min(1.0, o.budget_gflop * 1e9 / needed)
         if scale < 1.0:
             base["samples"] = min(o.samples, max(MIN_SAMPLES, round(o.samples * scale)))
-            base["check_examples"] = min(o.check_examples,
-                                         max(MIN_CHECKED, round(o.check_examples * scale)))
+            for key in ("check_examples", "max_check_examples"):
+                base[key] = min(getattr(o, key), max(MIN_CHECKED, round(getattr(o, key) * scale)))
         two = TwoPhase(TwoPhaseOptions(**base))
         two.name = "auto"
         two.scaled_for = None if scale >= 1.0 else {
             "decoder_mflop": flops / 1e6, "budget_gflop": o.budget_gflop,
-            "samples": o.samples, "check_examples": o.check_examples}
+            "samples": o.samples, "check_examples": o.check_examples,
+            "max_check_examples": o.max_check_examples}
         return two
