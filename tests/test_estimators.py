@@ -330,6 +330,22 @@ def test_the_two_phase_estimate_corrects_a_biased_importance_sampler():
     assert per["nll"] == fixed["nll"]  # and the whole is a function of the seed
 
 
+def test_the_correction_extrapolates_ais_in_one_over_t():
+    """AIS's bias falls as 1/T: from T/2 and T steps, a* = 2 a^T - a^{T/2}; the correction is
+    phase 1 minus a*, or minus a^T with extrapolate = false."""
+    from vaelab import estimators
+
+    is_nll = torch.tensor([10.0, 12.0, 11.0])
+    ais, half = torch.tensor([9.0, 10.5, 10.0]), torch.tensor([9.2, 10.6, 10.3])
+    on = estimators.get("is-ais").correction(is_nll, ais, half)
+    assert on["extrapolated"] and on["reference_nll"] == pytest.approx((8.8 + 10.4 + 9.7) / 3)
+    assert on["mean"] == pytest.approx(11.0 - (8.8 + 10.4 + 9.7) / 3)
+    assert on["drift"]["mean"] == pytest.approx(0.2)
+    off = estimators.get("is-ais", extrapolate=False).correction(is_nll, ais, half)
+    assert off["mean"] == pytest.approx(11.0 - (9.0 + 10.5 + 10.0) / 3)
+    assert off["reference_nll"] == off["ais_nll"] and not off["extrapolated"]
+
+
 def test_the_check_goes_on_while_its_standard_error_is_above_the_target():
     """The first check_examples of the random order are checked, then a batch more at a time
     while the correction's standard error is above check_stderr, up to max_check_examples:
@@ -383,6 +399,17 @@ def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
     assert "max_check_examples" in corrected(0.2, 0.01)["text"]
     assert corrected(0.2, 0.01)["status"] == "uncertain"
     assert "raise eval.auto.check_steps" in corrected(0.02, 0.3)["text"]
+    def extrapolated(drift):
+        return _verdict(name="auto", samples=1000, correction={
+            "examples": 400, "mean": 0.3, "stderr": 0.02, "extrapolated": True,
+            "ais": {"steps": 1000, "chains": 4, "leapfrog_steps": 1},
+            "drift": {"steps": 500, "mean": drift, "stderr": 0.01}})
+
+    # AIS's own bias extrapolated away: a drift of 0.1 is removed, one of 0.3 is too large
+    assert corrected(0.02, 0.1)["status"] == "uncertain"
+    assert extrapolated(0.1)["status"] == "converged"
+    assert "extrapolated in 1/T from 500 and 1000 steps" in extrapolated(0.1)["text"]
+    assert "raise eval.auto.check_steps" in extrapolated(0.3)["text"]
     plain = _verdict(name="is", samples=1000)
     assert plain["status"] == "unreliable" and "20.0%" in plain["text"]
     assert evaluate.verdict({"nll": None})["status"] == "no nll"
