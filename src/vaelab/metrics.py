@@ -287,7 +287,7 @@ class _CheckedExamples:
         if wanted and total and (fixed or ctx.world_size == 1):
             order = torch.randperm(total, generator=seeded_generator(seed, Purpose.EVAL_CHECK))
             self.place = {int(i): p for p, i in enumerate(order[:min(most, total)].tolist())}
-        self.first = min(wanted, total)
+        self.first = min(wanted, total) if total else wanted
         self.fixed, self.offset = fixed, 0
         self.skipped = bool(wanted) and not self.place
 

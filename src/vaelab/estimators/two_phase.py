@@ -57,7 +57,7 @@ class TwoPhaseOptions:
     samples: int = option(1000, positive, "importance samples K on every example")
     check_examples: int = option(400, non_negative, "examples checked by AIS (0: none, plain "
                                  "importance sampling)")
-    max_check_examples: int = option(600, non_negative, "more examples are checked, a batch "
+    max_check_examples: int = option(500, non_negative, "more examples are checked, a batch "
                                      "at a time, while the correction's standard error is "
                                      "above check_stderr, up to this many")
     check_stderr: float = option(0.05, positive, "the correction's standard error (nats) "
