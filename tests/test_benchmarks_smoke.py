@@ -537,7 +537,9 @@ def test_estimators_benchmark(tiny_npz, tmp_path):
     assert entry["reference"] == {"estimator": "quadrature", "nll": entry["rows"][1]["nll"],
                                   "converged": "exact"}
     default, exact = entry["rows"][0], entry["rows"][1]
-    assert default["verdict"]["status"] == "exact" and default["nll"] == exact["nll"]
+    # the default asks quadrature for 0.01 nats, the reference row for 0.001
+    assert default["verdict"]["status"] == "exact"
+    assert abs(default["nll"] - exact["nll"]) < 0.01
     for row in entry["rows"]:
         assert row["examples"] == 6 and row["seconds"] > 0
         assert row["minus_reference"] == pytest.approx(row["nll"] - exact["nll"], abs=1e-12)

@@ -8,7 +8,9 @@ for any decoder. Per example:
    prior standard deviations). The fine box is the bounding box of the coarse cells whose
    :math:`g` is within ``margin`` nats of the largest, widened by one cell. If that box
    touches the edge of :math:`[-R, R]^L`, ``R`` doubles and the search starts again
-   (a posterior far out in the prior's tail).
+   (a posterior far out in the prior's tail). A second scan with ``coarse`` points per
+   dimension over that box shrinks it the same way to the posterior's own scale (on a
+   2-D ReLU model of Fashion-MNIST this halves the refinements needed).
 2. **Integrate.** The trapezoid rule on the fine box with ``n`` points per dimension, then
    ``2n - 1`` (the nested grid: the old points and the midpoints), and so on, until two
    successive values agree to ``tolerance`` nats, at most ``max_points`` per dimension.
@@ -30,8 +32,10 @@ error, not a Monte-Carlo quantity); an example that did not converge within
 importance weights: ``pareto_k`` and ``ess`` are NaN.
 
 Cost: ``coarse^L`` decoder passes to locate, plus ``(2^j n - 2^j + 1)^L`` for the ``j``-th
-refinement of the examples that have not converged: for a 2-D latent 1,089 + 289 + 1,089
-+ 4,225 + ... decoder passes per example, at most about 88,000 with the defaults.
+refinement of the examples that have not converged: for a 2-D latent 2 x 1,089 + 289 +
+1,089 + 4,225 + ... decoder passes per example, at most about 89,000 with the defaults.
+The default estimator (``auto``) asks for 0.01 nats (``eval.auto.quadrature_tolerance``):
+on the 2-D ReLU model above, about 5x the time of importance sampling with K = 1,000.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ class Quadrature:
         """Decoder passes per example to the third refinement."""
         o = self.options
         n = [o.points, 2 * o.points - 1, 4 * o.points - 3]
-        return float(o.coarse ** 2 + sum(k * k for k in n))
+        return float(2 * o.coarse ** 2 + sum(k * k for k in n))
 
     def describe(self) -> str:
         return f"quadrature, to {self.options.tolerance:g} nats"
@@ -113,11 +117,12 @@ class Quadrature:
 
     def _log_integrand(self, model, x: Tensor, z: Tensor) -> Tensor:
         """``g(z)`` float64 ``(S, B)`` for points ``z (S, B, L)`` (``S`` per example of
-        ``x (B, ...)``), decoded in chunks of at most 65,536 points."""
+        ``x (B, ...)``), decoded in chunks of at most 2,048 points (larger chunks are slower
+        on a CPU: their logits leave the cache)."""
         prior = model.prior(x.device)
         dtype = x.dtype if x.is_floating_point() else next(
             (p.dtype for p in getattr(model, "parameters", list)()), torch.float32)
-        step = max(1, 65_536 // x.shape[0])
+        step = max(1, 2048 // x.shape[0])
         out = []
         for chunk in z.split(step):
             chunk = chunk.to(device=x.device, dtype=dtype)
@@ -165,11 +170,26 @@ class Quadrature:
             radius *= 2
         return lo, hi
 
+    def _zoom(self, model, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """The box ``(lo, hi)`` shrunk around the mass of ``g`` seen on a grid of ``coarse``
+        points per dimension inside it (cells within ``margin`` nats of the largest, widened
+        by one cell)."""
+        o = self.options
+        unit, _ = self._unit_grid(o.coarse, lo.shape[-1])
+        z = lo + (hi - lo) * unit.unsqueeze(1)  # (c^L, B, L)
+        g = self._log_integrand(model, x, z)
+        mass = (g > g.max(0).values - o.margin).unsqueeze(-1)
+        cell = (hi - lo) / (o.coarse - 1)
+        far = torch.full_like(z, math.inf)
+        new_lo = torch.where(mass, z, far).min(0).values - cell
+        new_hi = torch.where(mass, z, -far).max(0).values + cell
+        return torch.maximum(new_lo, lo), torch.minimum(new_hi, hi)
+
     def _batch(self, model, x: Tensor, latent: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x) (B,), last change (B,), converged (B,))`` by nested refinement; an
         example stops refining once it has converged."""
         o = self.options
-        lo, hi = self._locate(model, x, latent)
+        lo, hi = self._zoom(model, x, *self._locate(model, x, latent))
         log_volume = ((hi - lo).log()).sum(-1)  # (B,)
         batch = x.shape[0]
         value = torch.full((batch,), math.nan, dtype=torch.float64)

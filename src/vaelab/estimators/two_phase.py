@@ -177,6 +177,9 @@ BUDGET_EXAMPLES = 10_000
 class AutoOptions(TwoPhaseOptions):
     """``eval.auto``: the two-phase options, and how they shrink for a costly decoder."""
 
+    quadrature_tolerance: float = option(0.01, positive, "nats: the quadrature of a 1-2-D "
+                                         "latent space stops refining at this (0.01: about "
+                                         "5x the cost of K = 1,000 on a ReLU decoder)")
     budget_gflop: float = option(3.0, positive, "decoder GFLOP per test example (importance "
                                  "sampling and the check together, for a 10,000-example "
                                  "split); a decoder that needs more gets K and the checked "
@@ -214,7 +217,7 @@ class Auto(TwoPhase):
     def for_model(self, model) -> Any:
         """The estimator this model gets: :class:`Quadrature` or the two-phase one."""
         if int(getattr(model, "latent_dim", MAX_LATENT_DIM + 1)) <= MAX_LATENT_DIM:
-            return Quadrature(QuadratureOptions())
+            return Quadrature(QuadratureOptions(tolerance=self.options.quadrature_tolerance))
         o = self.options
         base = {k: getattr(o, k) for k in TwoPhaseOptions.__dataclass_fields__}
         flops = decoder_flops(model)
