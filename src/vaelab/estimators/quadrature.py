@@ -116,9 +116,10 @@ class Quadrature:
                 "largest_change": max((e["largest_change"] for e in extras), default=None)}
 
     def _log_integrand(self, model, x: Tensor, z: Tensor) -> Tensor:
-        """``g(z)`` float64 ``(S, B)`` for points ``z (S, B, L)`` (``S`` per example of
-        ``x (B, ...)``), decoded in chunks of at most 2,048 points (larger chunks are slower
-        on a CPU: their logits leave the cache)."""
+        """``g(z)`` float64 ``(S, B)`` on the CPU, where the grid arithmetic is, for points
+        ``z (S, B, L)`` (``S`` per example of ``x (B, ...)``), decoded on ``x``'s device in
+        chunks of at most 2,048 points (larger chunks are slower on a CPU: their logits
+        leave the cache)."""
         prior = model.prior(x.device)
         dtype = x.dtype if x.is_floating_point() else next(
             (p.dtype for p in getattr(model, "parameters", list)()), torch.float32)
@@ -126,7 +127,8 @@ class Quadrature:
         out = []
         for chunk in z.split(step):
             chunk = chunk.to(device=x.device, dtype=dtype)
-            out.append((_decoder_log_prob(model, x, chunk) + prior.log_prob(chunk)).double())
+            g = _decoder_log_prob(model, x, chunk) + prior.log_prob(chunk)
+            out.append(g.double().cpu())
         return torch.cat(out)
 
     @staticmethod
