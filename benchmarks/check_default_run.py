@@ -2,8 +2,8 @@
 
 Issue 4, "Numbers that must hold": with the default configuration (Fashion-MNIST,
 Bernoulli likelihood on dynamically binarised images, the default MLP) the test NLL
-(K = 1000 importance samples) is below the test NELBO, and the gap NELBO - NLL is
-reported.
+(the default estimate: importance sampling with K = 1,000 corrected by AIS on a random
+subsample, with its verdict) is below the test NELBO, and the gap NELBO - NLL is reported.
 
 This runs exactly what ``vaelab train --out RUN_DIR`` runs (``vaelab.config.resolve()``
 with no preset, file or override; ``vaelab.cli.run_training(cfg, run_dir)``),
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nelbo, nll = report["nelbo"], report["nll"]
     result = {
         "check": "default vaelab train run (issue 4)",
-        "requirement": "test NLL (K = 1000) < test NELBO; gap reported",
+        "requirement": "test NLL (the default estimate) < test NELBO; gap reported",
         "passed": bool(nll is not None and nll < nelbo),
         "command": "vaelab train --out RUN_DIR   (= python benchmarks/check_default_run.py)",
         "config": config_mod.to_dict(cfg),
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "nll": round(nll, 3),
             "nll_stderr": round(report["nll_stderr"], 3),
             "iw_samples": report["iw_samples"],
+            "nll_mc_stderr": round(report["nll_mc_stderr"], 3),
+            "estimator": report["estimator"]["description"],
+            "verdict": report["verdict"],
             "gap": round(report["gap"], 3),
             "bits_per_dim": round(report["bits_per_dim"], 4),
             "active_units": report["active_units"],
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         zip(epoch_wall, records))[len(records) // 2], 2),
             "report_total": round(report_seconds, 1),
             "report_elbo_pass (re-timed)": round(elbo_seconds, 1),
-            "report_nll_pass (K=1000, 10000 examples)": round(report_seconds - elbo_seconds, 1),
+            "report_nll_pass (the default estimate, 10000 examples)": round(
+                report_seconds - elbo_seconds, 1),
             "figures": round(figures_time - table_time, 1),
             "process_cpu_seconds_user_plus_system (whole script)": round(
                 sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
