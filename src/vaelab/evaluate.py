@@ -387,7 +387,11 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _estimator_text(result: dict[str, Any]) -> str:
+    """The NLL row's label: short; the verdict row below it says the rest."""
     est = result.get("estimator") or {}
+    correction = est.get("correction")
+    if correction is not None:
+        return f"K={est['samples']}, corrected by AIS on {correction['examples']}"
     return est.get("description") or f"K={result['iw_samples']}"  # reports of older versions
 
 
