@@ -156,13 +156,7 @@ class Quadrature:
             points = (2 * unit - 1) * radius  # (c^L, L)
             g = self._log_integrand(model, x[todo], points.unsqueeze(1).expand(
                 -1, todo.numel(), -1))  # (c^L, b)
-            mass = g > g.max(0).values - o.margin
-            cell = 2 * radius / (o.coarse - 1)
-            big = torch.full_like(g, math.inf)
-            inside = points.unsqueeze(1)  # (c^L, 1, L)
-            lo_t = torch.where(mass.unsqueeze(-1), inside, big.unsqueeze(-1)).min(0).values - cell
-            hi_t = torch.where(mass.unsqueeze(-1), inside, -big.unsqueeze(-1)).max(0).values \
-                + cell
+            lo_t, hi_t = self._mass_box(g, points.unsqueeze(1), 2 * radius / (o.coarse - 1))
             edge = ((lo_t <= -radius) | (hi_t >= radius)).any(-1)
             done = ~edge if attempt < 3 else torch.ones_like(edge)
             lo[todo[done]], hi[todo[done]] = lo_t[done], hi_t[done]
@@ -179,13 +173,19 @@ class Quadrature:
         o = self.options
         unit, _ = self._unit_grid(o.coarse, lo.shape[-1])
         z = lo + (hi - lo) * unit.unsqueeze(1)  # (c^L, B, L)
-        g = self._log_integrand(model, x, z)
-        mass = (g > g.max(0).values - o.margin).unsqueeze(-1)
-        cell = (hi - lo) / (o.coarse - 1)
-        far = torch.full_like(z, math.inf)
-        new_lo = torch.where(mass, z, far).min(0).values - cell
-        new_hi = torch.where(mass, z, -far).max(0).values + cell
+        new_lo, new_hi = self._mass_box(self._log_integrand(model, x, z), z,
+                                        (hi - lo) / (o.coarse - 1))
         return torch.maximum(new_lo, lo), torch.minimum(new_hi, hi)
+
+    def _mass_box(self, g: Tensor, z: Tensor, cell: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(lo, hi)``, each ``(B, L)``: the bounding box of the points ``z`` (``(c^L, B or
+        1, L)``) whose ``g`` (``(c^L, B)``) is within ``margin`` nats of its largest, widened
+        by ``cell``."""
+        mass = (g > g.max(0).values - self.options.margin).unsqueeze(-1)
+        far = torch.tensor(math.inf, dtype=g.dtype)
+        lo = torch.where(mass, z, far).min(0).values - cell
+        hi = torch.where(mass, z, -far).max(0).values + cell
+        return lo, hi
 
     def _batch(self, model, x: Tensor, latent: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x) (B,), last change (B,), converged (B,))`` by nested refinement; an
