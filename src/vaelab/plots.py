@@ -68,6 +68,13 @@ __all__ = [
     "manifold_grid",
     "traversal_latents",
     "pca_2d",
+    "pca_basis",
+    "LatentPlane",
+    "latent_plane",
+    "scatter_points",
+    "decode_means",
+    "encode_images",
+    "unit_images",
 ]
 
 FIGURES = (
@@ -145,25 +152,105 @@ def traversal_latents(
     return z.reshape(len(dims) * steps, -1), values
 
 
-def pca_2d(points: Tensor) -> tuple[Tensor, Tensor]:
-    """Project ``points (N, L)`` on their first two principal components.
+def pca_basis(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The principal axes of ``points (N, L)``: all ``L`` of them, largest variance first.
 
-    Uses the SVD of the centred float64 data; each component's sign is fixed so that
-    its largest-magnitude loading is positive (reproducible pictures).
+    Uses the SVD of the centred float64 data; each axis's sign is fixed so that its
+    largest-magnitude loading is positive (reproducible pictures). With fewer points than
+    dimensions the axes are completed to an orthonormal basis of all ``L`` dimensions.
+
+    Returns:
+        ``centre (L,)`` (the mean), ``components (L, L)`` (orthonormal rows) and the
+        fraction of the total variance along each component ``(L,)``, all float64.
+    """
+    points = points.double()
+    centre = points.mean(0)
+    centred = points - centre
+    latent = points.shape[1]
+    full = centred.shape[0] < latent  # then the reduced SVD has fewer than L axes
+    _, singular, components = torch.linalg.svd(centred, full_matrices=full)
+    index = components.abs().argmax(1)
+    signs = torch.sign(components[torch.arange(components.shape[0]), index])
+    components = components * signs[:, None]
+    variance = torch.zeros(latent, dtype=torch.float64)
+    variance[: singular.numel()] = singular[:latent] ** 2
+    total = variance.sum()
+    explained = variance / total if total > 0 else torch.zeros(latent, dtype=torch.float64)
+    return centre, components, explained
+
+
+def pca_2d(points: Tensor) -> tuple[Tensor, Tensor]:
+    """Project ``points (N, L)`` on their first two principal components
+    (:func:`pca_basis`).
 
     Returns:
         ``projected (N, 2)`` float64 and the fraction of the total variance that each of
         the two components explains ``(2,)``.
     """
-    centred = points.double() - points.double().mean(0)
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    components = vh[:2]
-    index = components.abs().argmax(1)
-    signs = torch.sign(components[torch.arange(components.shape[0]), index])
-    components = components * signs[:, None]
-    total = (singular**2).sum()
-    explained = (singular[:2] ** 2) / total if total > 0 else torch.zeros(2, dtype=torch.float64)
-    return centred @ components.T, explained
+    centre, components, explained = pca_basis(points)
+    return (points.double() - centre) @ components[:2].T, explained[:2]
+
+
+@dataclass(frozen=True)
+class LatentPlane:
+    r"""How ``latent_scatter.png`` (and ``vaelab explore``) place latent vectors on a plane.
+
+    A latent ``z (L,)`` has coordinates :math:`u = (z - c) B^\top` in the orthonormal basis
+    ``B`` (rows), and :math:`z = c + u B`. The plane shows ``u_0`` (x) and ``u_1`` (y);
+    ``u_2 .. u_{L-1}`` are the remaining directions. With one latent dimension the plane's
+    y is a vertical jitter with no latent meaning (:func:`scatter_points`).
+
+    Attributes:
+        kind: ``"latent"`` (L <= 2: the latent coordinates themselves, ``c = 0``,
+            ``B = I``) or ``"pca"`` (L > 2: principal axes of the encoder means,
+            :func:`pca_basis`).
+        centre: ``c (L,)`` float64.
+        basis: ``B (L, L)`` float64, orthonormal rows.
+        explained: fraction of the encoder means' variance along each row of ``B`` ``(L,)``.
+    """
+
+    kind: str
+    centre: Tensor
+    basis: Tensor
+    explained: Tensor
+
+    def coordinates(self, z: Tensor) -> Tensor:
+        """``u (N, L)`` float64 of latents ``z (N, L)``."""
+        return (z.double() - self.centre) @ self.basis.T
+
+    def latent(self, u: Tensor) -> Tensor:
+        """``z (N, L)`` float64 at coordinates ``u (N, L)``."""
+        return self.centre + u.double() @ self.basis
+
+
+def latent_plane(loc: Tensor) -> LatentPlane:
+    """The plane of the latent scatter for encoder means ``loc (N, L)``: the coordinates
+    themselves for L <= 2, the principal axes for L > 2 (see :class:`LatentPlane`)."""
+    latent = loc.shape[1]
+    if latent > 2:
+        centre, components, explained = pca_basis(loc)
+        return LatentPlane("pca", centre, components, explained)
+    loc = loc.double()
+    variance = loc.var(0) if loc.shape[0] > 1 else torch.zeros(latent, dtype=torch.float64)
+    total = variance.sum()
+    explained = variance / total if total > 0 else torch.zeros(latent, dtype=torch.float64)
+    return LatentPlane("latent", torch.zeros(latent, dtype=torch.float64),
+                       torch.eye(latent, dtype=torch.float64), explained)
+
+
+def scatter_points(loc: Tensor, labels: Tensor | None = None) -> tuple[LatentPlane, Tensor]:
+    """The plane (:func:`latent_plane`) and the 2-D points ``(N, 2)`` float64 of the latent
+    scatter: ``(u_0, u_1)``; for L = 1, ``(z_0, row + jitter)`` with one row per label (or
+    one row), a fixed vertical jitter in [-0.3, 0.3)."""
+    plane = latent_plane(loc)
+    n, latent = loc.shape
+    if latent == 1:
+        jitter = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        rows = labels.double() if labels is not None else torch.zeros(n).double()
+        return plane, torch.stack([loc[:, 0].double(), rows + 0.6 * (jitter - 0.5)], 1)
+    if plane.kind == "latent":
+        return plane, loc.double()
+    return plane, (loc.double() - plane.centre) @ plane.basis[:2].T
 
 
 # --------------------------------------------------------------------------- metrics
@@ -248,7 +335,9 @@ def _tile_ticks(ax, axis: str, count: int, size: int, labels: Sequence[str], eve
         ax.set_yticks(positions, shown)
 
 
-def _decode_means(model: nn.Module, z: Tensor) -> Tensor:
+def decode_means(model: nn.Module, z: Tensor) -> Tensor:
+    """The decoder means ``model.decode(z).mean`` of ``z (N, L)`` as float32 on the CPU,
+    clamped to [0, 1] (the images every figure shows)."""
     with torch.no_grad():
         return model.decode(z.to(metrics.model_device(model))).mean.float().cpu().clamp(0.0, 1.0)
 
@@ -309,7 +398,7 @@ def manifold_figure(model: nn.Module, kl_per_dim: Tensor, *, title: str = ""):
     latent = model.latent_dim
     dims = top_kl_dims(kl_per_dim, 2)
     z, values = manifold_grid(latent, dims, _MANIFOLD_SIZE)
-    means = _decode_means(model, z)
+    means = decode_means(model, z)
     n = len(values)
     grid = grids.make_grid(means, nrow=n, padding=0)
     height, width = means.shape[-2:]
@@ -339,19 +428,16 @@ def latent_scatter_figure(loc: Tensor, labels: Tensor | None = None,
     n, latent = loc.shape
     fig = _figure(7.5, 6.0)
     ax = fig.add_subplot()
+    plane, points = scatter_points(loc, labels)
     if latent == 1:
         # A strip plot: one row per class (or one row), with a fixed vertical jitter.
-        jitter = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        rows = labels.double() if labels is not None else torch.zeros(n).double()
-        points = torch.stack([loc[:, 0].double(), rows + 0.6 * (jitter - 0.5)], 1)
         xlabel = r"$\mathrm{E}_q[z_0|x]$ (the only latent dimension)"
         ylabel = "label (rows jittered vertically)" if labels is not None else (
             "random vertical jitter (no meaning)")
     elif latent == 2:
-        points = loc.double()
         xlabel, ylabel = r"$\mathrm{E}_q[z_0|x]$", r"$\mathrm{E}_q[z_1|x]$"
     else:
-        points, explained = pca_2d(loc)
+        explained = plane.explained
         xlabel = f"principal component 1 ({100 * float(explained[0]):.1f}% of variance)"
         ylabel = f"principal component 2 ({100 * float(explained[1]):.1f}% of variance)"
     xy = points.numpy()
@@ -474,7 +560,7 @@ def traversals_figure(model: nn.Module, base: Tensor, kl_per_dim: Tensor, *, tit
     one at a time from -3 to 3, the others at ``base (L,)`` (see :func:`traversal_latents`)."""
     dims = top_kl_dims(kl_per_dim, min(model.latent_dim, _TRAVERSAL_DIMS))
     z, values = traversal_latents(base, dims)
-    means = _decode_means(model, z)
+    means = decode_means(model, z)
     steps = len(values)
     grid = grids.make_grid(means, nrow=steps, padding=1)
     height, width = means.shape[-2:]
@@ -495,8 +581,9 @@ def traversals_figure(model: nn.Module, base: Tensor, kl_per_dim: Tensor, *, tit
 # --------------------------------------------------------------------------- a run's figures
 
 
-def _unit_images(x: Tensor, family: nn.Module | None) -> Tensor:
-    """Model inputs or samples in data units -> floats in [0, 1] for display."""
+def unit_images(x: Tensor, family: nn.Module | None) -> Tensor:
+    """Model inputs or samples in the data units of ``family`` (a likelihood, or None) ->
+    floats in [0, 1] for display."""
     if getattr(family, "data_kind", None) == "uint8" or not x.is_floating_point():
         return x.float() / 255.0
     return x.float().clamp(0.0, 1.0)
@@ -528,19 +615,34 @@ class RunFigures:
 
 
 @torch.no_grad()
-def _encode_subset(run: RunFigures, n: int) -> tuple[Tensor, Tensor]:
-    """Model inputs (display units) and encoder means of the first ``n`` test images."""
-    model, family = run.model, getattr(run.model, "likelihood", None)
-    kind = getattr(family, "data_kind", "unit")
+def encode_images(model: nn.Module, images: ImageSet, n: int, seed: int
+                  ) -> tuple[Tensor, Tensor]:
+    """The first ``n`` images of ``images`` as the model sees them, and their encoder means.
+
+    Dynamic binarisation of the images ``1000 b .. 1000 b + 999`` is drawn from
+    ``seeded_generator(seed, b, Purpose.FIGURE_BINARIZE)`` (the figures use the run's
+    ``eval.seed``), so every figure and ``vaelab explore`` show the same draw.
+
+    Returns:
+        model inputs ``(n, C, H, W)`` in the model's data units and ``E_q[z|x] (n, L)``,
+        both on the CPU.
+    """
+    kind = getattr(getattr(model, "likelihood", None), "data_kind", "unit")
     device = metrics.model_device(model)
     inputs, locs = [], []
     for number, start in enumerate(range(0, n, 1000)):
         index = torch.arange(start, min(start + 1000, n))
-        gen = seeded_generator(run.config.eval.seed, number, Purpose.FIGURE_BINARIZE)
-        x = run.test.inputs(index, kind, gen).to(device)
-        inputs.append(_unit_images(x, family).cpu())
+        gen = seeded_generator(seed, number, Purpose.FIGURE_BINARIZE)
+        x = images.inputs(index, kind, gen).to(device)
+        inputs.append(x.cpu())
         locs.append(model.encode(x).mean.cpu())
     return torch.cat(inputs), torch.cat(locs)
+
+
+def _encode_subset(run: RunFigures, n: int) -> tuple[Tensor, Tensor]:
+    """Model inputs (display units) and encoder means of the first ``n`` test images."""
+    inputs, loc = encode_images(run.model, run.test, n, run.config.eval.seed)
+    return unit_images(inputs, getattr(run.model, "likelihood", None)), loc
 
 
 def _report_stats(run: RunFigures) -> dict[str, Any] | None:
@@ -619,12 +721,12 @@ def draw_figures(run: RunFigures, out_dir: str | Path,
                           generator=seeded_generator(seed, 0, Purpose.SAMPLES))
     drawers = {
         "reconstructions": lambda: reconstructions_figure(
-            inputs[:shown], _decode_means(model, loc[:shown]),
+            inputs[:shown], decode_means(model, loc[:shown]),
             originals=_grey_originals(test, shown),
             input_label=f"model input\n({test.binarize} binarisation)" if binarised
             else "original", title=where),
         "samples": lambda: samples_figure(
-            _decode_means(model, z_fixed), title=model_where,
+            decode_means(model, z_fixed), title=model_where,
             caption=rf"decoder mean of p(x|z) for {_N_SAMPLES} fixed $z \sim N(0, I)$ "
                     f"(seed {seed}, the same z as the per-epoch grids)"),
         "manifold": lambda: manifold_figure(model, kl,
@@ -719,7 +821,7 @@ def sample_figure(
         if mean:
             images = px.mean
         else:
-            images = _unit_images(px.sample(generator=seeded_generator(seed, 1,
+            images = unit_images(px.sample(generator=seeded_generator(seed, 1,
                                                                        Purpose.SAMPLE_DRAW)),
                                   getattr(model, "likelihood", None))
     if out is None:
