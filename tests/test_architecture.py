@@ -34,6 +34,7 @@ LAYERS = [
     {"evaluate"},
     {"plots"},
     {"experiment"},
+    {"explore"},  # opens a run through the pipeline; only the CLI imports it
     {"cli", "__main__"},
 ]
 

@@ -138,6 +138,35 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_sample)
 
 
+def _add_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explore",
+        help="explore a run's latent space in a local web page",
+        description="Serve a page for a trained run: its encoded test images on the plane of "
+        "latent_scatter.png, a point to drag with the decoder mean at it, sliders for the "
+        "other latent directions, and a clicked test image's reconstruction, NELBO and NLL. "
+        "Listens on 127.0.0.1 (this machine only) unless --host says otherwise; prints the "
+        "URL; Ctrl-C stops it.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; 0.0.0.0 shows the run's "
+                   "test images to anyone who can reach this machine)")
+    p.add_argument("--port", type=int, default=0, help="(default: 0, a free port)")
+    p.add_argument("--points", type=int, default=2000,
+                   help="test images on the scatter (default: %(default)s)")
+    p.add_argument("--data-dir", help="directory holding the dataset files (default: search)")
+    browser = p.add_mutually_exclusive_group()
+    browser.add_argument("--open", dest="browser", action="store_const", const=True,
+                         help="open the page in the default web browser (default: when a "
+                         "desktop display is found)")
+    browser.add_argument("--no-browser", dest="browser", action="store_const", const=False,
+                         help="only print the URL")
+    p.set_defaults(handler=_cmd_explore, browser=None)
+
+
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
@@ -200,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log data resolution steps")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_plot, _add_sample, _add_audit):
+    for add in (_add_train, _add_eval, _add_plot, _add_sample, _add_explore, _add_audit):
         add(sub)
     return parser
 
@@ -346,6 +375,32 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from .experiment import Session
+    from .explore import Explorer, display_available, make_server, serve
+
+    if args.points <= 0:
+        raise VaelabError(f"--points must be positive, got {args.points}: e.g. --points 2000")
+    if not 0 <= args.port <= 65535:
+        raise VaelabError(f"--port must be in 0..65535 (0: a free port), got {args.port}")
+    with Session.start("cpu") as session:
+        explorer = Explorer.open(args.run_dir, args.checkpoint, session, points=args.points,
+                                 data_dir=args.data_dir)
+        # Loaded: from here on the server mostly waits for clicks, so it leaves the cores
+        # it registered to other vaelab runs (a training started later takes them all).
+        cpu_threads.report()
+        cpu_threads.withdraw()
+        try:
+            server = make_server(explorer, args.host, args.port, verbose=args.verbose)
+        except OSError as exc:
+            raise VaelabError(f"cannot listen on {args.host} port {args.port}: "
+                              f"{exc.strerror or exc}: choose another --port (0: a free one) "
+                              "or --host") from None
+        wanted = display_available() if args.browser is None else args.browser
+        serve(server, open_browser=wanted, echo=lambda line: print(line, flush=True))
+    return 0
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
@@ -430,6 +485,7 @@ _OVERRIDE_HINTS = {
     "eval": "set OMP_NUM_THREADS to override",
     "plot": "set OMP_NUM_THREADS to override",
     "sample": "set OMP_NUM_THREADS to override",
+    "explore": "set OMP_NUM_THREADS to override",
 }
 
 

@@ -38,6 +38,7 @@ class Purpose(enum.IntEnum):
     EVAL_CHECK = 16  #: evaluation: which examples AIS checks, and its chains per group
     FIGURE_BINARIZE = 21  #: figures: binarisation of the encoded test images
     SAMPLE_DRAW = 22  #: ``vaelab sample``: z and the samples of p(x|z)
+    EXPLORE = 23  #: ``vaelab explore``: a clicked test example's ELBO draws and IS samples
 
 
 def seeded_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
