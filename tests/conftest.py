@@ -8,6 +8,8 @@ from pathlib import Path
 # Before torch starts its thread pool: a fixed thread count, so that in-process trainings do
 # not follow the machine's load (vaelab.threads) and bitwise comparisons stay deterministic.
 os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+# Keras 3 picks its backend on first import: the tests (and the docs' blocks) use torch.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -30,7 +30,7 @@ LAYERS = [
     {"config"},  # reads the registries below for each kind's options
     {"data"},
     {"metrics", "checkpoint", "grids"},
-    {"train", "runs"},
+    {"train", "runs", "keras"},  # keras: the Keras side of the loss, and Keras -> vaelab
     {"evaluate"},
     {"plots"},
     {"experiment"},

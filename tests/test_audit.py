@@ -255,18 +255,29 @@ def test_bad_guard_arguments(kwargs, message):
 
 def test_text_ends_with_the_vaelab_command_for_the_same_objective():
     blog = explain("bce", "mean", kl_reduction="mean", latent_dim=2).text.splitlines()
-    assert blog[-2:] == ["  the same objective: vaelab train --likelihood bernoulli "
-                         "--latent-dim 2 --beta 392",
-                         "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"]
+    assert blog[-4:-2] == ["  the same objective: vaelab train --likelihood bernoulli "
+                           "--latent-dim 2 --beta 392",
+                           "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"]
+    # ... and ends with the vaelab.keras line that replaces the loss in a Keras model
+    assert blog[-2].startswith("In Keras 3 (docs/keras.md): from vaelab.keras import "
+                               "ELBOLoss, Bernoulli;") and "beta=392) would keep" in blog[-2]
+    assert blog[-1] == '  x_hat = ELBOLoss(Bernoulli(output="probs"))([x, x_hat, z_mean, z_log_var])'
     gauss = explain("mse", kl_weight=0.00025, data_shape=(64, 64, 3), latent_dim=128).text
     assert "--likelihood gaussian --scale 0.707107 --latent-dim 128 --beta 3.072" in gauss
     assert "--likelihood gaussian --scale 1.23935 --latent-dim 128" in gauss  # sqrt(1.536)
-    grey = explain("bce", data="grey").text
+    assert gauss.splitlines()[-1] == ('  x_hat = ELBOLoss(Gaussian(scale="learned"))([x, x_hat, '
+                                      'z_mean, z_log_var])')
+    grey = explain("bce", data="grey", from_logits=True).text
     assert "--likelihood continuous-bernoulli" in grey
+    assert "binarise x first" in grey.splitlines()[-2]
+    assert grey.splitlines()[-1] == "  x_hat = ELBOLoss(Bernoulli())([x, x_hat, z_mean, z_log_var])"
+    binary_mse = explain("mse", data="binary").text.splitlines()
+    assert "Bernoulli" in binary_mse[-1] and "Bernoulli, not a Gaussian" in binary_mse[-2]
 
 
 def test_reconstruction_only_loss():
     a = explain("bce", "mean", kl_weight=0.0, kl_term=False, batch_reduction="none")
     assert "no KL term" in a.text.splitlines()[0] and "plain autoencoder" not in a.text
     assert "the ELBO needs w = 1/784" in a.text
-    assert a.text.splitlines()[-1] == "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"
+    assert a.text.splitlines()[-3] == "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2"
+    assert a.text.splitlines()[-1].startswith("  x_hat = ELBOLoss(Bernoulli(")

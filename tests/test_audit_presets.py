@@ -115,7 +115,9 @@ def test_cli_preset_prints_the_source_the_measurements_and_the_fix(capsys):
     out = capsys.readouterr().out
     assert out.startswith("Preset keras-blog-2016: https://blog.keras.io/")
     assert "What was measured:" in out and "beta = 392" in out
-    assert out.rstrip().endswith("the ELBO: vaelab train --likelihood bernoulli --latent-dim 2")
+    assert "  the ELBO: vaelab train --likelihood bernoulli --latent-dim 2\n" in out
+    assert out.rstrip().endswith(
+        '  x_hat = ELBOLoss(Bernoulli(output="probs"))([x, x_hat, z_mean, z_log_var])')
 
 
 def test_cli_preset_list_and_json(capsys):

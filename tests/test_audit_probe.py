@@ -402,7 +402,9 @@ def test_cli_loss_from_a_file_answers_from_the_code(user_file, capsys):
     assert "loss_function(x_hat, x, mu, logvar) [roles from the parameter names]" in out
     assert "What was measured:" in out and "a mean over the batch" in out
     assert "beta = 1: this is the ELBO" in out
-    assert out.rstrip().endswith("vaelab train --likelihood bernoulli --latent-dim 2 --beta 1")
+    assert "vaelab train --likelihood bernoulli --latent-dim 2 --beta 1\n" in out
+    assert out.rstrip().endswith(
+        '  x_hat = ELBOLoss(Bernoulli(output="probs"))([x, x_hat, z_mean, z_log_var])')
 
 
 def test_cli_loss_json_roles_and_fixed_arguments(user_file, capsys):

@@ -366,6 +366,7 @@ def _text(form: ReconLoss, f: dict) -> str:
     lines += _scale_lines(s, f)
     lines += _fix_lines(form, f)
     lines += _vaelab_lines(form, f)
+    lines += _keras_lines(form, f)
     return "\n".join(lines)
 
 
@@ -509,6 +510,31 @@ def _vaelab_lines(form: ReconLoss, f: dict) -> list[str]:
     lines.append(f"  or learn sigma: vaelab train --likelihood gaussian --scale learned "
                  f"--latent-dim {latent}")
     return lines
+
+
+def _keras_lines(form: ReconLoss, f: dict) -> list[str]:
+    """The last lines: the :mod:`vaelab.keras` line that replaces the loss in a Keras model
+    (the ELBO, per example, with metrics in nats; docs/keras.md)."""
+    binary = f["data"] == "binary"
+    if form.squared_error and not binary:
+        likelihood, note = 'Gaussian(scale="learned")', (
+            "a Gaussian with a learned sigma and its constant; the decoder's last layer "
+            "outputs the mean" + (", so move the sigmoid into it" if f["from_logits"] else ""))
+    else:
+        likelihood = "Bernoulli()" if f["from_logits"] else 'Bernoulli(output="probs")'
+        note = ("logits read exactly" if f["from_logits"]
+                else "sigmoid outputs clipped as Keras clips them; Bernoulli() for logits")
+        if not binary:
+            note += "; binarise x first: Bernoulli is a likelihood of 0/1 data only"
+        elif form.squared_error:
+            note += "; on 0/1 data the Bernoulli, not a Gaussian, is the likelihood"
+    beta = f["beta_effective"] if f["kl_term"] else 1.0
+    keep = (f"; ELBOLoss(..., beta={_num(beta)}) would keep this loss's KL weight"
+            if beta > 0 and not math.isclose(beta, 1.0, rel_tol=1e-9) else "")
+    name = likelihood.split("(")[0]
+    return [f"In Keras 3 (docs/keras.md): from vaelab.keras import ELBOLoss, {name}; the ELBO "
+            f"in place of this loss ({note}{keep}):",
+            f"  x_hat = ELBOLoss({likelihood})([x, x_hat, z_mean, z_log_var])"]
 
 
 # --------------------------------------------------------------------------- the probe
