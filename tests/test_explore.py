@@ -341,14 +341,11 @@ EXTRA = [
 ]
 
 
-@pytest.mark.parametrize("likelihood, kind, extra", KINDS + EXTRA,
-                         ids=[f"{n}-{k}-{'-'.join(map(str, e.values()))}"
-                              for n, k, e in KINDS + EXTRA])
-def test_every_likelihood_and_model_kind(likelihood, kind, extra):
-    """Synthetic 8x8 images (colour for the logistic mixture), an untrained model: the page's
-    answers are the model's, whatever the likelihood, model, prior, posterior and L."""
-    colour = likelihood == "discretized-logistic-mixture"
-    shape = (3 if colour else 1, 8, 8)
+def synthetic(likelihood: str, kind: str, extra: dict | None = None) -> Explorer:
+    """An untrained model of ``likelihood`` and ``kind`` on 40 random 8x8 images (colour for
+    the logistic mixture), dynamically binarised for a Bernoulli likelihood."""
+    extra = extra or {}
+    shape = (3 if likelihood == "discretized-logistic-mixture" else 1, 8, 8)
     overrides = {"likelihood.name": likelihood, "model.kind": kind, "model.latent_dim": 3,
                  **extra}
     cfg = config.resolve(overrides=[f"{k}={v}" for k, v in overrides.items()])
@@ -359,7 +356,19 @@ def test_every_likelihood_and_model_kind(likelihood, kind, extra):
     images = torch.randint(0, 256, (40, *shape), generator=gen, dtype=torch.uint8)
     test = ImageSet(images, torch.arange(40) % 3, "synthetic", "test",
                     binarize="dynamic" if binary else "none")
-    explorer = Explorer(model, test, points=30, nll_samples=64, nelbo_samples=16)
+    return Explorer(model, test, points=30, nll_samples=64, nelbo_samples=16)
+
+
+@pytest.mark.parametrize("likelihood, kind, extra", KINDS + EXTRA,
+                         ids=[f"{n}-{k}-{'-'.join(map(str, e.values()))}"
+                              for n, k, e in KINDS + EXTRA])
+def test_every_likelihood_and_model_kind(likelihood, kind, extra):
+    """The page's answers are the model's, whatever the likelihood, model, prior, posterior
+    and L (untrained models on synthetic images, grey and colour)."""
+    explorer = synthetic(likelihood, kind, extra)
+    model, test = explorer.model, explorer.test
+    shape = test.event_shape
+    binary = test.binarize == "dynamic"
     latent = model.latent_dim
     meta = ask(explorer, "GET", "/api/meta").json()
     assert meta["latent_dim"] == latent and meta["event_shape"] == list(shape)
@@ -386,7 +395,63 @@ def test_every_likelihood_and_model_kind(likelihood, kind, extra):
         assert np.all(np.abs(np.asarray(meta["scatter"]["y"]) - test.labels[:30].numpy()) <= 0.3)
 
 
+class ColourVAE(torch.nn.Module):
+    """A user's own colour model (the four members of the protocol, no vaelab base class):
+    a Gaussian decoder whose mean is a different picture in each channel, moved by z
+    (a swap of channels on the page would show)."""
+
+    latent_dim = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.likelihood = likelihoods.get("gaussian", scale=0.1)
+        self.enc = torch.nn.Linear(3 * 8 * 8, 6)
+        ramp = torch.linspace(0.05, 0.95, 64).view(8, 8)
+        self.register_buffer("pattern", torch.stack([ramp, ramp.T.flip(0), 1 - ramp]))
+
+    def encode(self, x):
+        loc, raw = self.enc(x.flatten(1)).chunk(2, -1)
+        return torch.distributions.Independent(
+            torch.distributions.Normal(loc, torch.nn.functional.softplus(raw) + 1e-3), 1)
+
+    def decode(self, z):
+        shift = 0.2 * torch.tanh(z[:, :3]).view(-1, 3, 1, 1)
+        return self.likelihood(self.pattern.unsqueeze(0) + shift)
+
+    def prior(self, device=None):
+        zero = torch.zeros(3, device=device)
+        return torch.distributions.Independent(torch.distributions.Normal(zero, 1 + zero), 1)
+
+    @staticmethod
+    def images() -> ImageSet:
+        gen = torch.Generator().manual_seed(1)
+        images = torch.randint(0, 256, (40, 3, 8, 8), generator=gen, dtype=torch.uint8)
+        return ImageSet(images, torch.arange(40) % 2, "colour", "test")
+
+
+def test_your_own_colour_model():
+    explorer = Explorer(ColourVAE(), ColourVAE.images(), points=40, nll_samples=50)
+    z = [0.3, -0.8, 1.5]
+    image = ask(explorer, "POST", "/api/decode", json.dumps({"z": z}).encode()).json()["image"]
+    expected = decoder_mean(explorer.model, z)
+    assert image["channels"] == 3 and np.ptp(expected, axis=2).max() > 0.3
+    assert_shows(image, expected)
+    point = ask(explorer, "GET", "/api/point/5").json()
+    np.testing.assert_array_equal(pixels(point["input"]),
+                                  explorer.test.images[5].permute(1, 2, 0).numpy())
+    assert math.isfinite(point["nll"]["value"]) and point["original"] is None
+
+
 # --------------------------------------------------------------------------- the command
+
+
+def test_the_command_has_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["explore", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "usage: vaelab explore" in out
+    assert "(default: 127.0.0.1" in out and "--no-browser" in out and "(default: 2000)" in out
 
 
 def test_the_command_refuses_bad_input(run_dir, tmp_path, capsys):
@@ -487,8 +552,8 @@ def test_the_page_in_headless_chromium(explorer, tmp_path):
         pytest.skip("no Chromium found (Debian: apt-get install chromium; or set "
                     "VAELAB_CHROMIUM)")
     server = make_server(explorer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    servers = [server]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     problems: list[str] = []
     try:
         with sync_api.sync_playwright() as playwright:
@@ -551,9 +616,21 @@ def test_the_page_in_headless_chromium(explorer, tmp_path):
             shot = tmp_path / "explore.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 20_000
+            # colour: a model of your own whose three channels differ
+            colour = Explorer(ColourVAE(), ColourVAE.images(), points=40)
+            servers.append(make_server(colour))
+            threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+            page.goto(servers[-1].url)
+            _wait(page, IDLE)
+            page.mouse.click(box["x"] + 60, box["y"] + 60)  # away from the points: moves z
+            _wait(page, IDLE)
+            z, image = _shown(page)
+            expected = decoder_mean(colour.model, z)
+            assert expected.shape == (8, 8, 3) and np.ptp(expected, axis=2).max() > 0.3
+            assert np.abs(image / 255 - expected).max() <= 1 / 255
             browser.close()
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
     assert problems == []
