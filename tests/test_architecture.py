@@ -29,8 +29,9 @@ LAYERS = [
     {"estimators"},
     {"config"},  # reads the registries below for each kind's options
     {"data"},
-    {"metrics", "checkpoint", "grids"},
-    {"train", "runs", "keras"},  # keras: the Keras side of the loss, and Keras -> vaelab
+    {"metrics", "checkpoint", "grids", "onnx_export"},
+    {"train", "runs", "keras"},
+    {"hub"},  # export / from_pretrained / push: opens runs, writes folders  # keras: the Keras side of the loss, and Keras -> vaelab
     {"evaluate"},
     {"plots"},
     {"experiment"},

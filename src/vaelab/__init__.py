@@ -25,7 +25,7 @@ _SUBMODULES = {
     "rng", "config", "schedules", "errors", "registry", "runtime", "distributed", "data",
     "likelihoods", "priors", "posteriors", "estimators", "experiment", "options", "models",
     "objectives", "metrics", "checkpoint", "train", "runs",
-    "evaluate", "grids", "plots", "audit", "compat",
+    "evaluate", "grids", "plots", "audit", "compat", "hub", "onnx_export", "explore", "keras",
 }
 
 __all__ = ["__version__", *sorted(_SUBMODULES)]

@@ -54,6 +54,8 @@ __all__ = [
     "FORMAT_VERSION",
     "save_checkpoint",
     "load_checkpoint",
+    "save_weights",
+    "load_weights",
     "read_meta",
     "checkpoint_exists",
     "config_diff",
@@ -346,6 +348,38 @@ def read_meta(path: str | Path) -> dict:
     return _public_meta(_read_record(*_split_path(path)))
 
 
+def _verified_bytes(fpath: Path, expected_bytes: int, sha256: str, *, what: str,
+                    owner: str, fix: str, follow_links: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``fpath`` after checking it is a regular file of ``expected_bytes``
+    bytes whose sha256 is ``sha256``; CheckpointError (ending with ``fix``) otherwise.
+    ``follow_links``: accept a symlink to a regular file (the Hugging Face cache's
+    snapshots are links into its blob store)."""
+    try:
+        st = os.stat(fpath) if follow_links else os.lstat(fpath)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {fpath} is missing: the {owner} is incomplete; "
+                              f"{fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} {fpath} is not a regular file (symlinks are "
+                              "refused): replace it with the real file")
+    if st.st_size != expected_bytes:
+        raise CheckpointError(
+            f"{what} {fpath} has {st.st_size} bytes but {expected_bytes} are recorded: "
+            f"it is truncated or was replaced; {fix}"
+        )
+    data = fpath.read_bytes()
+    if len(data) != expected_bytes or hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(
+            f"{what} {fpath} does not match its sha256 on record: it was modified "
+            f"or damaged; {fix}"
+        )
+    try:
+        return _st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{what} {fpath} is not a readable safetensors file ({err}): "
+                              f"{fix}") from err
+
+
 def _read_tensors(directory: Path, record: dict) -> dict[str, torch.Tensor]:
     """Load the tensor file after checking its name, size and sha256."""
     fname = record["tensor_file"]
@@ -356,33 +390,9 @@ def _read_tensors(directory: Path, record: dict) -> dict[str, torch.Tensor]:
             "checkpoint's JSON or use another checkpoint"
         )
     fpath = directory / fname
-    try:
-        st = os.lstat(fpath)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"tensor file {fpath} is missing: the checkpoint is incomplete; restore the file "
-            "or use another checkpoint (e.g. best instead of last)"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"tensor file {fpath} is not a regular file (symlinks are "
-                              "refused): replace it with the real file")
-    expected = record["tensor_bytes"]
-    if st.st_size != expected:
-        raise CheckpointError(
-            f"tensor file {fpath} has {st.st_size} bytes but the checkpoint says {expected}: "
-            "it is truncated or was replaced; restore it or use another checkpoint"
-        )
-    data = fpath.read_bytes()
-    if len(data) != expected or hashlib.sha256(data).hexdigest() != record["tensor_sha256"]:
-        raise CheckpointError(
-            f"tensor file {fpath} does not match its sha256 in the checkpoint: it was modified "
-            "or damaged; restore it or use another checkpoint"
-        )
-    try:
-        tensors = _st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"tensor file {fpath} is not a readable safetensors file ({err}): "
-                              "use another checkpoint") from err
+    tensors = _verified_bytes(
+        fpath, record["tensor_bytes"], record["tensor_sha256"], what="tensor file",
+        owner="checkpoint", fix="restore it or use another checkpoint (e.g. best instead of last)")
     missing = [k for k in record["tensors"] if k not in tensors]
     if missing:
         raise CheckpointError(
@@ -511,6 +521,40 @@ def _set_rng(target: Any, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
     else:
         torch.cuda.set_rng_state(state, target)
+
+
+def save_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Write ``model``'s state dict alone (tensors only, keys as in ``state_dict()``) to the
+    safetensors file ``path``, atomically; return ``{"file", "sha256", "bytes"}`` to record
+    beside it (:func:`load_weights` checks them)."""
+    tensors = {k: _cpu_copy(v) for k, v in model.state_dict().items()}
+    data = _st_save(tensors, metadata={"format": "pt", "vaelab": "vaelab-model"})
+    atomic_write_bytes(Path(path), data)
+    return {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data)}
+
+
+def load_weights(path: str | Path, model: nn.Module, *, sha256: str, size: int,
+                 map_location: str | torch.device | None = "cpu",
+                 follow_links: bool = False) -> None:
+    """Load the safetensors file ``path`` written by :func:`save_weights` into ``model``:
+    its size and sha256 must be the recorded ones and its tensors exactly the model's state
+    dict (same keys, same shapes); nothing is changed unless everything fits.
+
+    Raises:
+        CheckpointError: missing, tampered, unreadable, or written for another model.
+    """
+    if not (isinstance(sha256, str) and _SHA_RE.match(sha256)) or type(size) is not int:
+        raise CheckpointError(f"the record of {path} has no valid sha256/bytes: export the "
+                              "model again with vaelab export")
+    tensors = _verified_bytes(Path(path), size, sha256, what="weight file",
+                              owner="exported model", fix="download or export the model again",
+                              follow_links=follow_links)
+    if map_location is not None:
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    state = _model_state(model, {f"model.{k}": v for k, v in tensors.items()},
+                         {"meta": {}}, None, str(path))
+    model.load_state_dict(state, strict=True)
 
 
 def load_checkpoint(

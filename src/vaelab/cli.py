@@ -1,4 +1,4 @@
-"""The ``vaelab`` command line: train, eval, plot, sample, audit.
+"""The ``vaelab`` command line: train, eval, plot, sample, explore, export, push, audit.
 
 Thin by design: each subcommand parses flags, calls the library and prints.
 Heavy modules (torch, matplotlib) are imported inside the handlers so that
@@ -138,6 +138,45 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_sample)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a run as a shareable model folder (safetensors + model card)",
+        description="Write RUN_DIR's checkpoint into DIR: model.safetensors (tensors only), "
+        "config.json, the evaluation report and a model card (README.md) whose metrics are "
+        "the report's. A run without an evaluation report is refused. DIR loads with "
+        "vaelab.hub.from_pretrained and works with vaelab eval/plot/sample.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="DIR")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--report", metavar="FILE",
+                   help="the evaluation of that checkpoint (default: RUN_DIR/report.json; "
+                   "vaelab eval --json FILE writes one)")
+    p.add_argument("--license", default="other",
+                   help="the model card's license id, e.g. mit (default: %(default)s)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write encoder.onnx and decoder.onnx (needs vaelab[onnx])")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push", help="export a run and upload it to a Hugging Face Hub repository",
+        description="Export RUN_DIR (as vaelab export) and upload the folder to REPO_ID in "
+        "one commit, creating the repository if needed. Needs vaelab[hub] and a token "
+        "(hf auth login or HF_TOKEN); HF_ENDPOINT chooses another Hub.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. alice/fashion-vae")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="(default: %(default)s)")
+    p.add_argument("--license", default="other",
+                   help="the model card's license id, e.g. mit (default: %(default)s)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also upload encoder.onnx and decoder.onnx (needs vaelab[onnx])")
+    p.set_defaults(handler=_cmd_push)
+
+
 def _add_explore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explore",
@@ -229,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vaelab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log data resolution steps")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_eval, _add_plot, _add_sample, _add_explore, _add_audit):
+    for add in (_add_train, _add_eval, _add_plot, _add_sample, _add_explore, _add_export,
+                _add_push, _add_audit):
         add(sub)
     return parser
 
@@ -401,6 +441,25 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from . import hub
+
+    folder = hub.export_run(args.run_dir, args.out_dir, checkpoint=args.checkpoint,
+                            report=args.report, license=args.license, onnx=args.onnx)
+    for path in sorted(folder.iterdir()):
+        print(path)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from . import hub
+
+    url = hub.push(args.run_dir, args.repo_id, private=args.private,
+                   checkpoint=args.checkpoint, license=args.license, onnx=args.onnx)
+    print(url)
+    return 0
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
@@ -485,6 +544,7 @@ _OVERRIDE_HINTS = {
     "eval": "set OMP_NUM_THREADS to override",
     "plot": "set OMP_NUM_THREADS to override",
     "sample": "set OMP_NUM_THREADS to override",
+    "export": "set OMP_NUM_THREADS to override",
     "explore": "set OMP_NUM_THREADS to override",
 }
 

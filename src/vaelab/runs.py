@@ -1,7 +1,16 @@
-"""Open a finished (or interrupted) run directory: its config, model and checkpoint meta."""
+"""Open a finished (or interrupted) run directory, or a model folder written by
+``vaelab export``: its config, model and checkpoint meta.
+
+An exported folder (:mod:`vaelab.hub`) holds ``config.json`` (format ``vaelab-model``, the
+run's resolved config, the event shape and the weights' sha256) and ``model.safetensors``
+(the state dict alone). It is opened with the same strict checks as a checkpoint: the
+recorded size and sha256, exactly the model's state-dict keys and shapes, nothing unpickled;
+and a folder that holds code or pickles is refused before anything is read.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +23,25 @@ from . import config as config_mod
 from . import models
 from .errors import CheckpointError
 
-__all__ = ["Run", "open_run", "CHECKPOINT_NAMES"]
+__all__ = ["Run", "open_run", "is_exported", "read_export_record", "CHECKPOINT_NAMES",
+           "EXPORT_FORMAT", "EXPORT_FILES"]
 
 CHECKPOINT_NAMES = ("best", "last")
+
+#: ``config.json``'s format marker and version in an exported model folder.
+EXPORT_FORMAT, EXPORT_FORMAT_VERSION = "vaelab-model", 1
+#: The files an exported folder may hold (ONNX graphs and the curve are optional).
+EXPORT_FILES = ("config.json", "model.safetensors", "report.json", "README.md",
+                "metrics.jsonl", "train-config.toml", "encoder.onnx", "decoder.onnx",
+                ".gitattributes")
+#: ``config.json``'s keys: any other (``auto_map``, ``_target_``, ...) is refused.
+_EXPORT_KEYS = frozenset({"format", "format_version", "vaelab_version", "torch_version",
+                          "created", "event_shape", "latent_dim", "checkpoint", "epoch",
+                          "weights", "config", "run_name"})
+#: Files vaelab never opens in a model folder: code, and pickles (``torch.load`` runs code).
+_REFUSED_SUFFIXES = {".py": "Python code", ".pyc": "Python code", ".bin": "a pickle",
+                     ".pt": "a pickle", ".pth": "a pickle", ".pkl": "a pickle",
+                     ".pickle": "a pickle", ".ckpt": "a pickle", ".joblib": "a pickle"}
 
 
 @dataclass
@@ -49,6 +74,8 @@ def open_run(
         CheckpointError: the directory, or the checkpoint in it, is missing or unusable.
     """
     run_dir = Path(run_dir)
+    if is_exported(run_dir):
+        return _open_exported(run_dir, checkpoint, device, model)
     if checkpoint not in CHECKPOINT_NAMES:
         raise CheckpointError(
             f"unknown checkpoint {checkpoint!r}: choose one of {', '.join(CHECKPOINT_NAMES)}"
@@ -77,3 +104,81 @@ def open_run(
     ckpt.load_checkpoint(path, model=model, map_location=device, expect_config=meta["config"])
     model.eval()
     return Run(directory=run_dir, config=cfg, model=model, checkpoint=checkpoint, meta=meta)
+
+
+def is_exported(folder: str | Path) -> bool:
+    """True for a folder written by ``vaelab export`` (``config.json``, no ``checkpoints/``)."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / "checkpoints").exists()
+
+
+def read_export_record(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of an exported folder, checked: its format marker and version, only
+    known keys, and no code or pickle files in the folder.
+
+    Raises:
+        CheckpointError: anything else (one line naming the file and the fix).
+    """
+    folder = Path(folder)
+    for entry in sorted(folder.rglob("*")):
+        kind = _REFUSED_SUFFIXES.get(entry.suffix.lower())
+        if kind:
+            raise CheckpointError(
+                f"{folder} holds {entry.relative_to(folder)}, {kind}: vaelab never runs code "
+                "or unpickles files from a model folder; export it with vaelab export "
+                "(safetensors + JSON) instead")
+    path = folder / "config.json"
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err}): export the model "
+                              "again with vaelab export") from None
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a vaelab model (no 'format': '{EXPORT_FORMAT}' "
+                              "marker): give a folder written by vaelab export")
+    version = record.get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        newer = isinstance(version, int) and version > EXPORT_FORMAT_VERSION
+        raise CheckpointError(f"{path} has format version {version!r}" + (
+            ", written by a newer vaelab: upgrade vaelab" if newer else ": not one vaelab "
+            "reads; export the model again"))
+    unknown = sorted(set(record) - _EXPORT_KEYS)
+    if unknown:
+        raise CheckpointError(
+            f"{path} has the key {unknown[0]!r}, which vaelab does not know: a vaelab model "
+            "is described by data only (no code to import); remove it or export again")
+    weights = record.get("weights")
+    if not (isinstance(weights, dict) and weights.get("file") == "model.safetensors"
+            and isinstance(record.get("config"), dict)
+            and isinstance(record.get("event_shape"), list)
+            and record.get("checkpoint") in CHECKPOINT_NAMES):
+        raise CheckpointError(f"{path} is damaged: it needs 'weights' naming "
+                              "model.safetensors, 'config', 'event_shape' and 'checkpoint'; "
+                              "export the model again")
+    return record
+
+
+def _open_exported(folder: Path, checkpoint: str, device: torch.device | str,
+                   model: nn.Module | None) -> Run:
+    record = read_export_record(folder)
+    if checkpoint != record["checkpoint"]:
+        raise CheckpointError(
+            f"{folder} holds the {record['checkpoint']!r} checkpoint only (epoch "
+            f"{record.get('epoch')}): ask for --checkpoint {record['checkpoint']}")
+    try:
+        cfg = config_mod.from_dict(record["config"], saved=True)
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{folder}/config.json has no valid run config: export the "
+                              "model again") from None
+    event_shape = tuple(int(s) for s in record["event_shape"])
+    if model is None:
+        model = models.build_from_config(cfg, event_shape)
+    model = model.to(device)
+    weights = record["weights"]
+    ckpt.load_weights(folder / "model.safetensors", model, sha256=weights.get("sha256"),
+                      size=weights.get("bytes"), map_location=device, follow_links=True)
+    model.eval()
+    meta = {"config": record["config"], "event_shape": list(event_shape),
+            "train_state": {"epoch": record.get("epoch")}, "exported": True,
+            "vaelab_version": record.get("vaelab_version")}
+    return Run(directory=folder, config=cfg, model=model, checkpoint=checkpoint, meta=meta)

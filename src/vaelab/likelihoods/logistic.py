@@ -39,6 +39,9 @@ def _logistic_bin_mean(loc: Tensor, inv_s: Tensor) -> Tensor:
     :math:`E[k] = \sum_{j=1}^{255} P(k \ge j)`; the lower edge of bin ``j`` is
     :math:`(2j - 1)/255 - 1`. ``loc`` and ``inv_s`` as in :func:`_logistic_bin_log_mass`."""
     loc, inv_s = torch.broadcast_tensors(loc, inv_s)
+    if torch.compiler.is_exporting():  # one vectorised op, not a graph of 255 unrolled steps
+        edges = torch.arange(1, 256, dtype=loc.dtype, device=loc.device) * (2 / 255) - 256 / 255
+        return torch.sigmoid(inv_s.unsqueeze(-1) * (loc.unsqueeze(-1) - edges)).sum(-1) / 255
     total = torch.zeros_like(loc)
     if torch.is_grad_enabled() and (loc.requires_grad or inv_s.requires_grad):
         for k in range(1, 256):

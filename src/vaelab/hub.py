@@ -1,0 +1,379 @@
+"""Share trained models: export a run to a folder, load it back, push it to a Hugging Face Hub.
+
+An exported folder is what a Hub repository (or a colleague) takes as it is::
+
+    model.safetensors    the model's state dict, tensors only
+    config.json          vaelab version, event shape, the resolved run config, the
+                         weights' sha256 and size (format "vaelab-model")
+    report.json          the run's evaluation of these weights (NELBO, NLL, verdict, ...)
+    README.md            the model card: Hub front matter whose ``model-index`` metrics are
+                         the report's, then the data, warnings, loading and reproducing
+    metrics.jsonl        the per-epoch training curve (when the run has one)
+    train-config.toml    the config that reproduces the run (``vaelab train --config``)
+    encoder.onnx, decoder.onnx   with ``onnx=True`` (:mod:`vaelab.onnx_export`)
+
+:func:`from_pretrained` loads a folder, a run directory or a Hub repository id through the
+same strict checks as a checkpoint (:mod:`vaelab.runs`): recorded sha256 and size, exactly the
+model's state-dict keys and shapes, nothing unpickled, no code. ``huggingface_hub`` is needed
+only for repository ids and :func:`push` (``pip install 'vaelab[hub]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, runs
+from . import checkpoint as ckpt
+from . import config as config_mod
+from ._io import atomic_write_text
+from .errors import CheckpointError, VaelabError
+
+__all__ = ["export_run", "model_card", "from_pretrained", "push", "HUB_EXTRA"]
+
+#: What to install for Hub repositories (the tested major version of huggingface_hub).
+HUB_EXTRA = "pip install 'vaelab[hub]'"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Hub dataset ids of the registered datasets (the card's ``datasets`` field).
+_HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion-mnist": "zalando-datasets/fashion_mnist",
+                 "cifar10": "uoft-cs/cifar10"}
+_DATA_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
+               "binarized-mnist": "binarized MNIST (Larochelle & Murray 2011)"}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "best",
+               report: str | Path | None = None, license: str = "other",
+               onnx: bool = False) -> Path:
+    """Write the exported folder of ``run_dir``'s ``checkpoint`` into ``out_dir``.
+
+    Args:
+        report: the evaluation of these weights to put in the card (default the run's
+            ``report.json``, which ``vaelab train`` writes for the best checkpoint); it
+            must be of the same checkpoint and epoch.
+        license: the card's license (a Hub license id, e.g. ``mit``, ``cc-by-4.0``).
+        onnx: also write ``encoder.onnx`` and ``decoder.onnx`` (``vaelab[onnx]``).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        CheckpointError: no such run/checkpoint, or no evaluation report of these weights;
+        VaelabError: ``out_dir`` is a non-empty folder that is not an earlier export.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if runs.is_exported(run_dir):
+        raise CheckpointError(f"{run_dir} is already an exported model: copy the folder, or "
+                              "export the run directory it came from")
+    run = runs.open_run(run_dir, checkpoint)
+    result = _matching_report(run, Path(report) if report else run_dir / "report.json")
+    _prepare_out_dir(out_dir)
+
+    cfg = _shareable_config(run.config)
+    weights = ckpt.save_weights(out_dir / "model.safetensors", run.model)
+    record = {
+        "format": runs.EXPORT_FORMAT, "format_version": runs.EXPORT_FORMAT_VERSION,
+        "vaelab_version": __version__, "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_name": run_dir.resolve().name, "checkpoint": checkpoint, "epoch": run.epoch,
+        "event_shape": list(run.model.event_shape), "latent_dim": run.model.latent_dim,
+        "weights": weights, "config": config_mod.to_dict(cfg),
+    }
+    atomic_write_text(out_dir / "config.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "train-config.toml", config_mod.to_toml(cfg))
+    if (run_dir / "metrics.jsonl").is_file():
+        shutil.copyfile(run_dir / "metrics.jsonl", out_dir / "metrics.jsonl")
+    if onnx:
+        from . import onnx_export
+
+        onnx_export.export_onnx(run.model, out_dir)
+    atomic_write_text(out_dir / "README.md", model_card(record, result, license=license,
+                                                        onnx=onnx))
+    return out_dir
+
+
+def _matching_report(run: runs.Run, path: Path) -> dict[str, Any]:
+    """The report at ``path``, checked to be an evaluation of ``run``'s weights."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run.directory} has no evaluation report ({path} is missing): a model is shared "
+            f"with its numbers; run vaelab eval {run.directory} --json {path} first")
+    try:
+        result = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable report ({err}): evaluate again with "
+                              f"vaelab eval {run.directory} --json {path}") from None
+    if not isinstance(result, dict) or "nelbo" not in result:
+        raise CheckpointError(f"{path} is not a vaelab evaluation report: evaluate with "
+                              f"vaelab eval {run.directory} --json {path}")
+    same = (result.get("checkpoint") == run.checkpoint
+            and result.get("checkpoint_epoch", run.epoch) == run.epoch)
+    if not same:
+        raise CheckpointError(
+            f"{path} evaluates the {result.get('checkpoint')!r} checkpoint of epoch "
+            f"{result.get('checkpoint_epoch')}, not the {run.checkpoint!r} one of epoch "
+            f"{run.epoch}: evaluate these weights with vaelab eval {run.directory} "
+            f"--checkpoint {run.checkpoint} --json {path}")
+    return result
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``, or reuse it when it is empty or an earlier export (whose files
+    are replaced); anything else is refused, so nothing of the user's is overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VaelabError(f"{out_dir} is a file: give a folder to export into")
+    if out_dir.is_dir():
+        foreign = [p.name for p in out_dir.iterdir() if p.name not in runs.EXPORT_FILES]
+        if foreign or (any(out_dir.iterdir()) and not runs.is_exported(out_dir)):
+            raise VaelabError(f"{out_dir} is not empty and is not a vaelab export (it holds "
+                              f"{(foreign or ['other files'])[0]}): give a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.onnx", "decoder.onnx", "metrics.jsonl"):  # none stale
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _shareable_config(cfg: config_mod.RunConfig) -> config_mod.RunConfig:
+    """The run's config without this machine's paths (the data directory)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=None))
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def model_card(record: dict[str, Any], report: dict[str, Any], *, license: str = "other",
+               onnx: bool = False) -> str:
+    """The ``README.md`` of an exported folder: Hub front matter (``library_name: vaelab``,
+    license, tags, ``model-index`` with the report's metrics) and a body that says what the
+    model is, its numbers with their uncertainty and verdict, its warnings, how to load it
+    and how to reproduce it. No NLL is listed where the likelihood is not normalised."""
+    cfg = record["config"]
+    data, model, lik = cfg["data"], cfg["model"], cfg["likelihood"]
+    dataset = data["dataset"]
+    name = record.get("run_name") or "vaelab-model"
+    data_name = _DATA_NAMES.get(dataset, dataset)
+    metrics = _card_metrics(report)
+    front = ["---", "library_name: vaelab", f"license: {_yaml(license)}", "tags:"]
+    front += [f"- {_yaml(t)}" for t in ("vaelab", "variational-autoencoder", "vae", "pytorch",
+                                         "safetensors", dataset)]
+    if dataset in _HUB_DATASETS:
+        front += ["datasets:", f"- {_HUB_DATASETS[dataset]}"]
+    front += ["model-index:", f"- name: {_yaml(name)}", "  results:", "  - task:",
+              "      type: density-estimation", "      name: Density estimation",
+              "    dataset:", f"      type: {_yaml(dataset)}", f"      name: {_yaml(data_name)}",
+              f"      split: {_yaml(report.get('split', 'test'))}", "    metrics:"]
+    for metric in metrics:
+        front += [f"    - type: {metric['type']}", f"      name: {_yaml(metric['name'])}",
+                  f"      value: {metric['value']!r}", "      args:"]
+        front += [f"        {k}: {_yaml(v)}" for k, v in metric["args"].items()]
+    front.append("---")
+
+    verdict = (report.get("verdict") or {}).get("text")
+    body = [
+        f"# {name}", "",
+        f"A variational autoencoder trained with [vaelab](https://pypi.org/project/vaelab/) "
+        f"{record.get('vaelab_version', '')} on {data_name}; binarisation: "
+        f"{report.get('binarization') or data.get('binarize')}.",
+        "",
+        "| | |", "|---|---|",
+        f"| model | {model['kind']}, latent dimension {model['latent_dim']}, "
+        f"prior {cfg['prior']['name']}, posterior flow {cfg['posterior']['flow']} |",
+        f"| likelihood | {lik['name']} ({_normalised(report)}) |",
+        f"| weights | {record['checkpoint']} checkpoint, epoch {record.get('epoch')}, "
+        f"`model.safetensors` sha256 `{record['weights']['sha256']}` |",
+        f"| preset | {report.get('preset') or cfg.get('preset') or 'default'} |",
+        "",
+        f"## Results on the {report.get('split', 'test')} split "
+        f"({report.get('n_examples')} examples, nats per example)", "",
+        "| metric | value | how |", "|---|---|---|",
+    ]
+    for metric in metrics:
+        args = metric["args"]
+        how = ("the ELBO with beta = 1, summed over the data dimensions" if metric["type"]
+               == "nelbo" else f"{args.get('estimator')}: {args.get('estimator_detail')}; "
+               f"verdict {args.get('verdict', 'n/a')}")
+        body.append(f"| {metric['name']} | {metric['value']:.3f} ± "
+                    f"{metric['args']['stderr']:.3f} | {how} |")
+    if report.get("nll") is None:
+        body += ["", "No NLL is claimed: the likelihood is not normalised for this data."]
+    if verdict:
+        body += ["", f"Verdict on the NLL: {verdict}"]
+    warnings = report.get("warnings") or []
+    if warnings:
+        body += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    onnx_line = (["", "`encoder.onnx` maps images (B, C, H, W) in [0, 1] to q(z|x)'s `qz_loc` "
+                  "and `qz_scale`; `decoder.onnx` maps z (N, L) to the likelihood's parameters "
+                  "and its mean image."] if onnx else [])
+    body += [
+        "", "## Use it", "",
+        "```python", "import vaelab.hub", "",
+        'model = vaelab.hub.from_pretrained("THIS_FOLDER_OR_REPO_ID")  # strict: sha256, keys,'
+        " shapes", "px = model.decode(model.prior().sample((16,)))  # p(x|z) of 16 prior draws",
+        "```", "",
+        "```sh",
+        "vaelab eval THIS_FOLDER --data-dir WHERE_THE_DATA_IS   # the numbers above, again",
+        "vaelab sample THIS_FOLDER --n 64 --out samples.png", "```", *onnx_line,
+        "", "## Reproduce it", "",
+        "```sh", f"vaelab train --config train-config.toml --out runs/{name}", "```", "",
+        "`train-config.toml` is the run's resolved config; `metrics.jsonl` its per-epoch "
+        "curve. Set `--data-dir` if the data is not where vaelab looks by default.",
+    ]
+    return "\n".join(front + [""] + body) + "\n"
+
+
+def _card_metrics(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``model-index`` metrics: NELBO, and the NLL with its estimator and verdict."""
+    base = {"n_examples": report.get("n_examples"), "units": "nats per example"}
+    out = [{"type": "nelbo", "name": "negative ELBO", "value": float(report["nelbo"]),
+            "args": {"stderr": float(report["nelbo_stderr"]), **base}}]
+    if report.get("nll") is not None:
+        est = report.get("estimator") or {}
+        args = {"stderr": float(report["nll_stderr"]), **base,
+                "estimator": est.get("name"), "estimator_detail": est.get("description"),
+                "importance_samples": report.get("iw_samples") or est.get("samples"),
+                "ais_checked_examples": (est.get("correction") or {}).get("examples"),
+                "verdict": (report.get("verdict") or {}).get("status")}
+        k_hat = report.get("pareto_k") or {}
+        if k_hat.get("max") is not None:
+            args["pareto_k_max"] = round(float(k_hat["max"]), 3)
+            args["pareto_k_fraction_above"] = k_hat.get("fraction_above")
+        out.append({"type": "nll", "name": "negative log-likelihood", "value":
+                    float(report["nll"]), "args": {k: v for k, v in args.items()
+                                                   if v is not None}})
+    return out
+
+
+def _normalised(report: dict[str, Any]) -> str:
+    return ("normalised for this data" if report.get("normalized", True)
+            else "NOT normalised for this data: no NLL")
+
+
+def _yaml(value: Any) -> str:
+    """A YAML scalar: JSON's quoting for strings (valid YAML), numbers and null as they are."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def from_pretrained(path_or_repo_id: str | Path, revision: str | None = None, *,
+                    checkpoint: str | None = None, device: str | torch.device = "cpu",
+                    endpoint: str | None = None) -> nn.Module:
+    """A trained model, in eval mode, ready for :func:`vaelab.evaluate.evaluate`, the figures
+    and sampling.
+
+    Args:
+        path_or_repo_id: an exported folder, a run directory, or a Hub repository id
+            (``owner/name``, downloaded with ``huggingface_hub.snapshot_download``, which
+            honours ``HF_HUB_OFFLINE=1`` and its cache).
+        revision: the repository's branch, tag or commit (Hub ids only).
+        checkpoint: ``best`` or ``last`` (default: the one the folder holds; ``best`` for a
+            run directory).
+        endpoint: another Hub server (a mirror); default ``HF_ENDPOINT`` or huggingface.co.
+
+    Raises:
+        CheckpointError: the folder or repository is not a vaelab model, or fails a check.
+        VaelabError: a repository id without ``huggingface_hub`` installed.
+    """
+    folder = Path(path_or_repo_id)
+    if not folder.exists():
+        if not _REPO_ID.match(str(path_or_repo_id)):
+            raise CheckpointError(f"{path_or_repo_id} is neither a folder nor a Hub repository "
+                                  "id (owner/name): check the path")
+        folder = _download(str(path_or_repo_id), revision, endpoint)
+    elif revision is not None:
+        raise VaelabError(f"revision={revision!r} applies to Hub repositories only, and "
+                          f"{folder} is a local folder: drop it")
+    if checkpoint is None:
+        checkpoint = (runs.read_export_record(folder)["checkpoint"]
+                      if runs.is_exported(folder) else "best")
+    if not runs.is_exported(folder) and not (folder / "checkpoints").is_dir():
+        raise CheckpointError(_not_a_model(folder))
+    return runs.open_run(folder, checkpoint, device).model
+
+
+def _not_a_model(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir())[:6] if folder.is_dir() else []
+    return (f"{folder} is not a vaelab model: no config.json + model.safetensors (it holds "
+            f"{', '.join(names) or 'nothing'}); models are shared with vaelab export")
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise VaelabError(f"Hugging Face Hub repositories need huggingface_hub: {HUB_EXTRA}"
+                          ) from None
+    return huggingface_hub
+
+
+def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
+    """The repository's files in the local Hub cache (downloaded unless cached)."""
+    hf = _hub()
+    try:
+        folder = hf.snapshot_download(repo_id, revision=revision, endpoint=endpoint)
+    except hf.errors.LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo_id} is not in the local Hub cache and the Hub cannot be "
+                              "reached (HF_HUB_OFFLINE=1?): download it once online") from None
+    except (hf.errors.RepositoryNotFoundError, hf.errors.RevisionNotFoundError) as err:
+        raise CheckpointError(f"{repo_id}{'@' + revision if revision else ''} was not found "
+                              f"on the Hub ({type(err).__name__}): check the id, the "
+                              "revision and your token (hf auth login)") from None
+    except hf.errors.HfHubHTTPError as err:
+        raise CheckpointError(f"downloading {repo_id} failed: {str(err).splitlines()[0]}"
+                              ) from None
+    folder = Path(folder)
+    if not runs.is_exported(folder):
+        raise CheckpointError(_not_a_model(folder).replace(str(folder), repo_id, 1))
+    return folder
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def push(run_dir: str | Path, repo_id: str, *, private: bool = False, checkpoint: str = "best",
+         token: str | None = None, license: str = "other", onnx: bool = False,
+         endpoint: str | None = None) -> str:
+    """Export ``run_dir`` and upload the folder to the Hub repository ``repo_id`` in one
+    commit, creating the repository (``private`` if asked) when it does not exist.
+
+    Returns:
+        the URL of the commit.
+
+    Raises:
+        VaelabError: a bad repository id, no ``huggingface_hub``, or a refused upload.
+        CheckpointError: the run cannot be exported (e.g. it has no report).
+    """
+    if not _REPO_ID.match(repo_id):
+        raise VaelabError(f"{repo_id!r} is not a Hub repository id: write it as owner/name, "
+                          "e.g. alice/fashion-vae")
+    hf = _hub()
+    with tempfile.TemporaryDirectory(prefix="vaelab-export-") as tmp:
+        folder = export_run(run_dir, Path(tmp) / "model", checkpoint=checkpoint,
+                            license=license, onnx=onnx)
+        api = hf.HfApi(endpoint=endpoint, token=token)
+        try:
+            api.create_repo(repo_id, private=True if private else None, exist_ok=True,
+                            repo_type="model")
+            info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                     commit_message=f"vaelab export of {Path(run_dir).name} "
+                                                    f"({checkpoint} checkpoint)")
+        except hf.errors.HfHubHTTPError as err:
+            raise VaelabError(f"pushing to {repo_id} failed: {str(err).splitlines()[0]} "
+                              "(check your token: hf auth login)") from None
+    return str(getattr(info, "commit_url", info))
