@@ -26,7 +26,7 @@ if keras.backend.backend() != "torch":
 from keras import layers, ops  # noqa: E402
 
 from ppca import PPCA, SIGMA, D  # noqa: E402
-from vaelab import compat, objectives, plots, runs  # noqa: E402
+from vaelab import compat, config, objectives, plots, runs  # noqa: E402
 from vaelab import keras as vk  # noqa: E402
 from vaelab.audit import explain  # noqa: E402
 from vaelab.cli import main  # noqa: E402
@@ -60,6 +60,13 @@ def test_bernoulli_from_logits_is_torch_bernoulli_summed_over_every_data_dim():
         torch.tensor(x)).sum((1, 2)).numpy()
     assert got.shape == (5,) and got.dtype == np.float64
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-10)  # exact at logit +-60
+    # mixed precision: float16 outputs are summed in float32
+    half = vk.bernoulli_log_likelihood(x.astype(np.float16), logits.astype(np.float16))
+    assert keras.backend.standardize_dtype(half.dtype) == "float32"
+    ref16 = torch.distributions.Bernoulli(logits=torch.tensor(logits.astype(np.float16),
+                                                              dtype=torch.float64))
+    np.testing.assert_allclose(_np(half), ref16.log_prob(torch.tensor(x)).sum((1, 2)).numpy(),
+                               rtol=1e-6)
 
 
 def test_bernoulli_from_probabilities_is_keras_own_clipped_bce_times_d():
@@ -233,6 +240,22 @@ def test_mixin_subclassed_model_trains_with_beta():
         vae.fit(x, batch_size=16, epochs=1, verbose=0)
 
 
+def test_a_model_with_the_loss_layer_saves_and_loads(tmp_path):
+    vae, _, _, likelihood = _example().build_vae(20, 8, 2, likelihood=vk.Gaussian("learned"),
+                                                  seed=0)
+    vae.compile(optimizer="adam")
+    x = np.random.default_rng(0).random((32, 20)).astype(np.float32)
+    vae.fit(x, epochs=1, verbose=0)
+    assert likelihood.sigma() != pytest.approx(1.0)  # the learned sigma moved
+    vae.save(tmp_path / "vae.keras")
+    loaded = keras.models.load_model(tmp_path / "vae.keras")
+    (layer,) = [la for la in loaded.layers if isinstance(la, vk.ELBOLoss)]
+    assert isinstance(layer.likelihood, vk.Gaussian)
+    assert layer.likelihood.sigma() == pytest.approx(likelihood.sigma(), rel=1e-6)
+    assert set(loaded.evaluate(x, verbose=0, return_dict=True)) == {"loss", "nelbo", "recon",
+                                                                     "kl"}
+
+
 # --------------------------------------------------------------------------- the NLL
 
 
@@ -342,6 +365,9 @@ def test_save_run_opens_in_vaelab_eval(trained, tmp_path, capsys):
                       data={"dataset": "fashion-mnist", "binarize": "static"},
                       history=trained["history"])
     opened = runs.open_run(run)
+    toml = (run / "config.toml").read_text()
+    assert toml.startswith("# Weights trained by Keras") and "[train] is vaelab's default" in toml
+    assert config.from_dict(config.load_toml(run / "config.toml")) == opened.config
     assert opened.meta["trained_with"]["framework"] == "keras" and opened.epoch == 2
     for key, value in trained["model"].state_dict().items():
         torch.testing.assert_close(opened.model.state_dict()[key], value, rtol=0, atol=0)
@@ -450,6 +476,9 @@ BAD = [
     (lambda: vk.Bernoulli(output="sigmoid"), ConfigError, "choose logits .* or probs"),
     (lambda: vk.Gaussian(scale=-1.0), ConfigError, "likelihood.gaussian"),
     (lambda: vk.ELBOLoss(vk.Bernoulli(), beta=-1.0), ConfigError, "beta must be >= 0"),
+    (lambda: vk.ELBOLoss(vk.Bernoulli(), beta="2"), ConfigError, "beta must be a finite"),
+    (lambda: vk.ELBOLoss(vk.Bernoulli(), warmup_steps=2.5), ConfigError,
+     "warmup_steps must be a whole number"),
     (lambda: vk.ELBOLoss("bernoulli"), ConfigError, "vaelab.keras Bernoulli or Gaussian"),
     (lambda: vk.bernoulli_log_likelihood(np.ones((2, 4), np.float32),
                                          np.ones((2, 5), np.float32)),
@@ -464,9 +493,12 @@ BAD = [
                                                np.ones((2, 5), np.float32)),
      DataError, "means then raw scales, 2 x 3"),
     (lambda: vk.Bernoulli().check(np.full((2, 3), 0.5, np.float32)), DataError,
-     "needs 0/1 data .* binarise the data"),
+     "needs 0/1 data but got 6 values strictly between 0 and 1, e.g. 0.5: binarise x"),
     (lambda: vk.Bernoulli(unnormalized=True).check(np.full((2, 3), 128.0, np.float32)),
-     DataError, "divide by 255"),
+     DataError, "look like 0..255 pixel values: divide by 255"),
+    (lambda: vk.Bernoulli().check(np.full((2, 3), 1, np.uint8)), DataError,
+     r"got uint8: convert 8-bit images with x.astype\('float32'\) / 255"),
+    (lambda: vk.Gaussian().check(np.array([[0.0, np.nan]])), DataError, "1 NaN/Inf values"),
     (lambda: vk.importance_sampled_nll(None, None, np.ones((2, 3), np.float32), 10,
                                        likelihood=vk.Bernoulli(unnormalized=True)),
      ConfigError, "not a likelihood, so it has no NLL"),
@@ -490,7 +522,7 @@ def test_grey_levels_with_a_bernoulli_are_refused_at_the_first_batch():
     out = vk.ELBOLoss(vk.Bernoulli())([inputs, logits, z_mean, z_log_var])
     model = keras.Model(inputs, out)
     model.compile(optimizer="sgd")
-    with pytest.raises(DataError, match="strictly between 0 and 1.*binarise"):
+    with pytest.raises(DataError, match="strictly between 0 and 1.*binarise x once"):
         model.fit(x * 0.5 + 0.25, batch_size=4, epochs=1, verbose=0)
 
 

@@ -110,6 +110,16 @@ def _same_shape(name_a: str, a: Any, name_b: str, b: Any) -> None:
                         "decoder's output to the data's shape)")
 
 
+def _float(t: Any) -> Any:
+    """``t`` as a floating tensor; float16/bfloat16 (mixed precision) computed in float32, so
+    the sums over hundreds of pixels and the reported nats keep float32 precision."""
+    t = ops.convert_to_tensor(t)
+    dtype = keras.backend.standardize_dtype(t.dtype)
+    if dtype in ("float16", "bfloat16") or not dtype.startswith("float"):
+        return ops.cast(t, "float32")
+    return t
+
+
 def _event_sum(values: Any) -> Any:
     """``(B, ...) -> (B,)``: the sum over every axis but the first."""
     rank = len(_shape(values))
@@ -126,9 +136,33 @@ def _concrete(x: Any) -> np.ndarray | None:
         return None
 
 
+def _check_unit(name: str, x: Any) -> np.ndarray:
+    """``x`` as a NumPy array of floats in [0, 1], or a :class:`DataError` with the fix."""
+    values = np.asarray(x)
+    if values.dtype.kind != "f":
+        raise DataError(f"{name} needs floating-point data in [0, 1], got {values.dtype}: "
+                        "convert 8-bit images with x.astype('float32') / 255")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataError(f"{name} got {int(bad.sum())} NaN/Inf values: fix the data pipeline "
+                        "(look for a division by zero) before computing likelihoods")
+    outside = (values < 0) | (values > 1)
+    if outside.any():
+        example = values[outside].flat[0]
+        if values.min() >= 0 and values.max() <= 255:
+            raise DataError(f"{name} needs data in [0, 1] but got {int(outside.sum())} values "
+                            f"above 1, e.g. {example:.4g}; they look like 0..255 pixel values: "
+                            "divide by 255")
+        raise DataError(f"{name} needs data in [0, 1] but got {int(outside.sum())} values "
+                        f"outside it, e.g. {example:.4g}: rescale the data to [0, 1]")
+    return values
+
+
 def _check_weight(beta: float, warmup_steps: int) -> tuple[float, int]:
     from . import objectives
 
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ConfigError(f"beta must be a finite number >= 0 (the KL weight), got {beta!r}")
     objectives.kl_weight(0, beta, warmup_steps)  # negative values: vaelab's ConfigError
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
         raise ConfigError(f"warmup_steps must be a whole number of training steps, got "
@@ -165,7 +199,7 @@ def bernoulli_log_likelihood(x: Any, outputs: Any, from_logits: bool = True) -> 
     """
     _rank_at_least_two("x", x)
     _same_shape("x", x, "outputs", outputs)
-    outputs = ops.convert_to_tensor(outputs)
+    outputs = _float(outputs)
     x = ops.cast(x, outputs.dtype)
     if from_logits:
         values = x * outputs - ops.softplus(outputs)
@@ -201,7 +235,7 @@ def gaussian_log_likelihood(x: Any, mean: Any, sigma: Any = None, *,
     if (sigma is None) == (log_sigma is None):
         raise ConfigError("give sigma or log_sigma (not both): e.g. sigma=0.1, or the "
                           "log_sigma the decoder outputs")
-    mean = ops.convert_to_tensor(mean)
+    mean = _float(mean)
     x = ops.cast(x, mean.dtype)
     if sigma is not None and isinstance(sigma, (int, float)):
         if isinstance(sigma, bool) or not (math.isfinite(sigma) and sigma > 0):
@@ -238,7 +272,7 @@ def gaussian_kl(z_mean: Any, z_log_var: Any) -> Any:
     if len(_shape(z_mean)) != 2:
         raise DataError(f"z_mean has shape {_shape_text(_shape(z_mean))}: the KL needs "
                         "(B, L) means and log-variances")
-    z_mean = ops.convert_to_tensor(z_mean)
+    z_mean = _float(z_mean)
     z_log_var = ops.cast(z_log_var, z_mean.dtype)
     values = ops.exp(z_log_var) + ops.square(z_mean) - 1.0 - z_log_var
     return 0.5 * ops.sum(values, axis=-1)
@@ -364,9 +398,16 @@ class Bernoulli(Likelihood):
         return bernoulli_log_likelihood(x, outputs, from_logits=self.from_logits)
 
     def check(self, x: Any) -> None:
-        import torch
-
-        self.vaelab_family().validate(torch.from_numpy(np.ascontiguousarray(x)))
+        values = _check_unit("Bernoulli", x)
+        if self.unnormalized:
+            return
+        grey = (values > 0) & (values < 1)
+        if grey.any():
+            raise DataError(
+                f"Bernoulli needs 0/1 data but got {int(grey.sum())} values strictly between "
+                f"0 and 1, e.g. {values[grey].flat[0]:.4g}: binarise x once, e.g. x = "
+                "(np.random.default_rng(0).random(x.shape) < x).astype('float32'), or pass "
+                "Bernoulli(unnormalized=True) for BCE on grey levels (not a likelihood: no NLL)")
 
     def vaelab_family(self) -> Any:
         from . import likelihoods
@@ -417,7 +458,7 @@ class Gaussian(Likelihood):
                 shape=(), initializer=keras.initializers.Constant(start), name="log_scale")
 
     def _mean_log_sigma(self, outputs: Any, x: Any) -> tuple[Any, Any]:
-        outputs = ops.convert_to_tensor(outputs)
+        outputs = _float(outputs)
         if isinstance(self.scale, float):
             return outputs, math.log(self.scale)
         if self.scale == "learned":
@@ -449,7 +490,7 @@ class Gaussian(Likelihood):
         values = np.asarray(x)
         bad = ~np.isfinite(values)
         if bad.any():
-            raise DataError(f"gaussian got {int(bad.sum())} NaN/Inf values, e.g. "
+            raise DataError(f"Gaussian got {int(bad.sum())} NaN/Inf values, e.g. "
                             f"{values[bad].flat[0]}: fix the data pipeline (look for a "
                             "division by zero) before computing likelihoods")
 
@@ -860,7 +901,9 @@ class ImportanceSampledNLL(keras.callbacks.Callback):
         self.result: NLLEstimate | None = None
 
     def _part(self, name: str) -> Any:
-        value = getattr(self, name) or getattr(self.model, name, None)
+        value = getattr(self, name)
+        if value is None:
+            value = getattr(self.model, name, None)
         if value is None:
             raise ConfigError(f"ImportanceSampledNLL has no {name}: pass {name}=... (the "
                               f"model has no attribute {name!r})")
@@ -1128,7 +1171,11 @@ def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | 
             "trained_with": {"framework": "keras", "keras_version": keras.__version__,
                              "backend": keras.backend.backend()}}
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", config.to_toml(cfg))
+    atomic_write_text(run_dir / "config.toml", (
+        f"# Weights trained by Keras {keras.__version__} ({keras.backend.backend()} backend) "
+        "and written by vaelab.keras.save_run:\n# [model], [likelihood] and [data] describe "
+        "them; [train] is vaelab's default, not how Keras trained them.\n"
+        + config.to_toml(cfg)))
     if records:
         atomic_write_text(run_dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in records))
