@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         save_run(encoder, decoder, likelihood, args.out, event_shape=(1, 28, 28),
                  data={"dataset": args.dataset, "binarize": "static",
-                       "data_dir": args.data_dir}, history=history, seed=args.seed)
+                       "data_dir": args.data_dir}, history=history,
+                 validation_split="test", seed=args.seed)
         print(f"vaelab run directory: {args.out} (vaelab eval {args.out})")
     return 0
 

@@ -363,7 +363,7 @@ def test_save_run_opens_in_vaelab_eval(trained, tmp_path, capsys):
     run = vk.save_run(trained["encoder"], trained["decoder"], trained["likelihood"],
                       tmp_path / "keras-run", event_shape=(1, 28, 28),
                       data={"dataset": "fashion-mnist", "binarize": "static"},
-                      history=trained["history"])
+                      history=trained["history"], validation_split="test")
     opened = runs.open_run(run)
     toml = (run / "config.toml").read_text()
     assert toml.startswith("# Weights trained by Keras") and "[train] is vaelab's default" in toml
@@ -372,7 +372,9 @@ def test_save_run_opens_in_vaelab_eval(trained, tmp_path, capsys):
     for key, value in trained["model"].state_dict().items():
         torch.testing.assert_close(opened.model.state_dict()[key], value, rtol=0, atol=0)
     records = plots.read_metrics(run)
-    assert records[1]["val_nelbo"] == pytest.approx(trained["history"].history["val_nelbo"][1])
+    assert records[1]["test_nelbo"] == pytest.approx(trained["history"].history["val_nelbo"][1])
+    assert records[1]["train_kl"] == pytest.approx(trained["history"].history["kl"][1])
+    assert opened.config.train.validation_split == "test"
     out = tmp_path / "report.json"
     assert main(["eval", str(run), "--estimator", "is", "--iw-samples", "20", "--limit", "50",
                  "--json", str(out)]) == 0

@@ -1117,7 +1117,8 @@ def _compare(encoder: Any, decoder: Any, model: Any, likelihood: Likelihood,
 
 def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | Path, *,
              data: dict[str, Any], event_shape: Sequence[int] | None = None,
-             history: Any = None, seed: int = 0) -> Path:
+             history: Any = None, validation_split: str = "validation",
+             seed: int = 0) -> Path:
     """Write the Keras model as a vaelab run directory that ``vaelab eval``, ``vaelab plot``
     and :func:`vaelab.runs.open_run` open.
 
@@ -1135,6 +1136,10 @@ def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | 
             ``{"dataset": "mnist", "binarize": "static"}`` (the data the model was trained
             on, binarised as it was; ``validation_size`` defaults to 0).
         history: ``fit``'s :class:`keras.callbacks.History` (or its ``.history`` dict).
+        validation_split: what ``fit``'s ``validation_data`` was: ``"validation"`` (held-out
+            training data) or ``"test"`` (the test set, as in the Keras example); its
+            ``val_*`` logs become ``val_*`` or ``test_*`` rows (vaelab's
+            ``train.validation_split``).
         seed: the run's ``train.seed`` (static binarisation and splits are drawn from it).
 
     Returns:
@@ -1154,7 +1159,10 @@ def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | 
         raise ConfigError("save_run needs data={'dataset': ...}: the dataset (a name or a "
                           "file) vaelab evaluates the model on, as it was binarised")
     model, activation, hidden = _convert(encoder, decoder, likelihood, event_shape)
-    records = _history_records(history)
+    if validation_split not in config.VALIDATION_SPLITS:
+        raise ConfigError(f"validation_split must be one of "
+                          f"{', '.join(config.VALIDATION_SPLITS)}, got {validation_split!r}")
+    records = _history_records(history, "test" if validation_split == "test" else "val")
     family = likelihood.vaelab_family()
     raw = {
         "data": {"validation_size": 0, **{k: v for k, v in data.items() if v is not None}},
@@ -1162,7 +1170,7 @@ def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | 
         "model": {"kind": "mlp", "latent_dim": model.latent_dim,
                   "activation": activation, "encoder_scale": "exp",
                   "init": "glorot", "output_bias": "none", "mlp": {"hidden": list(hidden)}},
-        "train": {"select": "last", "seed": int(seed),
+        "train": {"select": "last", "seed": int(seed), "validation_split": validation_split,
                   "epochs": max(1, len(records))},
     }
     cfg = config.from_dict(raw)
@@ -1183,8 +1191,9 @@ def save_run(encoder: Any, decoder: Any, likelihood: Likelihood, run_dir: str | 
     return run_dir
 
 
-def _history_records(history: Any) -> list[dict[str, Any]]:
-    """Keras' per-epoch logs as vaelab's ``metrics.jsonl`` rows."""
+def _history_records(history: Any, prefix: str) -> list[dict[str, Any]]:
+    """Keras' per-epoch logs as vaelab's ``metrics.jsonl`` rows (``val_*`` logs as
+    ``{prefix}_*``)."""
     if history is None:
         return []
     logs = getattr(history, "history", history)
@@ -1192,8 +1201,8 @@ def _history_records(history: Any) -> list[dict[str, Any]]:
         raise ConfigError("history must be what fit returned (a History) or its .history dict")
     epochs = max((len(v) for v in logs.values()), default=0)
     names = {"loss": "train_objective", "nelbo": "train_nelbo", "recon": "train_recon",
-             "kl": "train_kl", "val_nelbo": "val_nelbo", "val_recon": "val_recon",
-             "val_kl": "val_kl"}
+             "kl": "train_kl", "val_nelbo": f"{prefix}_nelbo", "val_recon": f"{prefix}_recon",
+             "val_kl": f"{prefix}_kl"}
     rows = []
     for epoch in range(epochs):
         row: dict[str, Any] = {"epoch": epoch + 1}
