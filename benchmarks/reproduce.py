@@ -183,8 +183,8 @@ def main() -> None:
     if not args.no_default:
         plan.append(("default", ["--estimator", "auto",
                                  *[f"--set={item}" for item in args.eval_set]], None))
-    for stem, how, k in plan:
-        out = run_dir / f"eval-test-{stem}.json"
+    for label, how, k in plan:  # (not `stem`: the JSON's own name below uses that)
+        out = run_dir / f"eval-test-{label}.json"
         cmd = [*vaelab, "eval", str(run_dir), "--split", "test", "--checkpoint", "best", *how,
                "--json", str(out), *data]
         if args.eval_limit is not None:
