@@ -54,11 +54,13 @@ class FakeHub:
 
     # ------------------------------------------------------------------ state
 
-    def add_commit(self, repo_id: str, files: dict[str, bytes]) -> str:
-        """A commit that replaces/adds ``files`` on main; returns its sha."""
+    def add_commit(self, repo_id: str, files: dict[str, bytes | None]) -> str:
+        """A commit that replaces/adds ``files`` on main (None deletes one); returns its
+        sha."""
         repo = self.repos.setdefault(repo_id, {"private": False, "commits": []})
         current = dict(repo["commits"][-1][1]) if repo["commits"] else {}
         current.update(files)
+        current = {k: v for k, v in current.items() if v is not None}  # None: deleted
         sha = hashlib.sha1(json.dumps(sorted(current)).encode()
                            + str(len(repo["commits"])).encode()).hexdigest()
         repo["commits"].append((sha, current))
@@ -98,6 +100,16 @@ class FakeHub:
             self.repos[repo_id] = {"private": private, "commits": []}
             self.add_commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs\n"})
             return self._json(h, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+        if method == "GET" and parts[:2] == ["api", "models"] and len(parts) == 4:
+            repo_id = "/".join(parts[2:4])  # repo_info without a revision: main
+            found = self._files(repo_id, "main")
+            if found is None:
+                return self._json(h, 404, {"error": "Repository not found"},
+                                  {"X-Error-Code": "RepoNotFound"})
+            return self._json(h, 200, {
+                "id": repo_id, "modelId": repo_id, "sha": found[0],
+                "private": self.repos[repo_id]["private"],
+                "siblings": [{"rfilename": name} for name in sorted(found[1])]})
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo_id, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
             if repo_id not in self.repos:
@@ -116,6 +128,8 @@ class FakeHub:
                         value = item["value"]
                         assert value.get("encoding") == "base64", value
                         added[value["path"]] = base64.b64decode(value["content"])
+                    elif item["key"] == "deletedFile":
+                        added[item["value"]["path"]] = None
                     elif item["key"] not in ("header",):
                         return self._json(h, 400, {"error": f"unsupported {item['key']}"})
                 sha = self.add_commit(repo_id, added)

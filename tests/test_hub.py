@@ -169,8 +169,20 @@ def test_a_model_entry_naming_a_python_class_is_refused(exported, tmp_path):
     record = json.loads((folder / "config.json").read_text())
     record["config"]["model"]["kind"] = "evil_module:Backdoor"
     (folder / "config.json").write_text(json.dumps(record))
-    with pytest.raises(VaelabError, match="evil_module:Backdoor"):
+    with pytest.raises(VaelabError, match="evil_module:Backdoor") as err:
         hub.from_pretrained(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_describing_another_model_is_refused_before_it_is_built(exported, tmp_path):
+    folder = _copy(exported, tmp_path)
+    record = json.loads((folder / "config.json").read_text())
+    record["config"]["model"]["latent_dim"] = 10**6  # would allocate gigabytes
+    (folder / "config.json").write_text(json.dumps(record))
+    _refused(folder, "describes another model than its weights")
+    record["event_shape"] = ["28", 28]
+    (folder / "config.json").write_text(json.dumps(record))
+    _refused(folder, "not a list of positive sizes")
 
 
 def test_mismatched_architecture_is_refused(exported, tmp_path):
@@ -178,7 +190,8 @@ def test_mismatched_architecture_is_refused(exported, tmp_path):
     record = json.loads((folder / "config.json").read_text())
     record["config"]["model"]["latent_dim"] = 8  # the weights are for 4
     (folder / "config.json").write_text(json.dumps(record))
-    _refused(folder, r"does not fit this model: .* is \(\d+, \d+\) in the checkpoint but")
+    _refused(folder, r"describes another model than its weights: .* is \(\d+, \d+\) in "
+                     r"model.safetensors but \(\d+, \d+\) in the model of config.json")
 
 
 def test_the_other_checkpoint_is_refused_with_the_fix(exported):
@@ -195,10 +208,84 @@ def test_export_needs_a_report_of_the_same_weights(run_dir, tmp_path):
         hub.export_run(copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
     report = json.loads((run_dir / "report.json").read_text())
-    report["checkpoint_epoch"] = 1
-    (copy / "other.json").write_text(json.dumps(report))
-    with pytest.raises(CheckpointError, match="of epoch 1, not the 'best' one of epoch 2"):
-        hub.export_run(copy, tmp_path / "out", report=copy / "other.json")
+    assert report["weights_sha256"] == checkpoint.weights_fingerprint(
+        runs.open_run(run_dir).model)
+    for edit, pattern in ((lambda r: r.update(weights_sha256="0" * 64), "evaluates other "
+                           "weights than the 'best' checkpoint"),
+                          (lambda r: r.pop("weights_sha256"), "does not record which weights")):
+        other = dict(report)
+        edit(other)
+        (copy / "other.json").write_text(json.dumps(other))
+        with pytest.raises(CheckpointError, match=pattern) as err:
+            hub.export_run(copy, tmp_path / "out", report=copy / "other.json")
+        assert "--report" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_failed_export_leaves_the_earlier_one_intact(run_dir, exported, tmp_path,
+                                                       monkeypatch):
+    from vaelab import onnx_export
+
+    folder = _copy(exported, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(model, out_dir, **kwargs):
+        (Path(out_dir) / "decoder.onnx").write_bytes(b"half")
+        raise VaelabError("decoder.onnx's output px_params differs from torch's by 1")
+
+    monkeypatch.setattr(onnx_export, "require_onnx", lambda: None)
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    with pytest.raises(VaelabError, match="differs from torch's"):
+        hub.export_run(run_dir, folder, onnx=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no staging left
+
+
+def test_another_librarys_model_folder_is_not_overwritten(run_dir, tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    for name, text in (("config.json", '{"model_type": "bert"}'), ("README.md", "mine"),
+                       ("model.safetensors", "weights")):
+        (folder / name).write_text(text)
+    with pytest.raises(VaelabError, match="not a vaelab export .*config.json that is not"):
+        hub.export_run(run_dir, folder)
+    assert (folder / "README.md").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="is not a vaelab model"):
+        hub.from_pretrained(folder)
+
+
+def test_paths_of_this_machine_are_not_shared(tmp_path):
+    cfg = config.resolve(overrides=[f"data.dataset={tmp_path / 'secret_faces.npz'}"])
+    shared = hub._shareable_config(cfg)
+    assert shared.data.dataset == "secret_faces.npz" and shared.data.data_dir is None
+    assert str(tmp_path) not in config.to_toml(shared)
+    report = hub._shareable_report({"dataset": str(tmp_path / "secret_faces.npz")})
+    assert report["dataset"] == "secret_faces.npz"
+    assert config.resolve().data.dataset == hub._shareable_config(config.resolve()).data.dataset
+
+
+def test_a_mistyped_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(CheckpointError, match="no such folder: runs/mnist-typo"):
+        hub.from_pretrained("runs/mnist-typo")
+    with pytest.raises(CheckpointError, match="no such folder"):
+        hub.from_pretrained("./alice/vae")
+
+
+def test_plot_and_sample_of_a_folder_write_beside_it(exported, tmp_path, monkeypatch,
+                                                    capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", str(exported), "--n", "4"]) == 0
+    assert (tmp_path / f"{exported.name}-figures" / "samples-best-seed0.png").is_file()
+    assert not (exported / "figures").exists()
+    capsys.readouterr()
+
+
+def test_top_level_from_pretrained(exported):
+    import vaelab
+
+    model = vaelab.from_pretrained(exported)
+    assert model.latent_dim == 4
 
 
 def test_export_never_overwrites_other_files(run_dir, tmp_path):
@@ -242,9 +329,7 @@ def hf_home(tmp_path, monkeypatch):
     return home
 
 
-def test_push_then_download_through_a_fake_hub(run_dir, hf_home, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_push_then_download_through_a_fake_hub(run_dir, hf_home, tmp_path):
     from fake_hub import FakeHub
 
     with FakeHub() as fake:
@@ -266,17 +351,48 @@ def test_push_then_download_through_a_fake_hub(run_dir, hf_home, monkeypatch):
         with pytest.raises(CheckpointError, match="was not found on the Hub"):
             hub.from_pretrained("alice/nothing", endpoint=fake.url)
         # a repository with a pickle where the weights should be
-        fake.add_commit("bob/pickled", {"config.json": (Path(run_dir) / "config.toml"
-                                                        ).read_bytes()[:0] + json.dumps(
+        fake.add_commit("bob/pickled", {"config.json": json.dumps(
             {"format": "vaelab-model"}).encode(), "pytorch_model.bin": b"\x80\x04."})
         with pytest.raises(CheckpointError, match=r"pytorch_model\.bin, a pickle"):
             hub.from_pretrained("bob/pickled", endpoint=fake.url)
-    # the server is gone: offline, the cache serves the same model with the same checks
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    again = hub.from_pretrained("alice/fashion-vae", endpoint=fake.url)
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
-    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
-        hub.from_pretrained("carol/never-downloaded", endpoint=fake.url)
+
+        # offline (HF_HUB_OFFLINE=1, a new process), the cache serves the same model with
+        # the same checks, and the Hub hears nothing
+        asked = len(fake.requests)
+        script = ("import sys, torch, vaelab; m = vaelab.from_pretrained('alice/fashion-vae'); "
+                  "torch.save(m.state_dict(), sys.argv[1])")
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sd.pt")],
+                              env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        again = torch.load(tmp_path / "sd.pt", weights_only=True)
+        assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+        assert len(fake.requests) == asked
+        done = subprocess.run([sys.executable, "-m", "vaelab", "eval", "carol/never-seen"],
+                              env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and "run directory carol/never-seen does not exist" in \
+            done.stderr
+
+
+def test_a_second_push_replaces_the_first_and_private_is_kept(run_dir, hf_home, tmp_path):
+    from fake_hub import FakeHub
+
+    with FakeHub() as fake:
+        fake.add_commit("alice/public", {"README.md": b"old", "encoder.onnx": b"stale"})
+        hub.push(run_dir, "alice/public", endpoint=fake.url, token="hf_test")
+        files = fake.repos["alice/public"]["commits"][-1][1]
+        assert "encoder.onnx" not in files  # deleted in the same commit
+        assert sorted(files) == sorted(p.name for p in hub.export_run(
+            run_dir, tmp_path / "e").iterdir())
+        commits = len(fake.repos["alice/public"]["commits"])
+        with pytest.raises(VaelabError, match="exists and is public.*nothing was uploaded"):
+            hub.push(run_dir, "alice/public", private=True, endpoint=fake.url,
+                     token="hf_test")
+        assert len(fake.repos["alice/public"]["commits"]) == commits
+    # the Hub is gone: one line, not a traceback
+    with pytest.raises(VaelabError, match="pushing to alice/public failed .*check the network"):
+        hub.push(run_dir, "alice/public", endpoint=fake.url, token="hf_test")
 
 
 def test_weights_loader_checks_size_before_reading(tmp_path):

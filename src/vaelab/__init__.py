@@ -28,7 +28,12 @@ _SUBMODULES = {
     "evaluate", "grids", "plots", "audit", "compat", "hub", "onnx_export", "explore", "keras",
 }
 
-__all__ = ["__version__", *sorted(_SUBMODULES)]
+__all__ = ["__version__", "from_pretrained", *sorted(_SUBMODULES)]
+
+
+def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+    """:func:`vaelab.hub.from_pretrained`: a trained model from a folder or a Hub repo."""
+    return importlib.import_module(".hub", __name__).from_pretrained(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -56,6 +56,7 @@ __all__ = [
     "load_checkpoint",
     "save_weights",
     "load_weights",
+    "weights_fingerprint",
     "read_meta",
     "checkpoint_exists",
     "config_diff",
@@ -360,8 +361,9 @@ def _verified_bytes(fpath: Path, expected_bytes: int, sha256: str, *, what: str,
         raise CheckpointError(f"{what} {fpath} is missing: the {owner} is incomplete; "
                               f"{fix}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{what} {fpath} is not a regular file (symlinks are "
-                              "refused): replace it with the real file")
+        links = "" if follow_links else " (symlinks are refused)"
+        raise CheckpointError(f"{what} {fpath} is not a regular file{links}: replace it with "
+                              "the real file")
     if st.st_size != expected_bytes:
         raise CheckpointError(
             f"{what} {fpath} has {st.st_size} bytes but {expected_bytes} are recorded: "
@@ -521,6 +523,18 @@ def _set_rng(target: Any, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
     else:
         torch.cuda.set_rng_state(state, target)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of ``model``'s state dict: every key, dtype, shape and the tensor's bytes, in
+    key order. Equal for the same weights on any device or machine; a report records it
+    (``weights_sha256``) so that an export can check the report is of the weights it ships."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = _cpu_copy(value)
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def save_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:

@@ -121,7 +121,8 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
-    p.add_argument("--out", metavar="DIR", help="(default: RUN_DIR/figures)")
+    p.add_argument("--out", metavar="DIR", help="(default: RUN_DIR/figures; ./NAME-figures "
+                   "for an exported model folder)")
     p.set_defaults(handler=_cmd_plot)
 
 
@@ -134,7 +135,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--mean", action="store_true",
                    help="show the decoder mean instead of a sample of p(x|z)")
-    p.add_argument("--out", metavar="FILE", help="(default: RUN_DIR/figures/samples.png)")
+    p.add_argument("--out", metavar="FILE", help="(default: RUN_DIR/figures/samples-....png; "
+                   "./NAME-figures/... for an exported model folder)")
     p.set_defaults(handler=_cmd_sample)
 
 
@@ -170,6 +172,8 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
+    p.add_argument("--report", metavar="FILE",
+                   help="the evaluation of that checkpoint (default: RUN_DIR/report.json)")
     p.add_argument("--license", default="other",
                    help="the model card's license id, e.g. mit (default: %(default)s)")
     p.add_argument("--onnx", action="store_true",
@@ -396,7 +400,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     with Session.start("cpu") as session:
         written = Experiment.open(args.run_dir, args.checkpoint, session).figures(
-            args.checkpoint, args.out)
+            args.checkpoint, args.out or _figures_dir(args.run_dir))
     for path in written:
         print(path)
     return 0
@@ -409,8 +413,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise VaelabError(f"--n must be positive, got {args.n}: e.g. --n 64")
+    out = args.out
+    if out is None and _figures_dir(args.run_dir) is not None:
+        suffix = "-mean" if args.mean else ""
+        out = _figures_dir(args.run_dir) / f"samples-{args.checkpoint}-seed{args.seed}{suffix}.png"
     path = plots.sample_figure(args.run_dir, n=args.n, seed=args.seed,
-                               checkpoint=args.checkpoint, mean=args.mean, out=args.out)
+                               checkpoint=args.checkpoint, mean=args.mean, out=out)
     print(path)
     return 0
 
@@ -441,6 +449,15 @@ def _cmd_explore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures_dir(run_dir: str) -> Path | None:
+    """Where figures of an exported model folder go by default: ``./NAME-figures``, not
+    into the folder (it may be a Hub cache snapshot, and it is not a run directory);
+    None for a run directory (its own ``figures/``)."""
+    from .runs import is_exported
+
+    return Path(f"{Path(run_dir).resolve().name}-figures") if is_exported(run_dir) else None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from . import hub
 
@@ -455,7 +472,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from . import hub
 
     url = hub.push(args.run_dir, args.repo_id, private=args.private,
-                   checkpoint=args.checkpoint, license=args.license, onnx=args.onnx)
+                   checkpoint=args.checkpoint, report=args.report, license=args.license,
+                   onnx=args.onnx)
     print(url)
     return 0
 

@@ -205,6 +205,7 @@ class Experiment:
                 batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed,
                 ctx=self.session.ctx)
         report.update(evaluate.run_fields(self.cfg, checkpoint, self.epoch))
+        report["weights_sha256"] = ckpt.weights_fingerprint(self.model)  # what was evaluated
         return report
 
     def estimator(self) -> Any:

@@ -36,6 +36,7 @@ from . import __version__, runs
 from . import checkpoint as ckpt
 from . import config as config_mod
 from ._io import atomic_write_text
+from .data import DATASETS
 from .errors import CheckpointError, VaelabError
 
 __all__ = ["export_run", "model_card", "from_pretrained", "push", "HUB_EXTRA"]
@@ -76,77 +77,122 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
     if runs.is_exported(run_dir):
         raise CheckpointError(f"{run_dir} is already an exported model: copy the folder, or "
                               "export the run directory it came from")
-    run = runs.open_run(run_dir, checkpoint)
-    result = _matching_report(run, Path(report) if report else run_dir / "report.json")
-    _prepare_out_dir(out_dir)
-
-    cfg = _shareable_config(run.config)
-    weights = ckpt.save_weights(out_dir / "model.safetensors", run.model)
-    record = {
-        "format": runs.EXPORT_FORMAT, "format_version": runs.EXPORT_FORMAT_VERSION,
-        "vaelab_version": __version__, "torch_version": torch.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_name": run_dir.resolve().name, "checkpoint": checkpoint, "epoch": run.epoch,
-        "event_shape": list(run.model.event_shape), "latent_dim": run.model.latent_dim,
-        "weights": weights, "config": config_mod.to_dict(cfg),
-    }
-    atomic_write_text(out_dir / "config.json", json.dumps(record, indent=2) + "\n")
-    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out_dir / "train-config.toml", config_mod.to_toml(cfg))
-    if (run_dir / "metrics.jsonl").is_file():
-        shutil.copyfile(run_dir / "metrics.jsonl", out_dir / "metrics.jsonl")
     if onnx:
         from . import onnx_export
 
-        onnx_export.export_onnx(run.model, out_dir)
-    atomic_write_text(out_dir / "README.md", model_card(record, result, license=license,
-                                                        onnx=onnx))
+        onnx_export.require_onnx()  # before anything is written
+    run = runs.open_run(run_dir, checkpoint)
+    result = _matching_report(run, Path(report) if report else run_dir / "report.json")
+    _check_out_dir(out_dir)
+
+    cfg = _shareable_config(run.config)
+    result = _shareable_report(result)
+    # Everything is written into a new sibling folder that replaces out_dir only once it is
+    # complete: a failed export (an ONNX mismatch, a full disk) leaves out_dir as it was.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        weights = ckpt.save_weights(staging / "model.safetensors", run.model)
+        record = {
+            "format": runs.EXPORT_FORMAT, "format_version": runs.EXPORT_FORMAT_VERSION,
+            "vaelab_version": __version__, "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_name": run_dir.resolve().name, "checkpoint": checkpoint, "epoch": run.epoch,
+            "event_shape": list(run.model.event_shape), "latent_dim": run.model.latent_dim,
+            "weights": weights, "config": config_mod.to_dict(cfg),
+        }
+        atomic_write_text(staging / "config.json", json.dumps(record, indent=2) + "\n")
+        atomic_write_text(staging / "report.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(staging / "train-config.toml", config_mod.to_toml(cfg))
+        if (run_dir / "metrics.jsonl").is_file():
+            shutil.copyfile(run_dir / "metrics.jsonl", staging / "metrics.jsonl")
+        if onnx:
+            onnx_export.export_onnx(run.model, staging)
+        atomic_write_text(staging / "README.md", model_card(record, result, license=license,
+                                                            onnx=onnx))
+        _replace(out_dir, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
 def _matching_report(run: runs.Run, path: Path) -> dict[str, Any]:
-    """The report at ``path``, checked to be an evaluation of ``run``'s weights."""
+    """The report at ``path``, checked to be an evaluation of exactly ``run``'s weights
+    (its ``weights_sha256``, which every vaelab evaluation records)."""
+    fix = (f"evaluate these weights with vaelab eval {run.directory} --checkpoint "
+           f"{run.checkpoint} --json {run.directory / f'report-{run.checkpoint}.json'} and "
+           "pass that file with --report")
     if not path.is_file():
-        raise CheckpointError(
-            f"{run.directory} has no evaluation report ({path} is missing): a model is shared "
-            f"with its numbers; run vaelab eval {run.directory} --json {path} first")
+        raise CheckpointError(f"{run.directory} has no evaluation report ({path} is missing): "
+                              f"a model is shared with its numbers; {fix}")
     try:
         result = json.loads(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable report ({err}): evaluate again with "
-                              f"vaelab eval {run.directory} --json {path}") from None
+        raise CheckpointError(f"{path} is not a readable report ({err}): {fix}") from None
     if not isinstance(result, dict) or "nelbo" not in result:
-        raise CheckpointError(f"{path} is not a vaelab evaluation report: evaluate with "
-                              f"vaelab eval {run.directory} --json {path}")
-    same = (result.get("checkpoint") == run.checkpoint
-            and result.get("checkpoint_epoch", run.epoch) == run.epoch)
-    if not same:
+        raise CheckpointError(f"{path} is not a vaelab evaluation report: {fix}")
+    recorded = result.get("weights_sha256")
+    if recorded is None:
+        raise CheckpointError(f"{path} does not record which weights it evaluated (written by "
+                              f"an older vaelab): {fix}")
+    if recorded != ckpt.weights_fingerprint(run.model):
         raise CheckpointError(
-            f"{path} evaluates the {result.get('checkpoint')!r} checkpoint of epoch "
-            f"{result.get('checkpoint_epoch')}, not the {run.checkpoint!r} one of epoch "
-            f"{run.epoch}: evaluate these weights with vaelab eval {run.directory} "
-            f"--checkpoint {run.checkpoint} --json {path}")
+            f"{path} evaluates other weights than the {run.checkpoint!r} checkpoint of "
+            f"{run.directory} (epoch {run.epoch}): {fix}")
     return result
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir``, or reuse it when it is empty or an earlier export (whose files
-    are replaced); anything else is refused, so nothing of the user's is overwritten."""
+def _check_out_dir(out_dir: Path) -> None:
+    """``out_dir`` may be new, empty or an earlier export (replaced as a whole); anything
+    else is refused, so nothing of the user's is ever overwritten."""
     if out_dir.exists() and not out_dir.is_dir():
         raise VaelabError(f"{out_dir} is a file: give a folder to export into")
-    if out_dir.is_dir():
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         foreign = [p.name for p in out_dir.iterdir() if p.name not in runs.EXPORT_FILES]
-        if foreign or (any(out_dir.iterdir()) and not runs.is_exported(out_dir)):
+        if foreign or not runs.is_exported(out_dir):
+            what = foreign[0] if foreign else "a config.json that is not a vaelab model's"
             raise VaelabError(f"{out_dir} is not empty and is not a vaelab export (it holds "
-                              f"{(foreign or ['other files'])[0]}): give a new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("encoder.onnx", "decoder.onnx", "metrics.jsonl"):  # none stale
-        (out_dir / name).unlink(missing_ok=True)
+                              f"{what}): give a new folder")
+
+
+def _replace(out_dir: Path, staging: Path) -> None:
+    """Put the complete ``staging`` folder in place of ``out_dir`` (checked by
+    :func:`_check_out_dir`): the old folder is moved aside, then removed."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        out_dir.rename(old / "export")
+    try:
+        staging.rename(out_dir)
+    except OSError:
+        if old is not None:  # put the earlier export back
+            (old / "export").rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_own_data(name: str | None) -> bool:
+    return bool(name) and name not in DATASETS
 
 
 def _shareable_config(cfg: config_mod.RunConfig) -> config_mod.RunConfig:
-    """The run's config without this machine's paths (the data directory)."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=None))
+    """The run's config without this machine's paths: no data directory, and a file or
+    folder of your own named by its base name only."""
+    data = dataclasses.replace(cfg.data, data_dir=None)
+    for key in ("dataset", "test_dataset"):
+        value = getattr(data, key, None)
+        if _is_own_data(value):
+            data = dataclasses.replace(data, **{key: Path(value).name})
+    return dataclasses.replace(cfg, data=data)
+
+
+def _shareable_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with a dataset path reduced to its base name (as in the config)."""
+    report = dict(report)
+    if _is_own_data(report.get("dataset")):
+        report["dataset"] = Path(report["dataset"]).name
+    return report
 
 
 # ----------------------------------------------------------------------------- the card
@@ -165,8 +211,9 @@ def model_card(record: dict[str, Any], report: dict[str, Any], *, license: str =
     data_name = _DATA_NAMES.get(dataset, dataset)
     metrics = _card_metrics(report)
     front = ["---", "library_name: vaelab", f"license: {_yaml(license)}", "tags:"]
-    front += [f"- {_yaml(t)}" for t in ("vaelab", "variational-autoencoder", "vae", "pytorch",
-                                         "safetensors", dataset)]
+    tags = ["vaelab", "variational-autoencoder", "vae", "pytorch", "safetensors"]
+    tags += [dataset] if dataset in DATASETS else ["own-data"]
+    front += [f"- {_yaml(t)}" for t in tags]
     if dataset in _HUB_DATASETS:
         front += ["datasets:", f"- {_HUB_DATASETS[dataset]}"]
     front += ["model-index:", f"- name: {_yaml(name)}", "  results:", "  - task:",
@@ -292,10 +339,14 @@ def from_pretrained(path_or_repo_id: str | Path, revision: str | None = None, *,
     """
     folder = Path(path_or_repo_id)
     if not folder.exists():
-        if not _REPO_ID.match(str(path_or_repo_id)):
-            raise CheckpointError(f"{path_or_repo_id} is neither a folder nor a Hub repository "
-                                  "id (owner/name): check the path")
-        folder = _download(str(path_or_repo_id), revision, endpoint)
+        text = str(path_or_repo_id)
+        owner = text.split("/", 1)[0]
+        if not _REPO_ID.match(text) or text[0] in "./~" or Path(owner).exists():
+            # runs/mnist-typo is a mistyped folder here, not a stranger's repository
+            raise CheckpointError(f"no such folder: {path_or_repo_id} (a Hub repository id "
+                                  "is owner/name, and no folder named like its owner exists "
+                                  "here): check the path")
+        folder = _download(text, revision, endpoint)
     elif revision is not None:
         raise VaelabError(f"revision={revision!r} applies to Hub repositories only, and "
                           f"{folder} is a local folder: drop it")
@@ -334,9 +385,9 @@ def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
         raise CheckpointError(f"{repo_id}{'@' + revision if revision else ''} was not found "
                               f"on the Hub ({type(err).__name__}): check the id, the "
                               "revision and your token (hf auth login)") from None
-    except hf.errors.HfHubHTTPError as err:
-        raise CheckpointError(f"downloading {repo_id} failed: {str(err).splitlines()[0]}"
-                              ) from None
+    except Exception as err:  # HTTP errors and the HTTP client's connection errors
+        raise CheckpointError(f"downloading {repo_id} failed ({_first_line(err)}): check the "
+                              "network, HF_ENDPOINT and your token") from None
     folder = Path(folder)
     if not runs.is_exported(folder):
         raise CheckpointError(_not_a_model(folder).replace(str(folder), repo_id, 1))
@@ -347,10 +398,13 @@ def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
 
 
 def push(run_dir: str | Path, repo_id: str, *, private: bool = False, checkpoint: str = "best",
-         token: str | None = None, license: str = "other", onnx: bool = False,
-         endpoint: str | None = None) -> str:
-    """Export ``run_dir`` and upload the folder to the Hub repository ``repo_id`` in one
-    commit, creating the repository (``private`` if asked) when it does not exist.
+         report: str | Path | None = None, token: str | None = None, license: str = "other",
+         onnx: bool = False, endpoint: str | None = None) -> str:
+    """Export ``run_dir`` (:func:`export_run`) and upload the folder to the Hub repository
+    ``repo_id`` in one commit, creating the repository (``private`` if asked) when it does
+    not exist. The commit also deletes the repository's other files (an earlier push's ONNX
+    graphs, say), so the repository holds exactly the export. ``private`` with an existing
+    public repository is refused (nothing is uploaded).
 
     Returns:
         the URL of the commit.
@@ -365,15 +419,27 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False, checkpoint
     hf = _hub()
     with tempfile.TemporaryDirectory(prefix="vaelab-export-") as tmp:
         folder = export_run(run_dir, Path(tmp) / "model", checkpoint=checkpoint,
-                            license=license, onnx=onnx)
+                            report=report, license=license, onnx=onnx)
         api = hf.HfApi(endpoint=endpoint, token=token)
         try:
             api.create_repo(repo_id, private=True if private else None, exist_ok=True,
                             repo_type="model")
+            if private and not api.repo_info(repo_id, repo_type="model").private:
+                raise VaelabError(f"{repo_id} exists and is public, and --private was asked: "
+                                  "nothing was uploaded; make it private on the Hub first, or "
+                                  "push without --private")
             info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                     delete_patterns="*",
                                      commit_message=f"vaelab export of {Path(run_dir).name} "
                                                     f"({checkpoint} checkpoint)")
-        except hf.errors.HfHubHTTPError as err:
-            raise VaelabError(f"pushing to {repo_id} failed: {str(err).splitlines()[0]} "
-                              "(check your token: hf auth login)") from None
+        except VaelabError:
+            raise
+        except Exception as err:  # HTTP errors and the HTTP client's connection errors
+            raise VaelabError(f"pushing to {repo_id} failed ({_first_line(err)}): check the "
+                              "network, HF_ENDPOINT and your token (hf auth login)") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__

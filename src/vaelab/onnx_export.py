@@ -10,9 +10,9 @@ parameterises p(x|z) (e.g. Bernoulli logits, ``(N, P * C, *rest)``), and ``px_me
 ``(N, *event_shape)``, the likelihood's mean in data units.
 
 Both are exported with ``torch.onnx.export(..., dynamo=True)`` with a dynamic batch size and
-checked right away: when onnxruntime is installed, each graph's outputs on a test batch must
-match torch's within ``tolerance`` (1e-5 by default), or the files are removed and an error
-says by how much they differ.
+checked right away by onnxruntime (part of the extra): each graph's outputs on a batch of
+another size must match torch's within ``tolerance`` (1e-5 by default), or the file is
+removed and an error says by how much they differ.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import VaelabError
 
-__all__ = ["export_onnx", "ONNX_EXTRA"]
+__all__ = ["export_onnx", "require_onnx", "ONNX_EXTRA"]
 
 ONNX_EXTRA = "pip install 'vaelab[onnx]'"
 
@@ -54,6 +54,18 @@ class _Decoder(nn.Module):
         return params, self.model.likelihood(params).mean
 
 
+def require_onnx() -> None:
+    """VaelabError naming the extra unless onnx, onnxscript and onnxruntime import (the
+    graphs are always checked against onnxruntime, never written unchecked)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise VaelabError(f"ONNX export needs onnx, onnxscript and onnxruntime ({err.name} is "
+                          f"missing): {ONNX_EXTRA}") from None
+
+
 def export_onnx(model: nn.Module, out_dir: str | Path, *, tolerance: float = 1e-5,
                 opset: int | None = None) -> list[Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of a vaelab ``model`` into ``out_dir``
@@ -66,11 +78,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, tolerance: float = 1e-
         VaelabError: the onnx packages are missing, the export failed, or onnxruntime's
             outputs differ from torch's by more than ``tolerance``.
     """
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise VaelabError(f"ONNX export needs onnx and onnxscript: {ONNX_EXTRA}") from None
+    require_onnx()
     out_dir = Path(out_dir)
     model = copy.deepcopy(model).eval().to("cpu")  # the caller's model stays as it is
     gen = torch.Generator().manual_seed(0)
@@ -121,10 +129,8 @@ def _quiet_exporter():
 
 def _check(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
            tolerance: float) -> None:
-    try:
-        import onnxruntime
-    except ImportError:  # export without verification: the docs say so
-        return
+    import onnxruntime
+
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {input_name: example.numpy()})
     with torch.no_grad():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -107,9 +108,18 @@ def open_run(
 
 
 def is_exported(folder: str | Path) -> bool:
-    """True for a folder written by ``vaelab export`` (``config.json``, no ``checkpoints/``)."""
+    """True for a folder written by ``vaelab export``: no ``checkpoints/``, and a
+    ``config.json`` with the ``vaelab-model`` marker (another library's model folder, which
+    also has a ``config.json``, is not one)."""
     folder = Path(folder)
-    return (folder / "config.json").is_file() and not (folder / "checkpoints").exists()
+    path = folder / "config.json"
+    if not path.is_file() or (folder / "checkpoints").exists():
+        return False
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == EXPORT_FORMAT
 
 
 def read_export_record(folder: str | Path) -> dict[str, Any]:
@@ -170,15 +180,45 @@ def _open_exported(folder: Path, checkpoint: str, device: torch.device | str,
     except (KeyError, TypeError):
         raise CheckpointError(f"{folder}/config.json has no valid run config: export the "
                               "model again") from None
-    event_shape = tuple(int(s) for s in record["event_shape"])
+    shape = record["event_shape"]
+    if not (shape and all(type(v) is int and 0 < v <= 1 << 16 for v in shape)):
+        raise CheckpointError(f"{folder}/config.json has event_shape {shape!r}, not a list of "
+                              "positive sizes: export the model again")
+    event_shape = tuple(shape)
+    weights, path = record["weights"], folder / "model.safetensors"
     if model is None:
+        # The config comes from elsewhere: compare the architecture it describes with the
+        # weight file's header on the meta device (no memory) before building it for real.
+        with torch.device("meta"):
+            _same_architecture(models.build_from_config(cfg, event_shape), path, folder)
         model = models.build_from_config(cfg, event_shape)
     model = model.to(device)
-    weights = record["weights"]
-    ckpt.load_weights(folder / "model.safetensors", model, sha256=weights.get("sha256"),
-                      size=weights.get("bytes"), map_location=device, follow_links=True)
+    ckpt.load_weights(path, model, sha256=weights.get("sha256"), size=weights.get("bytes"),
+                      map_location=device, follow_links=True)
     model.eval()
     meta = {"config": record["config"], "event_shape": list(event_shape),
             "train_state": {"epoch": record.get("epoch")}, "exported": True,
             "vaelab_version": record.get("vaelab_version")}
     return Run(directory=folder, config=cfg, model=model, checkpoint=checkpoint, meta=meta)
+
+
+def _same_architecture(model: nn.Module, path: Path, folder: Path) -> None:
+    """CheckpointError unless the safetensors header of ``path`` lists exactly ``model``'s
+    state-dict keys with the same shapes (only the header is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the exported model is incomplete; download "
+                              "or export it again") from None
+    except (OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}): download "
+                              "or export it again") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in sorted(expected.keys() | saved.keys()):
+        if expected.get(key) != saved.get(key):
+            raise CheckpointError(
+                f"{folder}'s config.json describes another model than its weights: {key} is "
+                f"{saved.get(key, 'absent')} in model.safetensors but "
+                f"{expected.get(key, 'absent')} in the model of config.json; the folder was "
+                "edited or mixed up: download or export it again")

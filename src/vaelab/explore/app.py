@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .. import grids, metrics, objectives, plots
 from ..data import ImageSet
 from ..errors import VaelabError
+from ..psis import pareto_k_threshold
 from ..rng import Purpose, seeded_generator
 
 __all__ = ["Explorer", "RequestError", "Z_LIMIT", "NELBO_SAMPLES", "NLL_SAMPLES", "POINTS"]
@@ -303,6 +304,7 @@ class Explorer:
                 "value": -float(estimate.per_example[0]),
                 "mc_stderr": _finite(float(estimate.mc_stderr[0])),
                 "pareto_k": _finite(float(estimate.pareto_k[0])),
+                "pareto_k_threshold": _finite(pareto_k_threshold(self.nll_samples)),
                 "ess": _finite(float(estimate.ess[0])),
                 "samples": self.nll_samples,
                 "estimator": "importance sampling with q(z|x)",
