@@ -70,6 +70,7 @@ __all__ = [
     "BINARIZE_MODES",
     "KL_MODES",
     "OUTPUT_BIAS_MODES",
+    "PRECISIONS",
     "VALIDATION_SPLITS",
     "SELECTIONS",
     "COMPONENTS",
@@ -105,6 +106,8 @@ BINARIZE_MODES = ("none", "dynamic", "static")
 KL_MODES = ("auto", "analytic", "mc")
 #: How the decoder's output bias starts (see :class:`ModelConfig`).
 OUTPUT_BIAS_MODES = ("data-mean", "none")
+#: The arithmetic of the training step's forward and backward (see :class:`TrainConfig`).
+PRECISIONS = ("fp32", "bf16", "fp16")
 #: Which split the trainer evaluates after every epoch, and which checkpoint is "best".
 VALIDATION_SPLITS = ("validation", "test")
 SELECTIONS = ("best", "last")
@@ -244,6 +247,11 @@ class TrainConfig:
                                    "PyTorch examples print; then select must be last)")
     select: str = option("best", one_of(*SELECTIONS), "the checkpoint called best: best "
                          "(lowest validation NELBO, as pythae) | last")
+    precision: str = option("fp32", one_of(*PRECISIONS), "the training step's arithmetic: "
+                            "fp32 | bf16 (autocast: matrix products in bfloat16; CPU or CUDA) | "
+                            "fp16 (CUDA only, with a gradient scaler); weights, optimizer "
+                            "state, the objective's sums, evaluation and every reported "
+                            "number stay float32")
 
 
 @dataclass(frozen=True)
@@ -622,6 +630,11 @@ def validate(cfg: RunConfig) -> None:
             "or unset train.patience"
         )
     SCHEDULES[cfg.train.lr_schedule]  # an unknown name lists the registered schedules
+    if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
+        raise ConfigError(
+            "train.precision = fp16 needs a CUDA device (float16 autocast on a CPU is slow "
+            "and needs a gradient scaler): use train.precision=bf16 on a CPU, or "
+            "train.device=cuda")
     if cfg.objective.warmup_steps and cfg.objective.warmup_epochs:
         raise ConfigError("KL warm-up is in steps or in epochs, not both: set "
                           "objective.warmup_steps or objective.warmup_epochs to 0")

@@ -19,6 +19,8 @@ Report fields (``report.json``; nats per example unless stated):
 ``active_units``          latent dims with Var_x(E_q[z_j]) > 0.01 (Burda et al. 2016)
 ``kl_per_dim``            average KL of each latent dimension
 ``checkpoint``, ``checkpoint_epoch``, ``model_selection``  which weights, and why
+``training_precision``    the arithmetic that trained them (``train.precision``: fp32,
+                          bf16 or fp16); the report itself is always computed in float32
 ========================  ===========================================================
 """
 
@@ -146,13 +148,14 @@ def evaluate(
 
 
 def run_fields(cfg: config.RunConfig, checkpoint: str, epoch: int | None) -> dict[str, Any]:
-    """What a report of a run adds: which checkpoint's epoch, how it was selected, and the
-    preset with the source it follows."""
+    """What a report of a run adds: which checkpoint's epoch, how it was selected, the
+    precision that trained it, and the preset with the source it follows."""
     selection = ("lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
                  and cfg.train.select == "best" and cfg.train.validation_split == "validation"
                  and cfg.data.validation_size else "the last epoch")
     preset = cfg.preset or "default"
-    return {"checkpoint_epoch": epoch, "model_selection": selection, "preset": preset,
+    return {"checkpoint_epoch": epoch, "model_selection": selection,
+            "training_precision": cfg.train.precision, "preset": preset,
             "preset_source": config.PRESET_SOURCES.get(preset)}
 
 
@@ -369,6 +372,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
          + ("" if result["normalized"] else " (NOT normalised: not a likelihood)")),
         ("binarization", str(result["binarization"])),
         ("checkpoint", _checkpoint_text(result)),
+        *([("trained in", _precision_text(result["training_precision"]))]
+          if result.get("training_precision") else []),
         ("NELBO (nats)", _fmt(result["nelbo"], result["nelbo_stderr"])),
         ("  reconstruction", _fmt(result["recon"])),
         ("  KL", _fmt(result["kl"])),
@@ -400,6 +405,13 @@ def _pareto_text(summary: dict[str, Any] | None) -> str:
         return "n/a (fewer than 25 samples)" if summary else "n/a"
     return (f"median {summary['median']:.2f}, max {summary['max']:.2f}, "
             f"{100 * summary['fraction_above']:.1f}% above {summary['threshold']:.2f}")
+
+
+def _precision_text(precision: str) -> str:
+    if precision == "fp32":
+        return "fp32"
+    return (f"{precision} mixed precision (autocast; float32 weights; this report computed "
+            "in float32)")
 
 
 def _checkpoint_text(result: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@
 - :func:`train_epoch`: the epoch's shuffle, batches, steps and float64 running sums.
 - :func:`evaluate`: the validation NELBO (beta = 1, fixed noise, so epochs are comparable).
 - :func:`train_and_evaluate`: setup, then per epoch train, evaluate, keep the best, save.
+- :func:`autocast_dtype`, :func:`precision_context`: ``train.precision`` (mixed precision).
 
 The final test report and the figures are not part of training: the caller runs them on
 the saved run (``vaelab train`` does: :func:`vaelab.evaluate.evaluate_run`, then
@@ -16,6 +17,14 @@ Conventions:
   one-process run up to float rounding.
 - The batch is reduced once: the loss is the mean over the *global* batch of the
   objective's per-example values; epoch figures are sums over examples / their number.
+- Mixed precision (``train.precision`` = bf16 or fp16) speeds the training step only: the
+  model's forward runs under ``torch.autocast`` (its backward follows the forward's
+  dtypes); weights, gradients and optimizer state stay float32, the model returns float32
+  distribution parameters (:class:`vaelab.models.VAE` casts its encoder's and decoder's
+  outputs), so the objective's per-example values and every sum are float32/float64.
+  Validation, the sample grids, checkpoints and the report never run under autocast. fp16
+  (CUDA only) scales the loss with ``torch.amp.GradScaler``, whose state is saved with
+  ``checkpoints/last`` (``meta["grad_scaler"]``) so a resume continues it.
 - Only rank 0 writes. ``checkpoints/last`` is written last in an epoch (after ``best``,
   ``metrics.jsonl`` and the sample grid): it is the resume point, so a kill never leaves
   those behind.
@@ -56,9 +65,11 @@ __all__ = [
     "RESUMABLE_KEYS",
     "RunLocked",
     "TrainingDiverged",
+    "autocast_dtype",
     "evaluate",
     "global_batch_noise",
     "make_optimizer",
+    "precision_context",
     "run_lock",
     "train_and_evaluate",
     "train_epoch",
@@ -151,19 +162,33 @@ def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
                kl_weight: float, generator: torch.Generator | None = None,
                eps: torch.Tensor | None = None, batch_total: int | None = None,
                world_size: int = 1, grad_clip: float | None = None,
-               explode_above: float | None = None
+               explode_above: float | None = None, autocast: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None
                ) -> tuple[torch.Tensor, objectives.ELBOTerms | None]:
     """One optimizer step on the batch ``x``; returns the objective's ``(per_example, terms)``.
 
     The loss is the sum of the per-example values / ``batch_total`` x ``world_size``: the
     global batch mean once DDP averages the gradients of ``world_size`` processes.
+    ``autocast``: run the objective's forward under ``torch.autocast`` with this dtype
+    (:func:`autocast_dtype`); its per-example values must come back float32. ``scaler``:
+    fp16's gradient scaler (the step is skipped, and the scale lowered, when a scaled
+    gradient overflows).
 
     Raises:
         _NonFinite: the loss is NaN/Inf; nothing was updated.
         _Exploded: ``|loss|`` exceeds ``explode_above``; nothing was updated.
+        ConfigError: under ``autocast`` the objective came back in half precision (a model
+            of your own whose distributions take the layers' bfloat16/float16 outputs).
     """
     batch_total = batch_total if batch_total is not None else x.shape[0]
-    per_example, terms = objective(x, kl_weight, generator, eps, batch_total)
+    with precision_context(x.device, autocast):
+        per_example, terms = objective(x, kl_weight, generator, eps, batch_total)
+    if per_example.dtype in _HALF:
+        raise ConfigError(
+            f"under autocast ({autocast}) the objective came back as {per_example.dtype}: its "
+            "sums would lose precision; make the model's encode/decode return float32 "
+            "distribution parameters (cast the last layer's output with .float(), as "
+            "vaelab.models.VAE does) or train with train.precision=fp32")
     loss = per_example.sum() * (world_size / batch_total)
     value = loss.item()  # one host sync per step, for both checks
     if not math.isfinite(value):  # one op; torch.isfinite costs five
@@ -171,11 +196,73 @@ def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     if explode_above is not None and abs(value) > explode_above:
         raise _Exploded(value, explode_above)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
+        optimizer.step()
+        return per_example, terms
+    scaler.scale(loss).backward()
     if grad_clip is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # skipped when a scaled gradient is Inf/NaN
+    scaler.update()
     return per_example, terms
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+#: ``train.precision`` -> the autocast dtype (None: no autocast).
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of ``train.precision`` on ``device`` (None for fp32).
+
+    Raises:
+        ConfigError: a precision the device cannot train in (fp16 on a CPU, bf16 on a GPU
+            without bfloat16, either on another kind of device); the message names the fix.
+    """
+    if precision not in _AUTOCAST:
+        raise ConfigError(f"unknown train.precision {precision!r}: choose one of "
+                          f"{', '.join(config.PRECISIONS)}")
+    dtype = _AUTOCAST[precision]
+    if dtype is None:
+        return None
+    if device.type == "cpu" and precision == "fp16":
+        raise ConfigError(
+            "train.precision = fp16 needs a CUDA device (float16 autocast on a CPU is slow "
+            "and needs a gradient scaler): use train.precision=bf16 on a CPU, or "
+            "train.device=cuda")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"train.precision = bf16 needs a GPU with bfloat16 ({torch.cuda.get_device_name(device)} "
+            "has none): use train.precision=fp16 (with a gradient scaler) or fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.precision = {precision} is supported on cpu and cuda, not "
+                          f"{device.type}: use train.precision=fp32")
+    return dtype
+
+
+def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaler (PyTorch's defaults: 2^16, halved on overflow, doubled after
+    2,000 clean steps)."""
+    return torch.amp.GradScaler(device.type)
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
+    flags = runtime.describe_machine()["kernel_flags"]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_context(device: torch.device, dtype: torch.dtype | None
+                      ) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, dtype)``, or nothing for ``dtype`` None (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def global_batch_noise(samples: int, batch_total: int, latent_dim: int,
@@ -210,6 +297,8 @@ class _Loop:
     device: torch.device
     run_dir: Path
     progress: bool
+    autocast: torch.dtype | None = None  # train.precision's autocast dtype; None: float32
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler
 
     @property
     def data_kind(self) -> str:
@@ -268,7 +357,8 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
                 per_example, terms = train_step(
                     loop.objective, loop.optimizer, x, kl_weight=kl_weight, generator=gen,
                     eps=eps, batch_total=index.numel(), world_size=ctx.world_size,
-                    grad_clip=cfg.train.grad_clip, explode_above=limit)
+                    grad_clip=cfg.train.grad_clip, explode_above=limit,
+                    autocast=loop.autocast, scaler=loop.scaler)
             except _NonFinite as bad:
                 raise TrainingDiverged(_nan_message(bad, state["step"], epoch, batch,
                                                     loop.run_dir, ctx)) from None
@@ -299,10 +389,11 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
     n, objective_sum, elbo_sum, recon_sum, kl_sum = distributed.all_reduce_sum(totals, ctx).tolist()
     seconds = time.perf_counter() - started
     has_terms = terms is not None
-    return {
+    record = {
         "epoch": epoch + 1,
         "step": state["step"],
         "lr": lr,
+        "precision": cfg.train.precision,  # which arithmetic trained the model (never silent)
         "train_objective": objective_sum / n,
         "train_nelbo": -elbo_sum / n if has_terms else None,
         "train_recon": -recon_sum / n if has_terms else None,  # -E log p(x|z)
@@ -310,6 +401,9 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
         "seconds": round(seconds, 3),
         "examples_per_second": round(n / seconds, 1),
     }
+    if loop.scaler is not None:
+        record["grad_scale"] = float(loop.scaler.get_scale())
+    return record
 
 
 @contextlib.contextmanager
@@ -444,6 +538,13 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
         model, cfg.objective,
         (lambda t: distributed.sum_over_ranks(t, ctx)) if ctx.enabled else None)
     optimizer = make_optimizer(model, cfg.train, device)
+    # --- mixed precision: float32 weights and optimizer state, autocast in the step
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = _grad_scaler(device) if amp_dtype == torch.float16 else None
+    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not _native_bf16():
+        echo("vaelab: train.precision = bf16 on a CPU without bfloat16 instructions (no "
+             "AVX512-BF16 or AMX): its matrix products are emulated and an epoch is several "
+             "times slower than fp32 (docs/performance.md); use train.precision=fp32 here")
     # --- from here on we write: lock the run directory (rank 0 writes, others read)
     if ctx.is_main:
         stack.enter_context(run_lock(run_dir))
@@ -459,6 +560,8 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
                                           optimizer=optimizer, map_location=device,
                                           restore_global_rng=True)
         state.update(meta["train_state"])
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])  # its scale and growth tracker
         recorded = (meta.get("numerics") or {}).get("threads")
         echo(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}")
     # --- CPU threads: when the count can change this model's results, one count for the
@@ -475,7 +578,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
             wrapped = nn.parallel.DistributedDataParallel(
                 objective, device_ids=[device.index] if device.type == "cuda" else None)
     loop = _Loop(cfg, model, wrapped, optimizer, train_set, val_set, ctx, device, run_dir,
-                 progress)
+                 progress, amp_dtype, scaler)
     state["data"] = {"train": train_set.metadata,
                      "validation": val_set.metadata if val_set is not None else None}
     state["numerics"] = numerics
@@ -560,6 +663,8 @@ def _save_epoch(loop: _Loop, state: dict[str, Any], z_fixed: torch.Tensor) -> No
         loop.model.train()
     grids.save_image_grid(means, loop.run_dir / "figures" / "samples"
                           / f"epoch-{state['epoch']:03d}.png", nrow=grids.grid_columns(len(means)))
+    if loop.scaler is not None:  # plain numbers (scale, growth tracker, factors)
+        meta["grad_scaler"] = loop.scaler.state_dict()
     checkpoint.save_checkpoint(ckpt_dir / "last", model=loop.model, optimizer=loop.optimizer,
                                meta=meta)
 

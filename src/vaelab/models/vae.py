@@ -161,7 +161,10 @@ class VAE(nn.Module):
                 f"decode expects z shaped (N, {self.latent_dim}), got {tuple(z.shape)}: "
                 "flatten sample dimensions into N first"
             )
-        return self.likelihood(self.decoder(z))
+        params = self.decoder(z)
+        if params.dtype in (torch.float16, torch.bfloat16):
+            params = params.float()  # under autocast: log p(x|z) and its sums stay float32
+        return self.likelihood(params)
 
     def prior(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
