@@ -152,8 +152,10 @@ def summarize(seconds: Sequence[float], examples: int | None = None) -> dict[str
     return out
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5, min_seconds: float = 0.3) -> dict[str, Any]:
-    r"""The machine's float32 matrix-multiply rate, GFLOP/s (``2 n^3`` FLOPs per product).
+def matmul_rate(n: int = 2048, repeats: int = 5, min_seconds: float = 0.3,
+                dtype: Any = None) -> dict[str, Any]:
+    r"""The machine's matrix-multiply rate, GFLOP/s (``2 n^3`` FLOPs per product), in
+    float32 (``dtype`` None) or another torch dtype (``torch.bfloat16``).
 
     Each repetition times enough ``(n, n) @ (n, n)`` products to take ``min_seconds``,
     after two warm-up products, with the current torch thread setting; the median of
@@ -161,10 +163,11 @@ def matmul_rate(n: int = 2048, repeats: int = 5, min_seconds: float = 0.3) -> di
     """
     import torch
 
+    dtype = dtype or torch.float32
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen)
-    b = torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     flops = 2.0 * n**3
@@ -179,7 +182,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5, min_seconds: float = 0.3) -> di
                 break
         rates.append(flops * count / elapsed / 1e9)
     return {"gflops": round(median(rates), 3), "all_gflops": [round(r, 3) for r in rates],
-            "n": n, "dtype": "float32"}
+            "n": n, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def linear_matmul_flops(fn: Callable[[], Any]) -> int:

@@ -1,37 +1,58 @@
-"""Benchmark: one training epoch of the ``pytorch-example`` preset, three ways, one process.
+"""Benchmark: one training epoch of vaelab's trainer against plain PyTorch loops, one process.
 
-For batch 128 and 512 on the Fashion-MNIST training set (all 60,000 images:
-``data.validation_size=0``, as in the PyTorch example, which has no validation split):
+For each preset model (``--presets``: the MLP presets ``default``, ``pytorch-example``,
+``keras-example``, ``mnist-vae``, and ``conv``, the default config with ``model.kind=conv``),
+each ``--precision`` (``fp32``, ``bf16``: ``train.precision``) and each batch size (the
+preset's own with ``--batch-sizes preset``), on the Fashion-MNIST training set
+(``data.validation_size=0``: every image trains; ``--train-limit``/``--conv-limit`` the
+first N images), in one process:
 
-- ``vaelab``: :func:`vaelab.train.train_and_evaluate` with ``train.epochs=1, report=False``; the epoch
+- ``vaelab``: :func:`vaelab.train.train_and_evaluate` with ``train.epochs=1``; the epoch
   time is the ``seconds`` the trainer records in ``metrics.jsonl`` (the batch loop only:
   not data loading, checkpoints or figures).
-- ``dataloader_loop``: a loop written like ``examples/vae/main.py`` of the PyTorch examples
-  repository: a per-item ``Dataset`` over the uint8 images (``images[i].float() / 255``),
-  ``DataLoader(batch_size, shuffle=True)``, the same 784-400-20 ReLU model
-  (``fc1, fc21, fc22, fc3, fc4``), sigmoid + ``F.binary_cross_entropy(..., reduction="sum")``
-  + the analytic KL, Adam(1e-3).
-- ``roofline``: the epoch's matrix-multiply FLOPs divided by the float32 matmul rate
-  measured in the same run (:func:`common.matmul_rate`, before and after the epochs; the
-  median of all repetitions; ``paired_roofline_fractions`` use the rate measured just
-  before each epoch instead). FLOPs per example follow the issue's convention,
-  3 x the forward matmul FLOPs (forward + two backward products per layer; 3.91 MFLOP for
-  784-400-20); ``roofline_fraction_executed`` uses the FLOPs torch really runs
-  (``FlopCounterMode`` over a training step: the first layer needs no input gradient).
+- ``plain_loop``: the fastest plain loop we could write (:func:`plain_epoch`): the images
+  as one float tensor on the device (made before the timing), ``randperm`` batches,
+  the preset's own encoder and decoder modules (the same layers and initialisation as
+  vaelab's model), the loss written out (the preset's Bernoulli form summed over pixels,
+  the analytic KL, the batch mean), fused Adam and ``zero_grad(set_to_none=True)``, no
+  host sync in the loop; under bf16 the same autocast as vaelab's step.
+- ``dataloader_loop`` (``pytorch-example`` at fp32 only): a loop written like
+  ``examples/vae/main.py`` of the PyTorch examples repository: a per-item ``Dataset``
+  over the uint8 images (``images[i].float() / 255``), ``DataLoader(batch_size,
+  shuffle=True)``, the same 784-400-20 ReLU model (``fc1, fc21, fc22, fc3, fc4``), sigmoid
+  + ``F.binary_cross_entropy(..., reduction="sum")`` + the analytic KL, Adam(1e-3).
+- ``roofline``: the epoch's FLOPs of matrix products and convolutions divided by the
+  float32 matmul rate measured in the same run (:func:`common.matmul_rate`, before and
+  after the epochs; the median of all repetitions; ``paired_roofline_fractions`` use the
+  rate measured just before each epoch instead), also for bf16 rows (the target is the
+  float32 roofline; the bf16 matmul rate is recorded beside it). FLOPs per example follow
+  the issue's convention, 3 x the forward FLOPs (forward + two backward products per
+  layer; 3.91 MFLOP for 784-400-20); ``roofline_fraction_executed`` uses the FLOPs torch
+  really runs (``FlopCounterMode`` over a training step: the first layer needs no input
+  gradient).
 
-Repetitions are interleaved (vaelab, loop, vaelab, loop, ...) so a change in machine load
-hits both; medians are quoted. ``roofline_fraction = roofline_seconds / vaelab seconds``,
-``speedup_vs_dataloader_loop = loop seconds / vaelab seconds``.
+Repetitions are interleaved (for each repetition: every preset, precision and batch size,
+vaelab then the loops) so a change in machine load hits all; medians are quoted.
+``roofline_fraction = roofline_seconds / vaelab seconds``, ``vaelab_vs_plain_loop = plain
+loop seconds / vaelab seconds`` (above 1: vaelab is faster), ``speedup_vs_dataloader_loop
+= loop seconds / vaelab seconds``.
 
-Run: ``python benchmarks/train.py [--repeats 5] [--batch-sizes 128 512]``; writes
-``benchmarks/results/train.json``. ``--smoke`` (CI) uses 512 images and one repetition.
+Run: ``python benchmarks/train.py [--repeats 5] [--batch-sizes 128 512]`` (the
+``pytorch-example`` preset in float32: ``results`` keyed ``batch_<B>``; writes
+``benchmarks/results/train.json``) or, e.g., ``python benchmarks/train.py --threads 1
+--presets default pytorch-example keras-example mnist-vae conv --precision fp32 bf16
+--batch-sizes preset --train-limit 20000 --conv-limit 2000 --out
+benchmarks/results/train-precision-amd.json`` (``results`` keyed ``<preset> <precision>
+batch <B>``). ``--smoke`` (CI) uses 512 images and one repetition.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-__all__ = ["ExampleVAE", "ItemDataset", "dataloader_epoch", "main"]
+__all__ = ["ExampleVAE", "ItemDataset", "dataloader_epoch", "main", "plain_epoch"]
 
 PRESET = "pytorch-example"
 
@@ -104,34 +125,43 @@ def dataloader_epoch(images: torch.Tensor, batch_size: int, seed: int = 0) -> fl
     return time.perf_counter() - started
 
 
-def _config(batch_size: int, dataset: str, train_limit: int | None, threads: int | None,
-            extra: list[str] | tuple[str, ...] = ()):
+def _config(batch_size: int | None, dataset: str, train_limit: int | None, threads: int | None,
+            extra: list[str] | tuple[str, ...] = (), preset: str = PRESET,
+            precision: str = "fp32"):
+    """The run config of one timed epoch (``preset`` ``conv``: the default config with
+    ``model.kind=conv``; ``batch_size`` None: the preset's own)."""
     from vaelab import config
 
     overrides = [
-        "train.epochs=1", f"train.batch_size={batch_size}", "data.validation_size=0",
+        "train.epochs=1", "data.validation_size=0", f"train.precision={precision}",
         "train.device=cpu", f"data.dataset={dataset}",
         # the epoch alone: no per-epoch test evaluation
         "train.validation_split=validation", "train.select=best",
     ]
+    if batch_size is not None:
+        overrides.append(f"train.batch_size={batch_size}")
+    if preset == "conv":
+        overrides.append("model.kind=conv")
     if Path(dataset).suffix in (".npz", ".npy"):
         overrides.append("data.test_size=0")  # every example of a file is a training example
     if train_limit is not None:
         overrides.append(f"data.train_limit={train_limit}")
     if threads is not None:
         overrides.append(f"train.threads={threads}")
-    return config.resolve(preset=PRESET, overrides=[*overrides, *extra])
+    name = None if preset in ("default", "conv") else preset
+    return config.resolve(preset=name, overrides=[*overrides, *extra])
 
 
-def model_flops(batch_size: int) -> dict[str, float]:
-    """Matmul FLOPs per example of the preset's model: forward, 3 x forward, executed."""
+def model_flops(batch_size: int, cfg=None) -> dict[str, float]:
+    """FLOPs per example of matrix products and convolutions of ``cfg``'s model (default:
+    the ``pytorch-example`` preset's): forward, 3 x forward, executed in a training step."""
     from vaelab import objectives
     from vaelab.models import build_from_config
 
-    cfg = _config(batch_size, "fashion-mnist", None, None)
+    cfg = cfg if cfg is not None else _config(batch_size, "fashion-mnist", None, None)
     torch.manual_seed(0)
     model = build_from_config(cfg, (1, 28, 28))
-    x = torch.rand(batch_size, 1, 28, 28)
+    x = torch.rand(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0)).round()
 
     def forward():
         return objectives.elbo_terms(model, x)
@@ -145,6 +175,75 @@ def model_flops(batch_size: int) -> dict[str, float]:
     return {"forward": fwd, "training_3x_forward": 3 * fwd, "training_executed": executed}
 
 
+def _reconstruction(output: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """-log p(x|z) summed over pixels and batch, written as a plain loop writes it for the
+    Bernoulli ``output`` form (logits, sigmoid + BCE, Keras' clipped sigmoid + BCE)."""
+    if output == "logits":
+        return lambda logits, x: F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    if output == "torch-probs":
+        return lambda logits, x: F.binary_cross_entropy(torch.sigmoid(logits), x,
+                                                        reduction="sum")
+    eps = 1e-7  # keras.backend.epsilon()
+    return lambda logits, x: F.binary_cross_entropy(
+        torch.sigmoid(logits).clamp(eps, 1 - eps), x, reduction="sum")
+
+
+def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """The fastest plain loop we could write for ``cfg``'s model; ``(seconds, mean loss)``.
+
+    ``images``: uint8 ``(N, 1, 28, 28)``. Before the timing: the model (vaelab's encoder and
+    decoder modules, seeded as vaelab seeds them, its output bias at the data mean when the
+    preset says so), fused Adam, and the images as one float tensor in [0, 1] (binarised
+    once for ``binarize = static``). In the loop: a ``randperm`` batch (``index_select``),
+    dynamic binarisation as ``uniform_`` + ``lt_``, the forward (under autocast for bf16,
+    the encoder's and decoder's outputs cast to float32 as vaelab does), the loss, backward,
+    ``step``; the loss is summed on the device and read once, after the timing.
+    """
+    from vaelab.models import ENCODER_SCALES, build_from_config
+    from vaelab.train import autocast_dtype, precision_context
+
+    if cfg.likelihood.name != "bernoulli":
+        raise ValueError(f"plain_epoch writes Bernoulli losses, not {cfg.likelihood.name}")
+    device = torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)
+    model = build_from_config(cfg, tuple(images.shape[1:])).to(device).train()
+    x_all = images.to(device).float().div_(255)
+    if cfg.model.output_bias == "data-mean":
+        model.init_output_bias(x_all.mean(0))
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.data.binarize == "static":
+        x_all = torch.bernoulli(x_all, generator=gen)
+    dynamic = cfg.data.binarize == "dynamic"
+    encoder, decoder = model.encoder, model.decoder
+    scale_of = ENCODER_SCALES[cfg.model.encoder_scale]
+    recon = _reconstruction(cfg.likelihood.options.output)
+    latent = cfg.model.latent_dim
+    eps = cfg.train.adam_eps if cfg.train.adam_eps is not None else 1e-8
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=eps, fused=True)
+    amp = autocast_dtype(cfg.train.precision, device)
+    n, batch = x_all.shape[0], cfg.train.batch_size
+    total = torch.zeros((), device=device)
+    started = time.perf_counter()
+    perm = torch.randperm(n, generator=gen, device=device)
+    for i in range(0, n, batch):
+        x = x_all.index_select(0, perm[i:i + batch])
+        if dynamic:
+            x = torch.empty_like(x).uniform_(generator=gen).lt_(x)
+        with precision_context(device, amp):
+            out = encoder(x).float()
+            loc, scale = out[:, :latent], scale_of(out[:, latent:2 * latent])
+            z = loc + scale * torch.randn(loc.shape, generator=gen, device=device)
+            logits = decoder(z).float().view_as(x)
+        kl = 0.5 * (loc.square() + scale.square() - 1).sum() - scale.log().sum()
+        loss = (recon(logits, x) + kl) / x.shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    seconds = time.perf_counter() - started
+    return seconds, float(total) / math.ceil(n / batch)
+
+
 def _load_images(dataset: str, limit: int | None) -> torch.Tensor:
     from vaelab import data
 
@@ -153,80 +252,157 @@ def _load_images(dataset: str, limit: int | None) -> torch.Tensor:
     return images[:limit].contiguous() if limit is not None else images
 
 
+def _key(preset: str, precision: str, batch: int, legacy: bool) -> str:
+    return f"batch_{batch}" if legacy else f"{preset} {precision} batch {batch}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0], "train")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch-sizes", nargs="+", default=["128", "512"],
+                        help="batch sizes, or 'preset' for each preset's own (default 128 512)")
+    parser.add_argument("--presets", nargs="+", default=[PRESET],
+                        choices=["default", "pytorch-example", "keras-example", "mnist-vae",
+                                 "conv"],
+                        help="the models to time (default pytorch-example; conv: the default "
+                             "config with model.kind=conv)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="train.precision of vaelab's run and the plain loop's autocast "
+                             "(default fp32)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="time epochs of the first N training images (default: all)")
+    parser.add_argument("--conv-limit", type=int, default=None,
+                        help="the same for the conv model (default: --train-limit)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="further config overrides of vaelab's run (e.g. "
                              "likelihood.output=logits); recorded in the JSON")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="registered name or .npz file of 28x28 images (smoke tests)")
+    parser.add_argument("--note", default=None,
+                        help="a sentence recorded in the JSON (e.g. what else ran on the CPU)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     repeats = args.repeats or (1 if smoke else 5)
-    limit = 512 if smoke else None
-    batch_sizes = [32, 128] if smoke and args.batch_sizes == [128, 512] else args.batch_sizes
+    own_batch = args.batch_sizes == ["preset"]
+    sizes = [] if own_batch else [int(b) for b in args.batch_sizes]
+    if smoke and sizes == [128, 512]:
+        sizes = [32, 128]
+    legacy = args.presets == [PRESET] and args.precision == ["fp32"] and not own_batch
     if args.threads:
         torch.set_num_threads(args.threads)
     monitor = common.CpuMonitor()
     mm_n, mm_reps = (256, 1) if smoke else (2048, repeats)
 
-    images = _load_images(args.dataset, limit)
-    n = int(images.shape[0])
-    flops = model_flops(batch_sizes[0])
+    limits = {p: 512 if smoke else (args.conv_limit or args.train_limit if p == "conv"
+                                    else args.train_limit) for p in args.presets}
+    images = {p: _load_images(args.dataset, limits[p]) for p in args.presets}
+    runs = []  # (preset, precision, batch size)
+    for preset in args.presets:
+        batches = [_config(None, args.dataset, None, None, args.set, preset).train.batch_size
+                   ] if own_batch else sizes
+        runs += [(preset, precision, b) for precision in args.precision for b in batches]
+    flops = {p: model_flops(128, _config(128, args.dataset, None, None, args.set, p))
+             for p in args.presets}
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
-    times: dict[int, dict[str, list[float]]] = {b: {"vaelab": [], "loop": []} for b in batch_sizes}
-    records: dict[int, dict[str, Any]] = {}
-    paired: dict[int, list[float]] = {b: [] for b in batch_sizes}  # matmul rate before each
+    bf16_rates = (common.matmul_rate(mm_n, mm_reps, dtype=torch.bfloat16)["all_gflops"]
+                  if "bf16" in args.precision else [])
+    names = ("vaelab", "plain", "loop")
+    times: dict[tuple, dict[str, list[float]]] = {r: {k: [] for k in names} for r in runs}
+    records: dict[tuple, dict[str, Any]] = {}
+    plain_loss: dict[tuple, float] = {}
+    paired: dict[tuple, list[float]] = {r: [] for r in runs}  # matmul rate before each
+
+    def config_of(run: tuple) -> Any:
+        preset, precision, b = run
+        return _config(b, args.dataset, limits[preset], args.threads, args.set, preset,
+                       precision)
+
     with tempfile.TemporaryDirectory(prefix="vaelab-bench-") as tmp:
-        for b in batch_sizes if not smoke else []:  # warm-up: first allocations, matplotlib
-            common.vaelab_epoch(_config(b, args.dataset, limit, args.threads, args.set), Path(tmp))
+        for preset, precision, b in runs if not smoke else []:  # warm-up: allocations, imports
+            warm = _config(b, args.dataset, 2048, args.threads, args.set, preset, precision)
+            common.vaelab_epoch(warm, Path(tmp))
+            plain_epoch(warm, images[preset][:2048])
         for _ in range(repeats):
-            for b in batch_sizes:
-                cfg = _config(b, args.dataset, limit, args.threads, args.set)
-                paired[b].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
-                seconds, records[b] = common.vaelab_epoch(cfg, Path(tmp))
-                times[b]["vaelab"].append(seconds)
-                times[b]["loop"].append(dataloader_epoch(images, b))
+            for run in runs:
+                cfg = config_of(run)
+                paired[run].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
+                seconds, records[run] = common.vaelab_epoch(cfg, Path(tmp))
+                times[run]["vaelab"].append(seconds)
+                seconds, plain_loss[run] = plain_epoch(cfg, images[run[0]])
+                times[run]["plain"].append(seconds)
+                if run[0] == PRESET and run[1] == "fp32":
+                    times[run]["loop"].append(dataloader_epoch(images[run[0]], run[2]))
     rates += common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     gflops = common.median(rates)
 
     results: dict[str, Any] = {}
-    for b in batch_sizes:
-        ours, loop = common.summarize(times[b]["vaelab"], n), common.summarize(times[b]["loop"], n)
-        roofline = n * flops["training_3x_forward"] / (gflops * 1e9)
-        executed = n * flops["training_executed"] / (gflops * 1e9)
-        results[f"batch_{b}"] = {
+    for run in runs:
+        preset, precision, b = run
+        n = int(images[preset].shape[0])
+        per_example = flops[preset]
+        ours = common.summarize(times[run]["vaelab"], n)
+        plain = common.summarize(times[run]["plain"], n)
+        roofline = n * per_example["training_3x_forward"] / (gflops * 1e9)
+        executed = n * per_example["training_executed"] / (gflops * 1e9)
+        row: dict[str, Any] = {
+            "preset": preset,
+            "precision": precision,
             "batch_size": b,
+            "examples": n,
             "vaelab": ours,
-            "dataloader_loop": loop,
+            "plain_loop": plain,
             "roofline_seconds": roofline,
-            "speedup_vs_dataloader_loop": round(loop["seconds"] / ours["seconds"], 3),
+            "vaelab_vs_plain_loop": round(plain["seconds"] / ours["seconds"], 3),
+            "vaelab_vs_plain_loop_best": round(plain["best_seconds"] / ours["best_seconds"], 3),
             "roofline_fraction": round(roofline / ours["seconds"], 3),
             "roofline_fraction_best": round(roofline / ours["best_seconds"], 3),
             "roofline_fraction_executed": round(executed / ours["seconds"], 3),
+            "plain_loop_roofline_fraction": round(roofline / plain["seconds"], 3),
             # per repetition, against the matmul rate measured just before that epoch: the
             # machine's speed drifts, and this pairing shows how much of the spread is drift
             "paired_roofline_fractions": [
-                round(n * flops["training_3x_forward"] / (g * 1e9) / t, 3)
-                for g, t in zip(paired[b], times[b]["vaelab"])],
-            "vaelab_train_objective": records[b]["train_objective"],
+                round(n * per_example["training_3x_forward"] / (g * 1e9) / t, 3)
+                for g, t in zip(paired[run], times[run]["vaelab"])],
+            "vaelab_train_objective": records[run]["train_objective"],
+            "plain_loop_train_objective": plain_loss[run],
         }
+        if times[run]["loop"]:
+            loop = common.summarize(times[run]["loop"], n)
+            row["dataloader_loop"] = loop
+            row["speedup_vs_dataloader_loop"] = round(loop["seconds"] / ours["seconds"], 3)
+        results[_key(preset, precision, b, legacy)] = row
+    for run in runs:  # bf16 against fp32 of the same preset and batch
+        preset, precision, b = run
+        base = (preset, "fp32", b)
+        if precision != "fp32" and base in times:
+            row = results[_key(preset, precision, b, legacy)]
+            fp32 = results[_key(*base, legacy)]
+            row["speedup_vs_fp32"] = round(fp32["vaelab"]["seconds"] / row["vaelab"]["seconds"], 3)
+            row["plain_loop_speedup_vs_fp32"] = round(
+                fp32["plain_loop"]["seconds"] / row["plain_loop"]["seconds"], 3)
     result = {
         "benchmark": "train",
         "smoke": smoke,
-        "preset": PRESET,
+        "preset": PRESET if args.presets == [PRESET] else args.presets,
+        "presets": args.presets,
+        "precisions": args.precision,
         "overrides": args.set,
         "dataset": args.dataset,
-        "examples_per_epoch": n,
+        "examples_per_epoch": int(images[args.presets[0]].shape[0]),
         "repeats": repeats,
         "matmul": {"gflops": round(gflops, 3), "all_gflops": rates, "n": mm_n},
-        "flops_per_example": {k: round(v) for k, v in flops.items()},
+        "flops_per_example": {k: round(v) for k, v in flops[args.presets[0]].items()},
+        "flops_per_example_by_preset": {p: {k: round(v) for k, v in f.items()}
+                                        for p, f in flops.items()},
         "results": results,
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, "train", smoke)
+    if bf16_rates:
+        result["matmul_bf16"] = {"gflops": round(common.median(bf16_rates), 3),
+                                 "all_gflops": bf16_rates, "n": mm_n}
+    if args.note:
+        result["note"] = args.note
+    common.write_result(result, args.out, args.out.stem if args.out else "train", smoke)
     return result
 
 

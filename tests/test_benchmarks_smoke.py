@@ -102,6 +102,46 @@ def test_train_benchmark(tiny_npz, results_dir):
             abs=ROUNDED)
         # BCE on uniform grey levels with an untrained model: about 784 * 0.69 nats
         assert 400 < row["vaelab_train_objective"] < 700
+        # the fastest plain loop, beside the DataLoader loop
+        plain = row["plain_loop"]
+        assert plain["seconds"] > 0 and len(plain["all_seconds"]) == 1
+        assert row["vaelab_vs_plain_loop"] == pytest.approx(plain["seconds"] / ours["seconds"],
+                                                            abs=ROUNDED)
+        assert (row["preset"], row["precision"]) == ("pytorch-example", "fp32")
+        assert 400 < row["plain_loop_train_objective"] < 700
+
+
+def test_train_benchmark_presets_and_precision(tiny_npz, results_dir):
+    """``--presets``/``--precision``: rows keyed ``<preset> <precision> batch <B>``, the
+    default model's FLOPs, bf16 against fp32, and the same objective to bf16 rounding."""
+    r = _run("train.py", results_dir / "train-precision.json", "--dataset", str(tiny_npz),
+             "--presets", "default", "--precision", "fp32", "bf16", "--batch-sizes", "64",
+             "--note", "smoke")
+    assert set(r["results"]) == {"default fp32 batch 64", "default bf16 batch 64"}
+    # 784-512-256-(2 x 16) encoder, 16-256-512-784 decoder
+    forward = 2 * (784 * 512 + 512 * 256 + 256 * 32) + 2 * (16 * 256 + 256 * 512 + 512 * 784)
+    assert r["flops_per_example_by_preset"]["default"]["forward"] == forward
+    assert r["note"] == "smoke" and r["matmul_bf16"]["gflops"] > 0
+    fp32, bf16 = r["results"]["default fp32 batch 64"], r["results"]["default bf16 batch 64"]
+    assert "dataloader_loop" not in fp32
+    assert bf16["speedup_vs_fp32"] == pytest.approx(
+        fp32["vaelab"]["seconds"] / bf16["vaelab"]["seconds"], abs=ROUNDED)
+    for key in ("vaelab_train_objective", "plain_loop_train_objective"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=2.0 ** -8)
+
+
+def test_profile_step_benchmark(tiny_npz, results_dir):
+    r = _run("profile_step.py", results_dir / "profile_step.json", "--dataset", str(tiny_npz),
+             "--presets", "pytorch-example", "--top", "8")
+    row = r["results"]["pytorch-example fp32"]
+    assert row["step_ms"] > 0 and len(row["all_step_ms"]) == 5 and r["steps"] == 10
+    ops = row["top_ops"]
+    assert 1 <= len(ops) <= 8
+    assert [o["self_ms_per_step"] for o in ops] == sorted(
+        (o["self_ms_per_step"] for o in ops), reverse=True)
+    assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-3
+    # the four products of the forward and the backward's are there
+    assert {"aten::addmm", "aten::mm"} & {o["op"] for o in ops}
 
 
 def test_eval_benchmark(tiny_npz, results_dir):
