@@ -248,7 +248,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def _grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """fp16's loss scaler (PyTorch's defaults: 2^16, halved on overflow, doubled after
     2,000 clean steps)."""
-    return torch.amp.GradScaler(device.type)
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch 2.2: CUDA's
 
 
 def _native_bf16() -> bool:
