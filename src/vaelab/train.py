@@ -545,8 +545,9 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     scaler = _grad_scaler(device) if amp_dtype == torch.float16 else None
     if amp_dtype == torch.bfloat16 and device.type == "cpu" and not _native_bf16():
         echo("vaelab: train.precision = bf16 on a CPU without bfloat16 instructions (no "
-             "AVX512-BF16 or AMX): its matrix products are emulated and an epoch is several "
-             "times slower than fp32 (docs/performance.md); use train.precision=fp32 here")
+             "AVX512-BF16 or AMX): its bfloat16 matrix products have no fast kernel here and "
+             "an epoch is several times slower than fp32 (docs/performance.md); use "
+             "train.precision=fp32 here")
     # --- from here on we write: lock the run directory (rank 0 writes, others read)
     if ctx.is_main:
         stack.enter_context(run_lock(run_dir))
