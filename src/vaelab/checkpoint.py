@@ -366,7 +366,7 @@ def _verified_bytes(fpath: Path, expected_bytes: int, sha256: str, *, what: str,
                               "the real file")
     if st.st_size != expected_bytes:
         raise CheckpointError(
-            f"{what} {fpath} has {st.st_size} bytes but {expected_bytes} are recorded: "
+            f"{what} {fpath} has {st.st_size} bytes but the {owner} says {expected_bytes}: "
             f"it is truncated or was replaced; {fix}"
         )
     data = fpath.read_bytes()
