@@ -243,7 +243,8 @@ def nll_metrics(model: nn.Module, data: Data, *, estimator: Any = "is", batch_si
     all_extras = [e for part in distributed.all_gather_objects(extras, ctx) for e in part]
     mc = math.sqrt(float(sums[2])) / n if est.samples > 1 or est.name == "quadrature" else None
     out = {"n": n, "nll": nll, "nll_stderr": nll_stderr, "nll_mc_stderr": mc,
-           "iw_samples": est.samples if est.name in ("is", "is-ais", "auto") else None,
+           "iw_samples": (est.samples if est.name in ("is", "is-refined", "is-ais", "auto")
+                          else None),
            "pareto_k": pareto_k_summary(rows[:, 1], est.samples),
            "ess_median": float(rows[:, 2].nanmedian()) if rows[:, 2].isfinite().any() else None,
            "estimator": {"name": est.name, "description": est.describe(),

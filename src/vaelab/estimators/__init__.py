@@ -8,6 +8,8 @@ sampling and, for checking AIS itself, bidirectional Monte Carlo.
 ``is-ais``      importance sampling on every example, its bias measured by AIS on a
                 random subsample and subtracted
 ``is``          importance sampling with :math:`q(z|x)` (``[eval.is] samples``)
+``is-refined``  importance sampling with q(z|x) refined per example by a few Adam steps
+                on its ELBO (``[eval.is-refined]``)
 ``ais``         annealed importance sampling with HMC (``[eval.ais] steps, chains, ...``)
 ==============  =======================================================================
 
@@ -37,6 +39,7 @@ from .ais import (
 from .base import ESTIMATORS, Estimate
 from .importance import ImportanceSampling, ImportanceSamplingOptions
 from .quadrature import MAX_LATENT_DIM, Quadrature, QuadratureOptions
+from .refined import RefinedImportanceSampling, RefinedImportanceSamplingOptions
 from .two_phase import Auto, AutoOptions, TwoPhase, TwoPhaseOptions, decoder_flops
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "get",
     "ImportanceSampling",
     "ImportanceSamplingOptions",
+    "RefinedImportanceSampling",
+    "RefinedImportanceSamplingOptions",
     "Quadrature",
     "QuadratureOptions",
     "MAX_LATENT_DIM",
