@@ -229,7 +229,7 @@ def _two_phase_verdict(est: dict[str, Any], correction: dict[str, Any]) -> dict[
 
 def _pareto_warning(summary: dict[str, Any], estimator: str) -> str:
     share = 100 * summary["fraction_above"]
-    if estimator == "is":
+    if estimator in ("is", "is-refined"):
         what, fix = "importance weights", ("use more samples (--iw-samples), a better "
                                            "encoder, or AIS (--estimator ais)")
     else:
