@@ -149,6 +149,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "vaelab.hub.from_pretrained and works with vaelab eval/plot/sample.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out_dir", metavar="DIR")
+    _add_export_options(p, "write")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _add_export_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """What ``export`` and ``push`` share: which weights, their report, license, ONNX."""
     p.add_argument("--checkpoint", default="best", choices=("best", "last"),
                    help="(default: %(default)s)")
     p.add_argument("--report", metavar="FILE",
@@ -157,8 +163,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--license", default="other",
                    help="the model card's license id, e.g. mit (default: %(default)s)")
     p.add_argument("--onnx", action="store_true",
-                   help="also write encoder.onnx and decoder.onnx (needs vaelab[onnx])")
-    p.set_defaults(handler=_cmd_export)
+                   help=f"also {verb} encoder.onnx and decoder.onnx (needs vaelab[onnx])")
 
 
 def _add_push(sub: argparse._SubParsersAction) -> None:
@@ -170,14 +175,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("repo_id", metavar="REPO_ID", help="owner/name, e.g. alice/fashion-vae")
     p.add_argument("--private", action="store_true", help="create the repository private")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
-                   help="(default: %(default)s)")
-    p.add_argument("--report", metavar="FILE",
-                   help="the evaluation of that checkpoint (default: RUN_DIR/report.json)")
-    p.add_argument("--license", default="other",
-                   help="the model card's license id, e.g. mit (default: %(default)s)")
-    p.add_argument("--onnx", action="store_true",
-                   help="also upload encoder.onnx and decoder.onnx (needs vaelab[onnx])")
+    _add_export_options(p, "upload")
     p.set_defaults(handler=_cmd_push)
 
 
@@ -413,10 +411,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n <= 0:
         raise VaelabError(f"--n must be positive, got {args.n}: e.g. --n 64")
-    out = args.out
-    if out is None and _figures_dir(args.run_dir) is not None:
+    out, beside = args.out, _figures_dir(args.run_dir)
+    if out is None and beside is not None:
         suffix = "-mean" if args.mean else ""
-        out = _figures_dir(args.run_dir) / f"samples-{args.checkpoint}-seed{args.seed}{suffix}.png"
+        out = beside / f"samples-{args.checkpoint}-seed{args.seed}{suffix}.png"
     path = plots.sample_figure(args.run_dir, n=args.n, seed=args.seed,
                                checkpoint=args.checkpoint, mean=args.mean, out=out)
     print(path)
