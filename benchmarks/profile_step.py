@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0], "profile_step")
     parser.add_argument("--presets", nargs="+", default=["default", "pytorch-example"],
                         choices=["default", "pytorch-example", "keras-example", "mnist-vae",
-                                 "conv"])
+                                 "mnist-vampprior", "conv"])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None,

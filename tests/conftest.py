@@ -7,7 +7,13 @@ from pathlib import Path
 
 # Before torch starts its thread pool: a fixed thread count, so that in-process trainings do
 # not follow the machine's load (vaelab.threads) and bitwise comparisons stay deterministic.
-os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are shared by the workers: one thread each (children too).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+if "PYTEST_XDIST_WORKER" in os.environ:  # the controller set 2 for itself: not for workers
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 # Keras 3 picks its backend on first import: the tests (and the docs' blocks) use torch.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -19,7 +25,7 @@ import vaelab  # noqa: E402, F401  (sets MKL_CBWR before any matrix product, as 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Two cores: keep torch from oversubscribing them when pytest runs subprocesses too.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)
