@@ -60,7 +60,8 @@ def test_a_folder_trains_reports_evaluates_every_split_and_plots(tmp_path, capsy
     sizes = {}
     for split in ("train", "validation", "test", "all"):
         code, _, err = _vaelab("eval", str(run), "--split", split, "--iw-samples", "5",
-                               "--json", str(tmp_path / f"{split}.json"), capsys=capsys)
+                               *_SMALL_CHECK, "--json", str(tmp_path / f"{split}.json"),
+                               capsys=capsys)
         assert code == 0, (split, err)
         sizes[split] = json.loads((tmp_path / f"{split}.json").read_text())["n_examples"]
     assert sizes == {"train": 17, "validation": 4, "test": 3, "all": 24}
@@ -127,7 +128,7 @@ def test_each_split_is_loaded_once_per_command(tmp_path, capsys, monkeypatch):
     assert sorted(counts["load"]) == ["test", "train", "validation"]
     assert len(counts["folder"]) == 3  # one listing per split (the decode is cached)
     assert len(counts["build"]) == 1 and counts["ckpt"] == []  # best is the epoch in memory
-    for command in (["eval", str(run), "--iw-samples", "5"], ["plot", str(run)]):
+    for command in (["eval", str(run), "--iw-samples", "5", *_SMALL_CHECK], ["plot", str(run)]):
         for values in counts.values():
             values.clear()
         code, _, err = _vaelab(*command, capsys=capsys)
