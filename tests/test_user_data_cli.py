@@ -123,6 +123,7 @@ def test_each_split_is_loaded_once_per_command(tmp_path, capsys, monkeypatch):
                            "--epochs", "1", "--set", "data.validation_size=4",
                            "--set", "train.batch_size=8", "--set", "train.threads=1",
                            "--set", "model.latent_dim=4", "--iw-samples", "5", *_SMALL_CHECK,
+                           "--set", "likelihood.discretized-logistic-mixture.components=2",
                            "--out", str(run), capsys=capsys)
     assert code == 0, err
     assert sorted(counts["load"]) == ["test", "train", "validation"]
