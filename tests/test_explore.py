@@ -470,6 +470,28 @@ def test_the_command_refuses_bad_input(run_dir, tmp_path, capsys):
             assert err.count("\n") == 1
 
 
+def test_closing_the_server_ends_idle_connections_and_joins_their_threads(explorer):
+    """Ctrl-C leaves no connection thread running while the interpreter exits (a daemon
+    thread woken during finalisation can abort the process): server_close ends a browser's
+    idle keep-alive connection and joins its thread."""
+    server = make_server(explorer)
+    before = set(threading.enumerate())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/api/meta")
+        assert conn.getresponse().read()  # the connection stays open (keep-alive)
+        handlers = set(threading.enumerate()) - before - {thread}
+        assert handlers and not any(t.daemon for t in handlers)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert not any(t.is_alive() for t in handlers)
+    conn.close()
+
+
 def test_the_command_prints_the_url_and_stops_on_ctrl_c(run_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaelab", "explore", str(run_dir), "--port", "0", "--points",
@@ -486,8 +508,9 @@ def test_the_command_prints_the_url_and_stops_on_ctrl_c(run_dir):
         assert meta["n_points"] == 100 and meta["info"]["run"] == run_dir.name
         conn.close()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        code = proc.wait(timeout=20)
         err = proc.stderr.read()
+        assert code == 0, err
         assert "stopped" in err and "Traceback" not in err, err
     finally:
         if proc.poll() is None:

@@ -353,8 +353,20 @@ def test_push_then_download_through_a_fake_hub(run_dir, hf_home, tmp_path):
         # a repository with a pickle where the weights should be
         fake.add_commit("bob/pickled", {"config.json": json.dumps(
             {"format": "vaelab-model"}).encode(), "pytorch_model.bin": b"\x80\x04."})
-        with pytest.raises(CheckpointError, match=r"pytorch_model\.bin, a pickle"):
+        asked = len(fake.requests)
+        with pytest.raises(CheckpointError, match=r"pytorch_model\.bin, a pickle.*nothing "
+                                                  r"was downloaded"):
             hub.from_pretrained("bob/pickled", endpoint=fake.url)
+        # refused from the repository's file list: no file of it was fetched
+        assert not [p for _, p in fake.requests[asked:] if "/resolve/" in p]
+        # a vaelab export beside other files: only the export's files are downloaded
+        pushed = fake.repos["alice/fashion-vae"]["commits"][-1][1]
+        extra = {name: pushed[name] for name in ("config.json", "model.safetensors")}
+        fake.add_commit("carol/with-extras", {**extra, "big-dataset.npz": b"\0" * 1000})
+        asked = len(fake.requests)
+        hub.from_pretrained("carol/with-extras", endpoint=fake.url)
+        fetched = {p.rsplit("/", 1)[-1] for _, p in fake.requests[asked:] if "/resolve/" in p}
+        assert fetched == {"config.json", "model.safetensors"}
 
         # offline (HF_HUB_OFFLINE=1, a new process), the cache serves the same model with
         # the same checks, and the Hub hears nothing

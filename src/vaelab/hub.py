@@ -373,11 +373,30 @@ def _hub() -> Any:
     return huggingface_hub
 
 
+#: The files an exported folder holds: the only ones downloaded from a Hub repository.
+EXPORT_FILES = ("config.json", "model.safetensors", "report.json", "README.md",
+                "metrics.jsonl", "train-config.toml", "encoder.onnx", "decoder.onnx")
+
+
 def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
-    """The repository's files in the local Hub cache (downloaded unless cached)."""
+    """The repository's vaelab files (:data:`EXPORT_FILES`) in the local Hub cache,
+    downloaded unless cached. Online, the repository's file list is read first: one with
+    code or pickles is refused before anything is downloaded."""
     hf = _hub()
     try:
-        folder = hf.snapshot_download(repo_id, revision=revision, endpoint=endpoint)
+        if not hf.is_offline_mode():
+            for name in hf.HfApi(endpoint=endpoint).list_repo_files(repo_id,
+                                                                    revision=revision):
+                kind = runs.refused_file(name)
+                if kind:
+                    raise CheckpointError(
+                        f"{repo_id} holds {name}, {kind}: vaelab never runs code or "
+                        "unpickles files from a model repository (nothing was downloaded); "
+                        "share models with vaelab push (safetensors + JSON)")
+        folder = hf.snapshot_download(repo_id, revision=revision, endpoint=endpoint,
+                                      allow_patterns=list(EXPORT_FILES))
+    except CheckpointError:
+        raise
     except hf.errors.LocalEntryNotFoundError:
         raise CheckpointError(f"{repo_id} is not in the local Hub cache and the Hub cannot be "
                               "reached (HF_HUB_OFFLINE=1?): download it once online") from None

@@ -122,6 +122,12 @@ def is_exported(folder: str | Path) -> bool:
     return isinstance(record, dict) and record.get("format") == EXPORT_FORMAT
 
 
+def refused_file(name: str) -> str | None:
+    """What a file of this name is when vaelab never opens it in a model folder ("Python
+    code", "a pickle"), else None."""
+    return _REFUSED_SUFFIXES.get(Path(name).suffix.lower())
+
+
 def read_export_record(folder: str | Path) -> dict[str, Any]:
     """``config.json`` of an exported folder, checked: its format marker and version, only
     known keys, and no code or pickle files in the folder.
@@ -131,7 +137,7 @@ def read_export_record(folder: str | Path) -> dict[str, Any]:
     """
     folder = Path(folder)
     for entry in sorted(folder.rglob("*")):
-        kind = _REFUSED_SUFFIXES.get(entry.suffix.lower())
+        kind = refused_file(entry.name)
         if kind:
             raise CheckpointError(
                 f"{folder} holds {entry.relative_to(folder)}, {kind}: vaelab never runs code "

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -227,15 +228,24 @@ class ExplorerServer(ThreadingHTTPServer):
     """A threaded HTTP server for one :class:`Explorer` on ``host:port`` (port 0: a free
     one). Model calls are serialised by the explorer.
 
+    The connection threads are not daemons: :meth:`server_close` shuts their sockets down
+    (a browser's idle keep-alive connection ends at once) and joins them, so no thread is
+    left running while the interpreter exits (a daemon thread woken during finalisation
+    can abort the process).
+
     Raises:
         OSError: the address cannot be bound (in use, not this machine's).
     """
 
-    daemon_threads = True
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, explorer: Explorer, host: str = "127.0.0.1", port: int = 0, *,
                  verbose: bool = False) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # before binding: a failed bind calls server_close
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__((host, port), _Handler)
         self.explorer, self.verbose, self.host = explorer, verbose, host
         self.page = load_page()
@@ -244,6 +254,27 @@ class ExplorerServer(ThreadingHTTPServer):
         self.allowed_hosts = frozenset(
             f"{name}:{self.port}" for name in ("127.0.0.1", "localhost", "[::1]")
         ) if _is_loopback(host) else None
+
+    def process_request(self, request, client_address) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening, end every open connection and wait for its thread."""
+        with self._connections_lock:
+            still_open = list(self._connections)
+        for connection in still_open:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile
+                pass
+        super().server_close()
 
     @property
     def url(self) -> str:
