@@ -21,6 +21,13 @@ first N images), in one process:
   over the uint8 images (``images[i].float() / 255``), ``DataLoader(batch_size,
   shuffle=True)``, the same 784-400-20 ReLU model (``fc1, fc21, fc22, fc3, fc4``), sigmoid
   + ``F.binary_cross_entropy(..., reduction="sum")`` + the analytic KL, Adam(1e-3).
+- ``keras_fit`` (``--keras``, ``keras-example`` at fp32 only): the seeds' own system, the
+  Keras example's model and loss in Keras 3 on its torch backend
+  (:func:`check_keras_example.build_keras_vae`: 784-512-2, ``784 * binary_crossentropy``
+  + KL via ``add_loss``, Adam) in this process with the same torch threads, the same images
+  as float32 ``(N, 784)`` in [0, 1]; the time of one ``fit(x, epochs=1, batch_size=B,
+  shuffle=True, verbose=0)`` call, which is what a Keras user's epoch costs (the model is
+  built and compiled once, before the timing, with a warm-up epoch).
 - ``roofline``: the epoch's FLOPs of matrix products and convolutions divided by the
   float32 matmul rate measured in the same run (:func:`common.matmul_rate`, before and
   after the epochs; the median of all repetitions; ``paired_roofline_fractions`` use the
@@ -244,12 +251,44 @@ def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]
     return seconds, float(total) / math.ceil(n / batch)
 
 
+def keras_fitter(images: torch.Tensor, batch_size: int) -> Callable[[], float]:
+    """A function timing one Keras ``fit`` epoch of the example's model on ``images``
+    (uint8 ``(N, 1, 28, 28)``); the model is built, compiled and warmed up here."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    from check_keras_example import build_keras_vae
+
+    if keras.backend.backend() != "torch":
+        raise SystemExit(f"--keras times Keras on its torch backend; KERAS_BACKEND is "
+                         f"{keras.backend.backend()!r}: unset it or set it to torch")
+    x = images.reshape(len(images), -1).numpy().astype("float32") / 255.0
+    keras.utils.set_random_seed(0)
+    vae, _, _ = build_keras_vae(keras, x.shape[1])
+    vae.compile(optimizer="adam")
+    vae.fit(x[:2048], epochs=1, batch_size=batch_size, verbose=0)  # warm-up
+
+    def epoch() -> float:
+        started = time.perf_counter()
+        vae.fit(x, epochs=1, batch_size=batch_size, shuffle=True, verbose=0)
+        return time.perf_counter() - started
+
+    return epoch
+
+
 def _load_images(dataset: str, limit: int | None) -> torch.Tensor:
     from vaelab import data
 
     user_file = Path(dataset).suffix in (".npz", ".npy")
     images = data.load(dataset, "all" if user_file else "train", validation_size=0).images
     return images[:limit].contiguous() if limit is not None else images
+
+
+def _keras_versions() -> dict[str, str]:
+    import keras
+
+    return {"keras": keras.__version__, "backend": keras.backend.backend()}
 
 
 def _key(preset: str, precision: str, batch: int, legacy: bool) -> str:
@@ -279,7 +318,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="registered name or .npz file of 28x28 images (smoke tests)")
     parser.add_argument("--note", default=None,
                         help="a sentence recorded in the JSON (e.g. what else ran on the CPU)")
+    parser.add_argument("--keras", action="store_true",
+                        help="also time Keras 3's fit of the example's model beside the "
+                             "keras-example preset (needs keras)")
     args = parser.parse_args(argv)
+    if args.keras and "keras-example" not in args.presets:
+        parser.error("--keras times the keras-example preset: add it to --presets")
     smoke = args.smoke
     repeats = args.repeats or (1 if smoke else 5)
     own_batch = args.batch_sizes == ["preset"]
@@ -305,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     bf16_rates = (common.matmul_rate(mm_n, mm_reps, dtype=torch.bfloat16)["all_gflops"]
                   if "bf16" in args.precision else [])
-    names = ("vaelab", "plain", "loop")
+    names = ("vaelab", "plain", "loop", "keras")
+    keras_runs = {r: keras_fitter(images[r[0]], r[2]) for r in runs
+                  if args.keras and r[0] == "keras-example" and r[1] == "fp32"}
     times: dict[tuple, dict[str, list[float]]] = {r: {k: [] for k in names} for r in runs}
     records: dict[tuple, dict[str, Any]] = {}
     plain_loss: dict[tuple, float] = {}
@@ -331,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 times[run]["plain"].append(seconds)
                 if run[0] == PRESET and run[1] == "fp32":
                     times[run]["loop"].append(dataloader_epoch(images[run[0]], run[2]))
+                if run in keras_runs:
+                    times[run]["keras"].append(keras_runs[run]())
     rates += common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     gflops = common.median(rates)
 
@@ -369,6 +417,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loop = common.summarize(times[run]["loop"], n)
             row["dataloader_loop"] = loop
             row["speedup_vs_dataloader_loop"] = round(loop["seconds"] / ours["seconds"], 3)
+        if times[run]["keras"]:
+            peer = common.summarize(times[run]["keras"], n)
+            row["keras_fit"] = peer
+            row["vaelab_vs_keras"] = round(peer["seconds"] / ours["seconds"], 3)
+            row["keras_versions"] = _keras_versions()
         results[_key(preset, precision, b, legacy)] = row
     for run in runs:  # bf16 against fp32 of the same preset and batch
         preset, precision, b = run

@@ -130,6 +130,19 @@ def test_train_benchmark_presets_and_precision(tiny_npz, results_dir):
         assert bf16[key] == pytest.approx(fp32[key], rel=2.0 ** -8)
 
 
+def test_train_benchmark_against_keras(tiny_npz, tmp_path):
+    """``--keras``: Keras 3's own fit of the example's model timed beside the keras-example
+    preset, in the same process and threads."""
+    pytest.importorskip("keras")
+    r = _run("train.py", tmp_path / "train-keras.json", "--dataset", str(tiny_npz),
+             "--presets", "keras-example", "--batch-sizes", "preset", "--keras")
+    row = r["results"]["keras-example fp32 batch 128"]
+    assert row["keras_versions"]["backend"] == "torch"
+    assert len(row["keras_fit"]["all_seconds"]) == r["repeats"] == 1
+    assert row["vaelab_vs_keras"] == pytest.approx(
+        row["keras_fit"]["seconds"] / row["vaelab"]["seconds"], abs=ROUNDED)
+
+
 def test_profile_step_benchmark(tiny_npz, results_dir):
     r = _run("profile_step.py", results_dir / "profile_step.json", "--dataset", str(tiny_npz),
              "--presets", "pytorch-example", "--top", "8")
