@@ -258,6 +258,7 @@ def keras_fitter(images: torch.Tensor, batch_size: int) -> Callable[[], float]:
 
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
+
     from check_keras_example import build_keras_vae
 
     if keras.backend.backend() != "torch":
