@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ if keras.backend.backend() != "torch":
 from keras import layers, ops  # noqa: E402
 
 from ppca import PPCA, SIGMA, D  # noqa: E402
-from vaelab import compat, config, objectives, plots, runs  # noqa: E402
+from vaelab import compat, config, hub, objectives, plots, runs  # noqa: E402
 from vaelab import keras as vk  # noqa: E402
 from vaelab.audit import explain  # noqa: E402
 from vaelab.cli import main  # noqa: E402
@@ -379,6 +380,15 @@ def test_save_run_opens_in_vaelab_eval(trained, tmp_path, capsys):
     assert main(["eval", str(run), "--estimator", "is", "--iw-samples", "20", "--limit", "50",
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    # a Keras-trained run is not labelled with a vaelab preset or precision
+    assert report["trained_with"]["framework"] == "keras"
+    assert report["preset"] is None and report["training_precision"] is None
+    table = capsys.readouterr().out
+    assert re.search(rf"trained with +Keras {re.escape(keras.__version__)} \(torch backend\)",
+                     table) and "\npreset " not in table
+    card = (hub.export_run(run, tmp_path / "exported", report=out) / "README.md").read_text()
+    assert f"trained with Keras {keras.__version__} (torch backend) and evaluated" in card
+    assert "| preset |" not in card
     keras_nll = trained["nll"]  # the callback's: K = 20 on the same 50 test images
     assert abs(report["nll"] - keras_nll.mean) <= math.hypot(report["nll_stderr"],
                                                              keras_nll.stderr)

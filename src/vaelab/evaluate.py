@@ -21,6 +21,8 @@ Report fields (``report.json``; nats per example unless stated):
 ``checkpoint``, ``checkpoint_epoch``, ``model_selection``  which weights, and why
 ``training_precision``    the arithmetic that trained them (``train.precision``: fp32,
                           bf16 or fp16); the report itself is always computed in float32
+``trained_with``          weights another framework trained (``vaelab.keras.save_run``):
+                          it, instead of a preset and a precision
 ========================  ===========================================================
 """
 
@@ -147,9 +149,17 @@ def evaluate(
     return report
 
 
-def run_fields(cfg: config.RunConfig, checkpoint: str, epoch: int | None) -> dict[str, Any]:
+def run_fields(cfg: config.RunConfig, checkpoint: str, epoch: int | None,
+               trained_with: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a report of a run adds: which checkpoint's epoch, how it was selected, the
-    precision that trained it, and the preset with the source it follows."""
+    precision that trained it, and the preset with the source it follows; for weights
+    another framework trained (``trained_with`` of the checkpoint's meta, e.g. from
+    :func:`vaelab.keras.save_run`) that framework instead of a preset and a precision
+    vaelab cannot know."""
+    if trained_with:
+        return {"checkpoint_epoch": epoch, "model_selection": "the weights as saved",
+                "training_precision": None, "preset": None, "preset_source": None,
+                "trained_with": dict(trained_with)}
     selection = ("lowest validation NELBO (beta = 1) over the epochs" if checkpoint == "best"
                  and cfg.train.select == "best" and cfg.train.validation_split == "validation"
                  and cfg.data.validation_size else "the last epoch")
@@ -334,7 +344,7 @@ def evaluate_run(
         report["bdmc"] = metrics.bdmc_metrics(run.model, bdmc_examples, steps=ais.steps,
                                               chains=ais.chains, batch_size=batch_size,
                                               seed=seed, ctx=ctx)
-    report.update(run_fields(cfg, checkpoint, run.epoch))
+    report.update(run_fields(cfg, checkpoint, run.epoch, run.meta.get("trained_with")))
     return report
 
 
@@ -388,7 +398,19 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if result.get("preset"):
         source = result.get("preset_source")
         rows.append(("preset", result["preset"] + (f" (follows {source})" if source else "")))
+    if result.get("trained_with"):
+        rows.append(("trained with", framework_text(result["trained_with"])))
     return rows
+
+
+def framework_text(trained_with: dict[str, Any]) -> str:
+    """``Keras 3.15.1 (torch backend)`` from a checkpoint's ``trained_with``."""
+    name = str(trained_with.get("framework", "another framework"))
+    version = trained_with.get(f"{name}_version") or trained_with.get("version")
+    backend = trained_with.get("backend")
+    return " ".join([name.capitalize() if name == "keras" else name,
+                     *([str(version)] if version else []),
+                     *([f"({backend} backend)"] if backend else [])])
 
 
 def _estimator_text(result: dict[str, Any]) -> str:

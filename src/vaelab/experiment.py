@@ -104,6 +104,8 @@ class Experiment:
         self.cfg, self.run_dir, self.session = cfg, Path(run_dir), session
         self.data, self.model = data, model
         self.weights, self.epoch = weights, epoch
+        #: the checkpoint meta's ``trained_with`` (weights another framework trained)
+        self.trained_with: dict[str, Any] | None = None
         self._same_as_last: set[str] = set()
 
     # ----------------------------------------------------------------------- construction
@@ -154,7 +156,9 @@ class Experiment:
             cfg.data, data_dir=data_dir or cfg.data.data_dir, train_limit=None,
             test_limit=None))
         data = Splits(cfg.data, cfg.train.seed, session.device, progress=session.is_main)
-        return cls(cfg, run_dir, session, data, run.model, checkpoint, run.epoch)
+        exp = cls(cfg, run_dir, session, data, run.model, checkpoint, run.epoch)
+        exp.trained_with = run.meta.get("trained_with")
+        return exp
 
     # ----------------------------------------------------------------------- stages
 
@@ -180,6 +184,7 @@ class Experiment:
                                     map_location=self.session.device,
                                     expect_config=config_mod.to_dict(self.cfg))
         self.weights, self.epoch = checkpoint, (meta.get("train_state") or {}).get("epoch")
+        self.trained_with = meta.get("trained_with")
         self._same_as_last.clear()
 
     def evaluate(self, split: str = "test", checkpoint: str = "best", *,
@@ -204,7 +209,7 @@ class Experiment:
                 self.model, bdmc, steps=ais.steps, chains=ais.chains,
                 batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed,
                 ctx=self.session.ctx)
-        report.update(evaluate.run_fields(self.cfg, checkpoint, self.epoch))
+        report.update(evaluate.run_fields(self.cfg, checkpoint, self.epoch, self.trained_with))
         report["weights_sha256"] = ckpt.weights_fingerprint(self.model)  # what was evaluated
         return report
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, runs
+from . import __version__, evaluate, runs
 from . import checkpoint as ckpt
 from . import config as config_mod
 from ._io import atomic_write_text
@@ -227,11 +227,16 @@ def model_card(record: dict[str, Any], report: dict[str, Any], *, license: str =
     front.append("---")
 
     verdict = (report.get("verdict") or {}).get("text")
+    trained_by = (evaluate.framework_text(report["trained_with"])
+                  if report.get("trained_with") else None)
     body = [
         f"# {name}", "",
-        f"A variational autoencoder trained with [vaelab](https://pypi.org/project/vaelab/) "
-        f"{record.get('vaelab_version', '')} on {data_name}; binarisation: "
-        f"{report.get('binarization') or data.get('binarize')}.",
+        (f"A variational autoencoder trained with {trained_by} and evaluated with "
+         f"[vaelab](https://pypi.org/project/vaelab/) {record.get('vaelab_version', '')}"
+         if trained_by else
+         f"A variational autoencoder trained with [vaelab](https://pypi.org/project/vaelab/) "
+         f"{record.get('vaelab_version', '')}")
+        + f" on {data_name}; binarisation: {report.get('binarization') or data.get('binarize')}.",
         "",
         "| | |", "|---|---|",
         f"| model | {model['kind']}, latent dimension {model['latent_dim']}, "
@@ -239,6 +244,7 @@ def model_card(record: dict[str, Any], report: dict[str, Any], *, license: str =
         f"| likelihood | {lik['name']} ({_normalised(report)}) |",
         f"| weights | {record['checkpoint']} checkpoint, epoch {record.get('epoch')}, "
         f"`model.safetensors` sha256 `{record['weights']['sha256']}` |",
+        f"| trained with | {trained_by} |" if trained_by else
         f"| preset | {report.get('preset') or cfg.get('preset') or 'default'} |",
         "",
         f"## Results on the {report.get('split', 'test')} split "
