@@ -399,18 +399,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         source = result.get("preset_source")
         rows.append(("preset", result["preset"] + (f" (follows {source})" if source else "")))
     if result.get("trained_with"):
-        rows.append(("trained with", framework_text(result["trained_with"])))
+        rows.append(("trained with", runs.framework_text(result["trained_with"])))
     return rows
-
-
-def framework_text(trained_with: dict[str, Any]) -> str:
-    """``Keras 3.15.1 (torch backend)`` from a checkpoint's ``trained_with``."""
-    name = str(trained_with.get("framework", "another framework"))
-    version = trained_with.get(f"{name}_version") or trained_with.get("version")
-    backend = trained_with.get("backend")
-    return " ".join([name.capitalize() if name == "keras" else name,
-                     *([str(version)] if version else []),
-                     *([f"({backend} backend)"] if backend else [])])
 
 
 def _estimator_text(result: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, evaluate, runs
+from . import __version__, runs
 from . import checkpoint as ckpt
 from . import config as config_mod
 from ._io import atomic_write_text
@@ -227,7 +227,7 @@ def model_card(record: dict[str, Any], report: dict[str, Any], *, license: str =
     front.append("---")
 
     verdict = (report.get("verdict") or {}).get("text")
-    trained_by = (evaluate.framework_text(report["trained_with"])
+    trained_by = (runs.framework_text(report["trained_with"])
                   if report.get("trained_with") else None)
     body = [
         f"# {name}", "",
@@ -384,13 +384,23 @@ EXPORT_FILES = ("config.json", "model.safetensors", "report.json", "README.md",
                 "metrics.jsonl", "train-config.toml", "encoder.onnx", "decoder.onnx")
 
 
+def _offline(hf: Any) -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it."""
+    check = getattr(hf, "is_offline_mode", None)
+    if check is not None:
+        return bool(check())
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
     """The repository's vaelab files (:data:`EXPORT_FILES`) in the local Hub cache,
     downloaded unless cached. Online, the repository's file list is read first: one with
     code or pickles is refused before anything is downloaded."""
     hf = _hub()
     try:
-        if not hf.is_offline_mode():
+        if not _offline(hf):
             for name in hf.HfApi(endpoint=endpoint).list_repo_files(repo_id,
                                                                     revision=revision):
                 kind = runs.refused_file(name)

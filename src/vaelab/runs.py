@@ -128,6 +128,17 @@ def refused_file(name: str) -> str | None:
     return _REFUSED_SUFFIXES.get(Path(name).suffix.lower())
 
 
+def framework_text(trained_with: dict[str, Any]) -> str:
+    """``Keras 3.15.1 (torch backend)`` from a checkpoint meta's ``trained_with`` (weights
+    another framework trained, e.g. :func:`vaelab.keras.save_run`)."""
+    name = str(trained_with.get("framework", "another framework"))
+    version = trained_with.get(f"{name}_version") or trained_with.get("version")
+    backend = trained_with.get("backend")
+    return " ".join([name.capitalize() if name == "keras" else name,
+                     *([str(version)] if version else []),
+                     *([f"({backend} backend)"] if backend else [])])
+
+
 def read_export_record(folder: str | Path) -> dict[str, Any]:
     """``config.json`` of an exported folder, checked: its format marker and version, only
     known keys, and no code or pickle files in the folder.
