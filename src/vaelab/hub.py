@@ -384,23 +384,13 @@ EXPORT_FILES = ("config.json", "model.safetensors", "report.json", "README.md",
                 "metrics.jsonl", "train-config.toml", "encoder.onnx", "decoder.onnx")
 
 
-def _offline(hf: Any) -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub reads it."""
-    check = getattr(hf, "is_offline_mode", None)
-    if check is not None:
-        return bool(check())
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _download(repo_id: str, revision: str | None, endpoint: str | None) -> Path:
     """The repository's vaelab files (:data:`EXPORT_FILES`) in the local Hub cache,
     downloaded unless cached. Online, the repository's file list is read first: one with
     code or pickles is refused before anything is downloaded."""
     hf = _hub()
     try:
-        if not _offline(hf):
+        if not hf.is_offline_mode():
             for name in hf.HfApi(endpoint=endpoint).list_repo_files(repo_id,
                                                                     revision=revision):
                 kind = runs.refused_file(name)
