@@ -336,6 +336,7 @@ EXTRA = [
     ("bernoulli", "mlp", {"prior.name": "vampprior", "prior.vampprior.components": 5}),
     ("gaussian", "mlp", {"prior.name": "mog"}),
     ("bernoulli", "mlp", {"posterior.flow": "planar"}),
+    ("bernoulli", "mlp", {"posterior.flow": "iaf", "posterior.iaf.hidden": "16,16"}),
     ("bernoulli", "mlp", {"model.latent_dim": 1}),
     ("laplace", "conv", {"model.latent_dim": 2}),
 ]

@@ -89,3 +89,17 @@ def test_a_mismatch_removes_the_file_and_says_by_how_much(exports, tmp_path):
                                           r"torch's by 0.001 \(tolerance 1e-05\)"):
         onnx_export._check(onnx_export._Decoder(model).eval(), z, decoder, "z", 1e-5)
     assert not decoder.exists()
+
+
+def test_a_flow_with_weights_of_its_own_is_refused_and_nothing_is_written(tmp_path):
+    """The IAF's MADE weights are model parameters, not encoder outputs: encoder.onnx would
+    not describe q(z|x), so the export says so in one line and writes nothing."""
+    model = _model(["model.latent_dim=2", "model.hidden=16", "posterior.flow=iaf",
+                    "posterior.iaf.hidden=8"], (1, 8, 8))
+    with pytest.raises(VaelabError) as err:
+        export_onnx(model, tmp_path)
+    message = str(err.value)
+    assert message.startswith("ONNX export of a model with posterior.flow = iaf is not "
+                              "supported: the flow's weights are not in encoder.onnx")
+    assert "posterior.flow = none or planar" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []

@@ -191,7 +191,9 @@ class PosteriorConfig:
     """q(z|x) beyond the encoder's diagonal Gaussian; see :mod:`vaelab.posteriors`."""
 
     flow: str = option("none", None, "none (the diagonal Gaussian) | planar (Rezende & "
-                       "Mohamed 2015): a normalizing flow with parameters from the encoder")
+                       "Mohamed 2015): a normalizing flow with parameters from the encoder | "
+                       "iaf (inverse autoregressive flow, Kingma et al. 2016): MADE steps "
+                       "with weights of their own, conditioned on a context from the encoder")
     options: Any = None
     """The flow's options ([posterior.<flow>]), filled by :func:`from_dict`."""
     sections: Any = field(default=None, compare=False, repr=False)

@@ -82,6 +82,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, checkpoint: str = "b
 
         onnx_export.require_onnx()  # before anything is written
     run = runs.open_run(run_dir, checkpoint)
+    if onnx:
+        onnx_export.refuse_own_flow_weights(run.model)  # an iaf posterior: before writing
     result = _matching_report(run, Path(report) if report else run_dir / "report.json")
     _check_out_dir(out_dir)
 

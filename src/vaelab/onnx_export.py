@@ -5,6 +5,9 @@
 diagonal Gaussian q(z|x) (with a posterior flow, its base), and ``flow_params`` ``(B, P)``
 when the model has a flow.
 
+A posterior flow with weights of its own (``iaf``: its MADEs are model parameters, not
+encoder outputs) is refused: ``encoder.onnx`` would not describe q(z|x).
+
 ``decoder.onnx``: input ``z`` ``(N, L)``; outputs ``px_params``, the decoder's raw output that
 parameterises p(x|z) (e.g. Bernoulli logits, ``(N, P * C, *rest)``), and ``px_mean``
 ``(N, *event_shape)``, the likelihood's mean in data units.
@@ -29,7 +32,7 @@ from torch import nn
 
 from .errors import VaelabError
 
-__all__ = ["export_onnx", "require_onnx", "ONNX_EXTRA"]
+__all__ = ["export_onnx", "require_onnx", "refuse_own_flow_weights", "ONNX_EXTRA"]
 
 ONNX_EXTRA = "pip install 'vaelab[onnx]'"
 
@@ -66,6 +69,20 @@ def require_onnx() -> None:
                           f"missing): {ONNX_EXTRA}") from None
 
 
+def refuse_own_flow_weights(model: nn.Module) -> None:
+    """VaelabError unless the model's posterior flow (if any) is a function of the encoder's
+    outputs alone: the graphs hold no flow, so a flow with weights of its own (the IAF's
+    MADEs) would be lost and ``encoder.onnx`` would not describe q(z|x)."""
+    flow = getattr(model, "flow", None)
+    if flow is not None and any(True for _ in flow.parameters()):
+        name = getattr(flow, "name", type(flow).__name__)
+        raise VaelabError(f"ONNX export of a model with posterior.flow = {name} is not "
+                          "supported: the flow's weights are not in encoder.onnx, so its "
+                          "outputs would not describe q(z|x); share the weights "
+                          "(model.safetensors) without --onnx, or export a model with "
+                          "posterior.flow = none or planar")
+
+
 def export_onnx(model: nn.Module, out_dir: str | Path, *, tolerance: float = 1e-5,
                 opset: int | None = None) -> list[Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of a vaelab ``model`` into ``out_dir``
@@ -75,9 +92,11 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, tolerance: float = 1e-
         the two paths.
 
     Raises:
-        VaelabError: the onnx packages are missing, the export failed, or onnxruntime's
-            outputs differ from torch's by more than ``tolerance``.
+        VaelabError: the model's posterior flow has weights of its own (``iaf``), the onnx
+            packages are missing, the export failed, or onnxruntime's outputs differ from
+            torch's by more than ``tolerance``.
     """
+    refuse_own_flow_weights(model)
     require_onnx()
     out_dir = Path(out_dir)
     model = copy.deepcopy(model).eval().to("cpu")  # the caller's model stays as it is

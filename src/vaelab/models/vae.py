@@ -312,7 +312,7 @@ def build_model(
     if not isinstance(p, int) or p < 1:
         raise ConfigError(f"likelihood {likelihood!r} has no positive int params_per_channel")
     INITS[init]  # unknown names fail before anything is built
-    flow_module = build_flow(flow, **(flow_options or {}))
+    flow_module = build_flow(flow, latent_dim, **(flow_options or {}))
     if flow != "none" and prior == "vampprior":
         raise ConfigError("the VampPrior is a mixture of q(z|u_k), whose density a flow "
                           "posterior knows only at its own samples: use posterior.flow = none "
