@@ -23,6 +23,11 @@ With ``--full``, also the default estimator (``auto``) on the whole test set wit
 (K = 1,000, the default before) and with the refined proposal (``refine_steps = 20``,
 K = 750): its correction, the correction's standard error, the verdict and the time.
 
+``--costly`` measures the candidates at the budget ``auto`` gives a costly decoder (the 28x28
+conv model: 100-200 decoder passes per example for phase 1; ``--check-steps 250`` adds the
+cheaper check's spreads), and its ``--full`` runs ``auto`` with its own defaults on the
+first images (against the reference) and on the whole test set.
+
 Writes ``benchmarks/results/proposals.json`` (keyed by the run directory's name; rows are
 written as they come; ``--reuse`` keeps the earlier reference and rows of the same
 candidates).
@@ -85,6 +90,23 @@ CANDIDATES: list[tuple[str, str, dict[str, Any]]] = [
                                                          "widen": 1.3, "defensive": 0.1}),
 ]
 
+#: ``--costly``: candidates at the budget ``auto`` gives a costly decoder (the 28x28 conv
+#: model: about 100-200 decoder passes per example for phase 1): q with K = 100 (today's),
+#: and cheap refinements (one draw per step) with the default's widening and mixture.
+COSTLY: list[tuple[str, str, dict[str, Any]]] = [
+    ("is-q-100", "is", {"samples": 100}),
+    ("is-q-200", "is", {"samples": 200}),
+    ("is-q-1000", "is", {"samples": 1000}),
+] + [(f"refined-{steps}x{draws}-k{k}-wide1.2-def0.1", "is-refined",
+      {"samples": k, "refine_steps": steps, "refine_samples": draws, "widen": 1.2,
+       "defensive": 0.1})
+     for steps, draws, k in [(5, 1, 85), (10, 1, 70), (20, 1, 40), (10, 1, 170), (20, 1, 140),
+                             (40, 1, 80), (20, 4, 750)]]
+
+#: ``--costly --full``: the default (``auto``, its own options) on the first images (against
+#: the reference) and on the whole test set.
+FULL_COSTLY = [("auto-default", {})]
+
 #: Options of ``is-refined`` that the candidates leave unset: a plain refined Gaussian.
 PLAIN = {"widen": 1.0, "defensive": 0.0}
 
@@ -132,7 +154,8 @@ def measure(args: argparse.Namespace, earlier: dict[str, Any] | None, save: Any)
         return result, common.median(seconds)
 
     ais = out["reference"].setdefault("ais", {})
-    for steps in sorted({args.reference_steps, args.reference_steps // 2, 1000, 500}):
+    for steps in sorted({args.reference_steps, args.reference_steps // 2, 1000, 500,
+                         *args.check_steps, *(t // 2 for t in args.check_steps)}):
         if str(steps) in ais:
             continue
         est = estimators.get("ais", steps=steps, chains=4, leapfrog_steps=1)
@@ -157,6 +180,9 @@ def measure(args: argparse.Namespace, earlier: dict[str, Any] | None, save: Any)
         "check_minus_reference": _stats(check - reference),
         "check_unextrapolated_minus_reference": _stats(plain - reference),
         "per_example_nll": reference.tolist()})
+    for steps in args.check_steps:
+        cheaper = 2 * per(steps) - per(steps // 2)
+        out["reference"][f"check_{steps}_minus_reference"] = _stats(cheaper - reference)
     save(out)
 
     names = {name for name, _, _ in CANDIDATES}
@@ -182,18 +208,23 @@ def measure(args: argparse.Namespace, earlier: dict[str, Any] | None, save: Any)
                "pareto_k_above_0.7": float((k > 0.7).double().mean()),
                "decoder_passes": est.cost, "seconds": seconds,
                "per_example_nll": nll.tolist()}
+        for steps in args.check_steps:  # a cheaper check: its paired spread
+            cheaper = 2 * per(steps) - per(steps // 2)
+            row[f"paired_sd_check_{steps}"] = _stats(nll - cheaper)[2]
         print(json.dumps({k: v for k, v in row.items() if k != "per_example_nll"}), flush=True)
         out["rows"].append(row)
         save(out)
     out["rows"] += [row for name, row in kept.items() if name not in names]
     save(out)
-    done = {row["estimator"] for row in out["full_test_set"]}
-    for name, options in FULL if args.full else []:
-        if name in done:
+    done = {(row["estimator"], row["examples"]) for row in out["full_test_set"]}
+    full = (FULL_COSTLY if args.costly else FULL) if args.full else []
+    splits = [subset, test] if args.costly else [test]
+    for (name, options), split in ((f, s) for f in full for s in splits):
+        if (name, len(split)) in done:
             continue
-        est = estimators.get("auto", **options)
+        est = estimators.get("auto", **options).for_model(exp.model)
         started = time.perf_counter()
-        result = metrics.nll_metrics(exp.model, test, estimator=est, batch_size=batch,
+        result = metrics.nll_metrics(exp.model, split, estimator=est, batch_size=batch,
                                      seed=seed)
         seconds = time.perf_counter() - started
         c = result["estimator"]["correction"]
@@ -204,6 +235,8 @@ def measure(args: argparse.Namespace, earlier: dict[str, Any] | None, save: Any)
                "paired_sd": c["stderr"] * math.sqrt(c["examples"]),
                "verdict": evaluate.verdict({**result, "latent_dim": exp.model.latent_dim}),
                "seconds": seconds}
+        if split is subset:
+            row["minus_reference"] = result["nll"] - out["reference"]["nll"]
         print(json.dumps(row), flush=True)
         out["full_test_set"].append(row)
         save(out)
@@ -220,11 +253,18 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="also the default (auto) with q and "
                    "with the refined proposal on the whole test set (about 15 minutes)")
     p.add_argument("--only", nargs="*", default=None, help="only these candidates")
+    p.add_argument("--costly", action="store_true", help="the candidates at a costly "
+                   "decoder's budget (100-200 passes per example) instead")
+    p.add_argument("--check-steps", type=int, nargs="*", default=[], help="also AIS with "
+                   "these steps (and half), and each candidate's paired spread against them "
+                   "as a check")
     p.add_argument("--reuse", action="store_true", help="keep the earlier reference and rows")
     p.add_argument("--name", default=None, help="the entry's key (default: the run "
                    "directory's name)")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "proposals.json")
     args = p.parse_args()
+    if args.costly:
+        CANDIDATES[:] = COSTLY
     if args.only is not None:
         CANDIDATES[:] = [c for c in CANDIDATES if c[0] in args.only]
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

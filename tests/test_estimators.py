@@ -408,7 +408,14 @@ def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
     assert ok["status"] == "converged"
     assert "corrected by -0.300 ± 0.020 nats" in ok["text"] and "200 random" in ok["text"]
     assert "max_check_examples" in corrected(0.2, 0.01)["text"]
+    assert "budget_gflop" not in corrected(0.2, 0.01)["text"]
     assert corrected(0.2, 0.01)["status"] == "uncertain"
+    costly = _verdict(name="auto", samples=40, scaled_for={"budget_gflop": 4.5}, correction={
+        "examples": 413, "mean": 0.2, "stderr": 0.066,
+        "ais": {"steps": 250, "chains": 4, "leapfrog_steps": 1},
+        "drift": {"steps": 125, "mean": 0.08, "stderr": 0.04}})
+    assert costly["status"] == "uncertain"
+    assert "eval.auto.budget_gflop and max_check_examples" in costly["text"]
     assert "raise eval.auto.check_steps" in corrected(0.02, 0.3)["text"]
     def extrapolated(drift):
         return _verdict(name="auto", samples=1000, correction={
@@ -428,10 +435,12 @@ def test_every_report_gets_a_verdict_that_says_how_vaelab_knows():
 
 def test_auto_scales_its_samples_down_for_a_costly_decoder():
     """``auto`` budgets decoder FLOPs per example: an MLP decoder keeps K = 750 with the
-    refined proposal and the 400-example check; a conv decoder 13x as costly gets plain
-    importance sampling and K and the check scaled down (to their floors), says so in its
-    description and keeps what the user asked below them."""
+    refined proposal (20 x 4) and the 400-example check; a conv decoder 13x as costly gets
+    the refinement with one draw per step and K = 40, the check with 250 AIS steps on as
+    many examples as the rest of the budget buys, says so in its description and keeps what
+    the user asked below these; a decoder too costly even for that gets q itself."""
     from vaelab import estimators
+    from vaelab.estimators import two_phase
 
     family = likelihoods.get("bernoulli")
     mlp = build_model("mlp", (1, 28, 28), 16, family, hidden=[512, 256])
@@ -440,26 +449,33 @@ def test_auto_scales_its_samples_down_for_a_costly_decoder():
     kept = estimators.get("auto").for_model(mlp)
     assert (kept.samples, kept.check_examples, kept.scaled_for) == (750, 400, None)
     assert kept.options.refine_steps == 20 and kept.first.name == "is-refined"
+    assert kept.first.options.refine_samples == 4 and kept.options.check_steps == 1000
 
     conv = build_model("conv", (1, 28, 28), 16, family, channels=[32, 64])
     flops = estimators.decoder_flops(conv)
     assert flops > 10 * 2 * (16 * 256 + 256 * 512 + 512 * 784)
     scaled = estimators.get("auto").for_model(conv)
-    assert scaled.samples < 1000 and scaled.check_examples < 400
-    assert scaled.samples >= 100 and scaled.check_examples >= 50
-    # K in proportion to the budget: 3 GFLOP over what the unscaled estimate would need
-    # (phase 1's passes, the refinement's included, go to plain importance sampling)
-    unscaled = estimators.TwoPhase(estimators.TwoPhaseOptions())
-    needed = flops * unscaled.cost_for(10_000)
-    assert scaled.samples == max(100, round(unscaled.first.cost * 3e9 / needed))
-    assert scaled.options.refine_steps == 0 and scaled.first.name == "is"
-    assert scaled.check_examples == max(50, round(400 * 3e9 / needed))
-    assert "scaled down from K=750 with q refined by 20 steps and 400" in scaled.describe()
-    assert "budget_gflop" in scaled.describe()
+    assert scaled.first.name == "is-refined" and scaled.samples == two_phase.COSTLY_SAMPLES
+    assert (scaled.options.refine_steps, scaled.first.options.refine_samples) == (20, 1)
+    assert scaled.options.check_steps == two_phase.COSTLY_CHECK_STEPS
+    # the check gets what phase 1 leaves of the budget: (passes - 100) per example
+    passes = 4.5e9 / flops
+    per_check = scaled.check.cost + scaled.check_half.cost
+    affordable = round((passes - scaled.first.cost) * 10_000 / per_check)
+    assert scaled.check_examples == min(400, max(50, affordable))
+    assert scaled.max_check_examples == min(500, max(50, affordable))
+    assert flops * scaled.cost_for(10_000) <= 4.5e9 * 1.01
+    text = scaled.describe()
+    assert "scaled down from K=750 with q refined by 20 x 4 steps and 400 examples checked " \
+           "with 1000 steps" in text and "budget_gflop" in text
     small = estimators.get("auto", samples=10, check_examples=0).for_model(conv)
     assert (small.samples, small.check_examples) == (10, 0)
     generous = estimators.get("auto", budget_gflop=1e6).for_model(conv)
-    assert (generous.samples, generous.check_examples) == (750, 400)
+    assert (generous.samples, generous.check_examples, generous.scaled_for) == (750, 400, None)
+    # a budget that cannot pay for the refinement in half of it: q, K scaled, the floors
+    tight = estimators.get("auto", budget_gflop=0.5).for_model(conv)
+    assert tight.first.name == "is" and tight.options.refine_steps == 0
+    assert (tight.samples, tight.check_examples) == (100, 50)
 
 
 # --------------------------------------------------------------------------- refined proposal

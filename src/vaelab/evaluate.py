@@ -229,8 +229,11 @@ def _two_phase_verdict(est: dict[str, Any], correction: dict[str, Any]) -> dict[
             f"nats, its bias measured by AIS on {correction['examples']} random examples "
             f"({how})")
     if se > CONVERGED_NATS:
+        more = (f"eval.{est['name']}.budget_gflop and max_check_examples: the decoder's cost "
+                "limited the check" if est.get("scaled_for") else
+                f"eval.{est['name']}.max_check_examples")
         return {"status": "uncertain", "text": f"uncertain: {what}; check more examples "
-                f"(eval.{est['name']}.max_check_examples)"}
+                f"({more})"}
     if abs(drift["mean"]) > (DRIFT_NATS if extrapolated else CONVERGED_NATS):
         return {"status": "uncertain", "text": f"uncertain: {what}; AIS has not converged: "
                 f"raise eval.{est['name']}.check_steps"}
