@@ -459,12 +459,12 @@ def test_auto_scales_its_samples_down_for_a_costly_decoder():
     assert (scaled.options.refine_steps, scaled.first.options.refine_samples) == (20, 1)
     assert scaled.options.check_steps == two_phase.COSTLY_CHECK_STEPS
     # the check gets what phase 1 leaves of the budget: (passes - 100) per example
-    passes = 4.5e9 / flops
+    passes = 7e9 / flops
     per_check = scaled.check.cost + scaled.check_half.cost
     affordable = round((passes - scaled.first.cost) * 10_000 / per_check)
     assert scaled.check_examples == min(400, max(50, affordable))
-    assert scaled.max_check_examples == min(500, max(50, affordable))
-    assert flops * scaled.cost_for(10_000) <= 4.5e9 * 1.01
+    assert scaled.max_check_examples == min(800, max(50, affordable))
+    assert flops * scaled.cost_for(10_000) <= 7e9 * 1.01
     text = scaled.describe()
     assert "scaled down from K=750 with q refined by 20 x 4 steps and 400 examples checked " \
            "with 1000 steps" in text and "budget_gflop" in text

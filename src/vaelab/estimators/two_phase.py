@@ -226,12 +226,16 @@ class AutoOptions(TwoPhaseOptions):
     quadrature_tolerance: float = option(0.01, positive, "nats: the quadrature of a 1-2-D "
                                          "latent space stops refining at this (0.01: about "
                                          "5x the cost of K = 1,000 on a ReLU decoder)")
-    budget_gflop: float = option(4.5, positive, "decoder GFLOP per test example (importance "
+    costly_max_check_examples: int = option(800, non_negative, "a costly decoder's check "
+                                            "goes on, while the budget allows, up to this "
+                                            "many examples")
+    budget_gflop: float = option(7.0, positive, "decoder GFLOP per test example (importance "
                                  "sampling and the check together, for a 10,000-example "
                                  "split); a decoder that needs more gets the costly-decoder "
                                  "plan: the refinement with one draw per step and K = 40, and "
                                  "a 250-step check on as many examples as the rest buys "
-                                 "(at least 50)")
+                                 "(at least 50; 7: about 10 minutes for the 28x28 conv model "
+                                 "on 2 cores)")
 
 
 def decoder_flops(model) -> int | None:
@@ -270,7 +274,8 @@ class Auto(TwoPhase):
         1 refines q with one draw per step and K = :data:`COSTLY_SAMPLES` (or, when even
         that does not fit in half the budget, q itself with K scaled to it, at least
         :data:`MIN_SAMPLES`); the check runs AIS with :data:`COSTLY_CHECK_STEPS` steps on
-        as many examples as the rest of the budget buys (at least :data:`MIN_CHECKED`).
+        as many examples as the rest of the budget buys (at least :data:`MIN_CHECKED`, at
+        most ``costly_max_check_examples``).
         Values the user set below these are kept."""
         if int(getattr(model, "latent_dim", MAX_LATENT_DIM + 1)) <= MAX_LATENT_DIM:
             return Quadrature(QuadratureOptions(tolerance=self.options.quadrature_tolerance))
@@ -296,8 +301,10 @@ class Auto(TwoPhase):
         plan = TwoPhase(TwoPhaseOptions(**base))
         per_check = plan.check.cost + plan.check_half.cost
         affordable = (passes - plan.first.cost) * BUDGET_EXAMPLES / per_check
-        for key in ("check_examples", "max_check_examples"):
-            base[key] = min(getattr(o, key), max(MIN_CHECKED, round(affordable)))
+        most = max(MIN_CHECKED, round(affordable))
+        base["check_examples"] = min(o.check_examples, most)
+        base["max_check_examples"] = min(max(o.max_check_examples, o.costly_max_check_examples),
+                                         most)
         two = TwoPhase(TwoPhaseOptions(**base))
         two.name = "auto"
         two.scaled_for = {
