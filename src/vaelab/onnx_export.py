@@ -74,7 +74,7 @@ def refuse_own_flow_weights(model: nn.Module) -> None:
     outputs alone: the graphs hold no flow, so a flow with weights of its own (the IAF's
     MADEs) would be lost and ``encoder.onnx`` would not describe q(z|x)."""
     flow = getattr(model, "flow", None)
-    if flow is not None and any(True for _ in flow.parameters()):
+    if flow is not None and next(flow.parameters(), None) is not None:
         name = getattr(flow, "name", type(flow).__name__)
         raise VaelabError(f"ONNX export of a model with posterior.flow = {name} is not "
                           "supported: the flow's weights are not in encoder.onnx, so its "
