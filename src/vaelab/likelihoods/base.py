@@ -158,8 +158,10 @@ class ObservationDistribution:
         Raises:
             DataError: wrong shape, or (when validating) data outside the family's support.
         """
-        lp = self.elementwise_log_prob(x, validate)
-        return lp.sum(dim=tuple(range(1, lp.dim())))
+        self._check_shape(x)
+        if self.validate if validate is None else validate:
+            self.family.validate(x)
+        return self.family._log_prob_sum(self.params, x, tuple(range(1, x.dim())))
 
     def log_prob_samples(self, x: Tensor, num_samples: int,
                          validate: bool | None = None) -> Tensor:
@@ -183,8 +185,7 @@ class ObservationDistribution:
             )
         if self.validate if validate is None else validate:
             self.family.validate(x)
-        lp = self.family._log_prob_samples(self.params, x, num_samples)
-        return lp.sum(dim=tuple(range(2, lp.dim())))
+        return self.family._log_prob_samples(self.params, x, num_samples)
 
     @property
     def mean(self) -> Tensor:
@@ -261,14 +262,22 @@ class LikelihoodFamily(nn.Module):
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _log_prob_sum(self, params: Tensor, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """``_log_prob(params, x)`` summed over ``dims``; a family whose log-density is a
+        negated loss overrides it to negate the sums rather than every sub-pixel."""
+        return self._log_prob(params, x).sum(dims)
+
     def _log_prob_samples(self, params: Tensor, x: Tensor, num: int) -> Tensor:
-        """Elementwise log-density ``(S, B, C, *rest)`` for ``params (S*B, P*C, *rest)``
-        (sample-major) and ``x (B, C, *rest)``: broadcast ``x`` when :attr:`elementwise` and
-        ``P == 1``, else repeat it ``S`` times (one copy)."""
+        """Per-example log-density ``(S, B)`` for ``params (S*B, P*C, *rest)`` (sample-major)
+        and ``x (B, C, *rest)``: broadcast ``x`` when :attr:`elementwise` and ``P == 1``,
+        else repeat it ``S`` times (one copy)."""
         x_rep = x.unsqueeze(0).expand(num, *x.shape)
+        dims = tuple(range(2, x_rep.dim()))
         if self.elementwise and self.params_per_channel == 1:
-            return self._log_prob(params.unflatten(0, (num, -1)), x_rep)
-        return self._log_prob(params, x_rep.reshape(-1, *x.shape[1:])).unflatten(0, (num, -1))
+            return self._log_prob_sum(params.unflatten(0, (num, -1)), x_rep, dims)
+        flat = self._log_prob_sum(params, x_rep.reshape(-1, *x.shape[1:]),
+                                  tuple(d - 1 for d in dims))
+        return flat.unflatten(0, (num, -1))
 
     def _mean(self, params: Tensor) -> Tensor:
         raise NotImplementedError
