@@ -195,22 +195,49 @@ def _reconstruction(output: str) -> Callable[[torch.Tensor, torch.Tensor], torch
         torch.sigmoid(logits).clamp(eps, 1 - eps), x, reduction="sum")
 
 
+def _vampprior_kl(model, latent: int, scale_of: Callable) -> Callable:
+    """``kl(z, loc, scale)``: log q(z|x) - log p(z) summed over the batch, for the VampPrior
+    written out in float32: the K pseudo-inputs through the encoder, each component's
+    log-density by the expanded square (one product with z instead of a (B, K, L) tensor),
+    logsumexp over components."""
+    log_2pi = math.log(2 * math.pi)
+
+    def kl(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        pseudo = F.hardtanh(model.prior_module.pseudo_inputs, 0.0, 1.0)
+        out = model.encoder(pseudo).float()
+        mu, sigma = out[:, :latent], scale_of(out[:, latent:2 * latent])  # (K, L)
+        precision = sigma.pow(-2)
+        quadratic = ((z * z) @ precision.T - 2 * z @ (precision * mu).T
+                     + (precision * mu * mu).sum(1))
+        log_components = -0.5 * quadratic - sigma.log().sum(1) - 0.5 * latent * log_2pi
+        log_p = torch.logsumexp(log_components, 1) - math.log(mu.shape[0])
+        log_q = (-0.5 * ((z - loc) / scale).square() - scale.log()).sum(1) - 0.5 * latent * log_2pi
+        return (log_q - log_p).sum()
+
+    return kl
+
+
 def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]:
     """The fastest plain loop we could write for ``cfg``'s model; ``(seconds, mean loss)``.
 
     ``images``: uint8 ``(N, 1, 28, 28)``. Before the timing: the model (vaelab's encoder and
     decoder modules, seeded as vaelab seeds them, its output bias at the data mean when the
-    preset says so), fused Adam, and the images as one float tensor in [0, 1] (binarised
-    once for ``binarize = static``). In the loop: a ``randperm`` batch (``index_select``),
-    dynamic binarisation as ``uniform_`` + ``lt_``, the forward (under autocast for bf16,
-    the encoder's and decoder's outputs cast to float32 as vaelab does), the loss, backward,
-    ``step``; the loss is summed on the device and read once, after the timing.
+    preset says so), the preset's optimizer (fused Adam, or RMSprop with torch's foreach
+    implementation), and the images as one float tensor in [0, 1] (binarised once for
+    ``binarize = static``). In the loop: a ``randperm`` batch (``index_select``), dynamic
+    binarisation as ``uniform_`` + ``lt_``, the forward (under autocast for bf16, the
+    encoder's and decoder's outputs cast to float32 as vaelab does), the loss (the analytic
+    KL of a standard normal prior; for the VampPrior, Monte Carlo with its first epoch's KL
+    weight, see :func:`_vampprior_kl`), backward, ``step``; the loss is summed on the device
+    and read once, after the timing.
     """
     from vaelab.models import ENCODER_SCALES, build_from_config
+    from vaelab.objectives import kl_weight
     from vaelab.train import autocast_dtype, precision_context
 
-    if cfg.likelihood.name != "bernoulli":
-        raise ValueError(f"plain_epoch writes Bernoulli losses, not {cfg.likelihood.name}")
+    if cfg.likelihood.name != "bernoulli" or cfg.prior.name not in ("normal", "vampprior"):
+        raise ValueError(f"plain_epoch writes Bernoulli losses with a standard normal or "
+                         f"VampPrior prior, not {cfg.likelihood.name} / {cfg.prior.name}")
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_from_config(cfg, tuple(images.shape[1:])).to(device).train()
@@ -225,8 +252,14 @@ def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]
     scale_of = ENCODER_SCALES[cfg.model.encoder_scale]
     recon = _reconstruction(cfg.likelihood.options.output)
     latent = cfg.model.latent_dim
-    eps = cfg.train.adam_eps if cfg.train.adam_eps is not None else 1e-8
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=eps, fused=True)
+    if cfg.train.optimizer == "adam":
+        eps = cfg.train.adam_eps if cfg.train.adam_eps is not None else 1e-8
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=eps, fused=True)
+    else:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.train.lr, foreach=True)
+    vamp_kl = _vampprior_kl(model, latent, scale_of) if cfg.prior.name == "vampprior" else None
+    weight = kl_weight(0, cfg.objective.beta, cfg.objective.warmup_steps,
+                       warmup_epochs=cfg.objective.warmup_epochs)
     amp = autocast_dtype(cfg.train.precision, device)
     n, batch = x_all.shape[0], cfg.train.batch_size
     total = torch.zeros((), device=device)
@@ -241,8 +274,11 @@ def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]
             loc, scale = out[:, :latent], scale_of(out[:, latent:2 * latent])
             z = loc + scale * torch.randn(loc.shape, generator=gen, device=device)
             logits = decoder(z).float().view_as(x)
-        kl = 0.5 * (loc.square() + scale.square() - 1).sum() - scale.log().sum()
-        loss = (recon(logits, x) + kl) / x.shape[0]
+            if vamp_kl is not None:
+                kl = vamp_kl(z, loc, scale)
+        if vamp_kl is None:
+            kl = 0.5 * (loc.square() + scale.square() - 1).sum() - scale.log().sum()
+        loss = (recon(logits, x) + (kl if weight == 1.0 else weight * kl)) / x.shape[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -302,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="batch sizes, or 'preset' for each preset's own (default 128 512)")
     parser.add_argument("--presets", nargs="+", default=[PRESET],
                         choices=["default", "pytorch-example", "keras-example", "mnist-vae",
-                                 "conv"],
+                                 "mnist-vampprior", "conv"],
                         help="the models to time (default pytorch-example; conv: the default "
                              "config with model.kind=conv)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
@@ -345,8 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = [_config(None, args.dataset, None, None, args.set, preset).train.batch_size
                    ] if own_batch else sizes
         runs += [(preset, precision, b) for precision in args.precision for b in batches]
-    flops = {p: model_flops(128, _config(128, args.dataset, None, None, args.set, p))
-             for p in args.presets}
+    # per example, at the run's batch size (the VampPrior's pseudo-input pass is per batch)
+    flops = {(p, b): model_flops(b, _config(b, args.dataset, None, None, args.set, p))
+             for p, _, b in runs}
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     bf16_rates = (common.matmul_rate(mm_n, mm_reps, dtype=torch.bfloat16)["all_gflops"]
                   if "bf16" in args.precision else [])
@@ -392,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in runs:
         preset, precision, b = run
         n = int(images[preset].shape[0])
-        per_example = flops[preset]
+        per_example = flops[preset, b]
         ours = common.summarize(times[run]["vaelab"], n)
         plain = common.summarize(times[run]["plain"], n)
         roofline = n * per_example["training_3x_forward"] / (gflops * 1e9)
@@ -449,9 +486,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "examples_per_epoch": int(images[args.presets[0]].shape[0]),
         "repeats": repeats,
         "matmul": {"gflops": round(gflops, 3), "all_gflops": rates, "n": mm_n},
-        "flops_per_example": {k: round(v) for k, v in flops[args.presets[0]].items()},
-        "flops_per_example_by_preset": {p: {k: round(v) for k, v in f.items()}
-                                        for p, f in flops.items()},
+        "flops_per_example": {k: round(v) for k, v in flops[runs[0][0], runs[0][2]].items()},
+        "flops_per_example_by_preset": {f"{p} batch {b}": {k: round(v) for k, v in f.items()}
+                                        for (p, b), f in flops.items()},
         "results": results,
         "machine": common.machine(),
         "cpu_load": monitor.report(),

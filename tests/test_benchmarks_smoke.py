@@ -120,7 +120,7 @@ def test_train_benchmark_presets_and_precision(tiny_npz, results_dir):
     assert set(r["results"]) == {"default fp32 batch 64", "default bf16 batch 64"}
     # 784-512-256-(2 x 16) encoder, 16-256-512-784 decoder
     forward = 2 * (784 * 512 + 512 * 256 + 256 * 32) + 2 * (16 * 256 + 256 * 512 + 512 * 784)
-    assert r["flops_per_example_by_preset"]["default"]["forward"] == forward
+    assert r["flops_per_example_by_preset"]["default batch 64"]["forward"] == forward
     assert r["note"] == "smoke" and r["matmul_bf16"]["gflops"] > 0
     fp32, bf16 = r["results"]["default fp32 batch 64"], r["results"]["default bf16 batch 64"]
     assert "dataloader_loop" not in fp32
@@ -128,6 +128,49 @@ def test_train_benchmark_presets_and_precision(tiny_npz, results_dir):
         fp32["vaelab"]["seconds"] / bf16["vaelab"]["seconds"], abs=ROUNDED)
     for key in ("vaelab_train_objective", "plain_loop_train_objective"):
         assert bf16[key] == pytest.approx(fp32[key], rel=2.0 ** -8)
+
+
+def test_train_benchmark_vampprior_plain_loop(tiny_npz, results_dir):
+    """The VampPrior preset beside its plain loop (RMSprop, the first epoch's KL weight):
+    per-example FLOPs at the preset's batch of 100 include the 500 pseudo-inputs' pass, and
+    both loops start from the same objective."""
+    r = _run("train.py", results_dir / "train-vampprior.json", "--dataset", str(tiny_npz),
+             "--presets", "mnist-vampprior", "--batch-sizes", "preset")
+    row = r["results"]["mnist-vampprior fp32 batch 100"]
+    flops = r["flops_per_example_by_preset"]["mnist-vampprior batch 100"]["forward"]
+    gated = 2 * 2 * (784 * 300 + 300 * 300)  # two maps per gated layer
+    encoder = gated + 2 * 300 * 80
+    decoder = 2 * 2 * (40 * 300 + 300 * 300) + 2 * 300 * 784
+    mixture = 2 * 2 * 40 * 500  # float64 (z*z) @ P^T and z @ (P mu)^T, per example
+    assert flops == pytest.approx(encoder * 6 + decoder + mixture, rel=1e-12)  # 1 + 500/100
+    assert row["plain_loop_train_objective"] == pytest.approx(
+        row["vaelab_train_objective"], rel=0.05)
+
+
+def test_plain_vampprior_kl_is_vaelabs(tmp_path):
+    """The benchmark's written-out VampPrior KL (float32, expanded square) is vaelab's
+    log q(z|x) - log p(z) (float64 mixture) to float32 rounding."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from train import _vampprior_kl
+    finally:
+        sys.path.remove(str(BENCH))
+    from vaelab import config
+    from vaelab.models import ENCODER_SCALES, build_from_config
+
+    cfg = config.resolve(preset="mnist-vampprior")
+    torch.manual_seed(0)
+    model = build_from_config(cfg, (1, 28, 28))
+    x = (torch.rand(8, 1, 28, 28) < 0.3).float()
+    with torch.no_grad():
+        q = model.encode(x)
+        z = q.rsample()
+        expected = (q.log_prob(z) - model.prior().log_prob(z)).sum()
+        loc, scale = q.base_dist.loc, q.base_dist.scale
+        got = _vampprior_kl(model, 40, ENCODER_SCALES[cfg.model.encoder_scale])(z, loc, scale)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_train_benchmark_against_keras(tiny_npz, tmp_path):

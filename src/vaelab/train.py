@@ -118,8 +118,12 @@ def _adam(params: list[nn.Parameter], cfg: config.TrainConfig,
 @OPTIMIZERS.register("rmsprop")
 def _rmsprop(params: list[nn.Parameter], cfg: config.TrainConfig,
              device: torch.device) -> torch.optim.Optimizer:
-    """RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8): pythae's vamp.py."""
-    return torch.optim.RMSprop(params, lr=cfg.lr)
+    """RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8): pythae's vamp.py. The foreach
+    implementation on CPU too (torch picks it only on CUDA): the same updates bit for bit,
+    one kernel per op for all parameters instead of one per parameter (the VampPrior model's
+    21 tensors: 4.4 -> 3.5 ms per step on 2 cores)."""
+    foreach = True if device.type in ("cpu", "cuda") else None  # None: torch's own choice
+    return torch.optim.RMSprop(params, lr=cfg.lr, foreach=foreach)
 
 
 def make_optimizer(model: nn.Module, cfg: config.TrainConfig,
