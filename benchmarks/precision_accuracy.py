@@ -9,8 +9,8 @@ split's standard error (the two models see the same examples and noise), so the 
 per-example differences give it.
 
 Run: ``python benchmarks/precision_accuracy.py --threads 1 [--epochs 3] [--train-limit
-10000]``; writes ``benchmarks/results/precision_accuracy.json``. ``--smoke``: 256 images,
-one epoch.
+10000] [--preset mnist-vampprior --data-dir DIR]``; writes
+``benchmarks/results/precision_accuracy.json``. ``--smoke``: 256 images, one epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", default=None, help="a preset (default: the defaults)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding the preset's dataset files (data.data_dir)")
     parser.add_argument("--note", default=None, help="a sentence recorded in the JSON")
     args = parser.parse_args(argv)
     if args.threads:
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"data.train_limit={limit}", "train.device=cpu"]
             if args.threads:
                 overrides.append(f"train.threads={args.threads}")
+            if args.data_dir:
+                overrides.append(f"data.data_dir={args.data_dir}")
             if args.smoke:
                 overrides += ["data.validation_size=128", "data.test_limit=200"]
             cfg = config.resolve(preset=args.preset, overrides=overrides)
