@@ -55,6 +55,7 @@ batch <B>``). ``--smoke`` (CI) uses 512 images and one repetition.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import tempfile
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="registered name or .npz file of 28x28 images (smoke tests)")
     parser.add_argument("--note", default=None,
                         help="a sentence recorded in the JSON (e.g. what else ran on the CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time vaelab with train.compile=true (compiled in the "
+                             "warm-up, on a whole epoch, so the timed epochs reuse the graphs)")
     parser.add_argument("--keras", action="store_true",
                         help="also time Keras 3's fit of the example's model beside the "
                              "keras-example preset (needs keras)")
@@ -387,13 +391,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     bf16_rates = (common.matmul_rate(mm_n, mm_reps, dtype=torch.bfloat16)["all_gflops"]
                   if "bf16" in args.precision else [])
-    names = ("vaelab", "plain", "loop", "keras")
+    names = ("vaelab", "plain", "compiled", "loop", "keras")
     keras_runs = {r: keras_fitter(images[r[0]], r[2]) for r in runs
                   if args.keras and r[0] == "keras-example" and r[1] == "fp32"}
     times: dict[tuple, dict[str, list[float]]] = {r: {k: [] for k in names} for r in runs}
     records: dict[tuple, dict[str, Any]] = {}
     plain_loss: dict[tuple, float] = {}
     paired: dict[tuple, list[float]] = {r: [] for r in runs}  # matmul rate before each
+
+    def compiled_config(cfg) -> Any:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
 
     def config_of(run: tuple) -> Any:
         preset, precision, b = run
@@ -405,16 +412,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             warm = _config(b, args.dataset, 2048, args.threads, args.set, preset, precision)
             common.vaelab_epoch(warm, Path(tmp))
             plain_epoch(warm, images[preset][:2048])
+            if args.compile:  # every batch shape of the timed epochs: a whole epoch
+                common.vaelab_epoch(compiled_config(config_of((preset, precision, b))), Path(tmp))
+        timed = ("vaelab", "plain", "compiled") if args.compile else ("vaelab", "plain")
         for repetition in range(repeats):
             for run in runs:
                 cfg = config_of(run)
                 paired[run].append(common.matmul_rate(mm_n, 1, 0.2)["gflops"])
                 # Counterbalanced: the epoch right after the matrix-product probe and the
-                # data loading starts with cold caches and a fresh heap, so vaelab and the
-                # plain loop take turns going first.
-                for name in (("vaelab", "plain") if repetition % 2 == 0 else ("plain", "vaelab")):
+                # data loading starts with cold caches and a fresh heap, so the loops take
+                # turns going first.
+                shift = repetition % len(timed)
+                for name in timed[shift:] + timed[:shift]:
                     if name == "vaelab":
                         seconds, records[run] = common.vaelab_epoch(cfg, Path(tmp))
+                    elif name == "compiled":
+                        seconds, _ = common.vaelab_epoch(compiled_config(cfg), Path(tmp))
                     else:
                         seconds, plain_loss[run] = plain_epoch(cfg, images[run[0]])
                     times[run][name].append(seconds)
@@ -456,6 +469,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vaelab_train_objective": records[run]["train_objective"],
             "plain_loop_train_objective": plain_loss[run],
         }
+        if times[run]["compiled"]:
+            compiled = common.summarize(times[run]["compiled"], n)
+            row["vaelab_compiled"] = compiled
+            row["compiled_vs_eager"] = round(ours["seconds"] / compiled["seconds"], 3)
+            row["compiled_vs_plain_loop"] = round(plain["seconds"] / compiled["seconds"], 3)
+            row["compiled_roofline_fraction"] = round(roofline / compiled["seconds"], 3)
         if times[run]["loop"]:
             loop = common.summarize(times[run]["loop"], n)
             row["dataloader_loop"] = loop

@@ -254,6 +254,11 @@ class TrainConfig:
                             "fp16 (CUDA only, with a gradient scaler); weights, optimizer "
                             "state, the objective's sums, evaluation and every reported "
                             "number stay float32")
+    compile: bool = option(False, boolean, "run the training objective (the model's forward, "
+                           "the likelihood, the KL and their backward) through "
+                           "torch.compile: 6-20% faster steps for the MLP presets on 2 CPU "
+                           "cores after 10-20 s of compilation (needs a C++ compiler on CPU); "
+                           "the same objective to float32 rounding")
 
 
 @dataclass(frozen=True)

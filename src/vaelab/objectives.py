@@ -392,7 +392,8 @@ def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0, *, epoch: int
     return float(beta)
 
 
-def per_example_loss(terms: ELBOTerms, kl_weight: float = 1.0, free_bits: float = 0.0,
+def per_example_loss(terms: ELBOTerms, kl_weight: float | torch.Tensor = 1.0,
+                     free_bits: float = 0.0,
                      kl_per_dim_mean: torch.Tensor | None = None) -> torch.Tensor:
     r"""The per-example training objective ``(B,)`` whose batch mean is minimised.
 
@@ -407,7 +408,9 @@ def per_example_loss(terms: ELBOTerms, kl_weight: float = 1.0, free_bits: float 
 
     Args:
         terms: the beta = 1 terms of :func:`elbo_terms`.
-        kl_weight: ``w`` >= 0.
+        kl_weight: ``w`` >= 0; a 0-d tensor (the compiled training step passes one, so that
+            a warm-up does not recompile) is used as it is, unchecked, and always multiplies
+            (the same values: ``1.0 * kl`` is ``kl``).
         free_bits: :math:`\lambda` >= 0, nats per latent dimension.
         kl_per_dim_mean: ``(L,)`` batch-mean KL per dimension to clamp instead of
             ``terms.kl_per_dim.mean(0)`` (data parallelism passes the mean over the global
@@ -416,7 +419,8 @@ def per_example_loss(terms: ELBOTerms, kl_weight: float = 1.0, free_bits: float 
     Raises:
         ConfigError: ``kl_weight < 0``, ``free_bits < 0``, or free bits without ``kl_per_dim``.
     """
-    if kl_weight < 0:
+    weight_is_tensor = isinstance(kl_weight, torch.Tensor)
+    if not weight_is_tensor and kl_weight < 0:
         raise ConfigError(f"beta must be >= 0 (the weight of the KL), got {kl_weight!r}")
     if free_bits < 0:
         raise ConfigError(f"free_bits must be >= 0 nats per latent dimension, got {free_bits!r}")
@@ -430,7 +434,7 @@ def per_example_loss(terms: ELBOTerms, kl_weight: float = 1.0, free_bits: float 
         mean = terms.kl_per_dim.mean(0) if kl_per_dim_mean is None else kl_per_dim_mean
         kl = kl + (mean.clamp(min=free_bits) - mean).sum()
     # kl - recon is -(recon - kl) bit for bit, in one op instead of three
-    weighted = kl if kl_weight == 1.0 else kl_weight * kl
+    weighted = kl if not weight_is_tensor and kl_weight == 1.0 else kl_weight * kl
     return weighted - terms.recon
 
 

@@ -79,7 +79,8 @@ __all__ = [
 # Config keys that may change when resuming a run (everything else must match); "*": the
 # whole section (the evaluation does not change what is trained).
 RESUMABLE_KEYS = {
-    "train": {"epochs", "lr", "patience", "device", "threads", "grad_clip", "eval_batch_size"},
+    "train": {"epochs", "lr", "patience", "device", "threads", "grad_clip", "eval_batch_size",
+              "compile"},
     "eval": {"*"},
     "data": {"data_dir", "test_limit"},
 }
@@ -163,7 +164,7 @@ class _Exploded(Exception):
 
 
 def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, *,
-               kl_weight: float, generator: torch.Generator | None = None,
+               kl_weight: float | torch.Tensor, generator: torch.Generator | None = None,
                eps: torch.Tensor | None = None, batch_total: int | None = None,
                world_size: int = 1, grad_clip: float | None = None,
                explode_above: float | None = None, autocast: torch.dtype | None = None,
@@ -305,10 +306,17 @@ class _Loop:
     progress: bool
     autocast: torch.dtype | None = None  # train.precision's autocast dtype; None: float32
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler
+    compiled: bool = False  # train.compile: objective is torch.compile'd, noise drawn outside
 
     @property
     def data_kind(self) -> str:
         return getattr(getattr(self.model, "likelihood", None), "data_kind", "unit")
+
+
+def _compile_failed(error: RuntimeError) -> bool:
+    """``error`` is torch.compile's backend failing (no C++ compiler, a lowering error); only
+    asked when the objective is compiled, so ``torch._dynamo`` is loaded."""
+    return isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
 
 
 def _kl_weight(cfg: config.ObjectiveConfig, step: int, epoch: int) -> float:
@@ -353,8 +361,11 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
             x = loop.train_set.inputs(index, loop.data_kind, binarize_gen)
             x = x.tensor_split(ctx.world_size)[ctx.rank]
             kl_weight = _kl_weight(cfg.objective, state["step"], epoch)
+            if loop.compiled:  # a tensor: a new weight is an input, not a new graph
+                kl_weight = torch.tensor(kl_weight, dtype=next(loop.model.parameters()).dtype,
+                                         device=device)
             eps, gen = None, noise_gen
-            if ctx.enabled:
+            if ctx.enabled or loop.compiled:  # the draws the objective would make, as a tensor
                 eps = global_batch_noise(cfg.objective.samples, index.numel(),
                                          loop.model.latent_dim, noise_gen, device,
                                          next(loop.model.parameters()).dtype)
@@ -371,6 +382,13 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
             except _Exploded as bad:
                 raise TrainingDiverged(_exploded_message(bad, state, epoch, batch, cfg.train.lr,
                                                          loop.run_dir, ctx)) from None
+            except RuntimeError as failed:
+                if not (loop.compiled and _compile_failed(failed)):
+                    raise
+                reason = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
+                raise ConfigError(
+                    f"train.compile: torch.compile could not compile the objective ({reason}"
+                    "); install a C++ compiler (CPU) or set train.compile=false") from None
             if first is None:
                 first = float(per_example.detach().sum()) * ctx.world_size / index.numel()
                 state["first_objective"] = first
@@ -584,8 +602,12 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
         with distributed.lost_contact(ctx, "setup"):
             wrapped = nn.parallel.DistributedDataParallel(
                 objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        # One graph per batch shape (an epoch's last batch is usually smaller: two graphs);
+        # the KL weight stays a symbol, so a warm-up does not recompile.
+        wrapped = torch.compile(wrapped, dynamic=False)
     loop = _Loop(cfg, model, wrapped, optimizer, train_set, val_set, ctx, device, run_dir,
-                 progress, amp_dtype, scaler)
+                 progress, amp_dtype, scaler, compiled=cfg.train.compile)
     state["data"] = {"train": train_set.metadata,
                      "validation": val_set.metadata if val_set is not None else None}
     state["numerics"] = numerics
