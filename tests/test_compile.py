@@ -31,6 +31,15 @@ pytestmark = [
                        reason="torch.compile on CPU needs a C++ compiler (g++)"),
 ]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_works():
+    """Skip (with inductor's reason) where this machine's toolchain cannot build a kernel."""
+    try:
+        torch.compile(lambda t: t.sin() + 1.0)(torch.ones(4))
+    except Exception as exc:  # noqa: BLE001 - any toolchain failure means: cannot test here
+        pytest.skip(f"torch.compile does not work here: {str(exc).splitlines()[0][:200]}")
+
 QUIET = {"progress": False, "echo": lambda _line: None}
 
 

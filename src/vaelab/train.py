@@ -388,7 +388,8 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
                 reason = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
                 raise ConfigError(
                     f"train.compile: torch.compile could not compile the objective ({reason}"
-                    "); install a C++ compiler (CPU) or set train.compile=false") from None
+                    "); on a CPU it needs a working C++ compiler: install one or set "
+                    "train.compile=false") from None
             if first is None:
                 first = float(per_example.detach().sum()) * ctx.world_size / index.numel()
                 state["first_objective"] = first
