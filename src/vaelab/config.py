@@ -256,9 +256,9 @@ class TrainConfig:
                             "number stay float32")
     compile: bool = option(False, boolean, "run the training objective (the model's forward, "
                            "the likelihood, the KL and their backward) through "
-                           "torch.compile: 6-20% faster steps for the MLP presets on 2 CPU "
-                           "cores after 10-20 s of compilation (needs a C++ compiler on CPU); "
-                           "the same objective to float32 rounding")
+                           "torch.compile: up to 1.2x faster epochs (most MLP presets, 2 CPU "
+                           "cores) after 10-25 s of compilation (needs a C++ compiler on "
+                           "CPU); the same objective to float32 rounding")
 
 
 @dataclass(frozen=True)

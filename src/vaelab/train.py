@@ -121,8 +121,8 @@ def _rmsprop(params: list[nn.Parameter], cfg: config.TrainConfig,
              device: torch.device) -> torch.optim.Optimizer:
     """RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8): pythae's vamp.py. The foreach
     implementation on CPU too (torch picks it only on CUDA): the same updates bit for bit,
-    one kernel per op for all parameters instead of one per parameter (the VampPrior model's
-    21 tensors: 4.4 -> 3.5 ms per step on 2 cores)."""
+    one call per op for all parameters instead of a Python loop over them (the VampPrior
+    model's 21 tensors: 4.4 -> 3.5 ms per step on 2 cores)."""
     foreach = True if device.type in ("cpu", "cuda") else None  # None: torch's own choice
     return torch.optim.RMSprop(params, lr=cfg.lr, foreach=foreach)
 
@@ -605,7 +605,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
                 objective, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         # One graph per batch shape (an epoch's last batch is usually smaller: two graphs);
-        # the KL weight stays a symbol, so a warm-up does not recompile.
+        # train_epoch passes the KL weight as a tensor, so a warm-up does not recompile.
         wrapped = torch.compile(wrapped, dynamic=False)
     loop = _Loop(cfg, model, wrapped, optimizer, train_set, val_set, ctx, device, run_dir,
                  progress, amp_dtype, scaler, compiled=cfg.train.compile)
