@@ -228,9 +228,9 @@ def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]
     ``binarize = static``). In the loop: a ``randperm`` batch (``index_select``), dynamic
     binarisation as ``uniform_`` + ``lt_``, the forward (under autocast for bf16, the
     encoder's and decoder's outputs cast to float32 as vaelab does), the loss (the analytic
-    KL of a standard normal prior; for the VampPrior, Monte Carlo with its first epoch's KL
-    weight, see :func:`_vampprior_kl`), backward, ``step``; the loss is summed on the device
-    and read once, after the timing.
+    KL of a standard normal prior; for the VampPrior, Monte Carlo, see
+    :func:`_vampprior_kl`; weighted as vaelab weighs it in the first epoch), backward,
+    ``step``; the loss is summed on the device and read once, after the timing.
     """
     from vaelab.models import ENCODER_SCALES, build_from_config
     from vaelab.objectives import kl_weight
@@ -259,14 +259,15 @@ def plain_epoch(cfg, images: torch.Tensor, seed: int = 0) -> tuple[float, float]
     else:
         optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.train.lr, foreach=True)
     vamp_kl = _vampprior_kl(model, latent, scale_of) if cfg.prior.name == "vampprior" else None
-    weight = kl_weight(0, cfg.objective.beta, cfg.objective.warmup_steps,
-                       warmup_epochs=cfg.objective.warmup_epochs)
+    objective = cfg.objective  # its KL weight in the first epoch, step by step as vaelab's
     amp = autocast_dtype(cfg.train.precision, device)
     n, batch = x_all.shape[0], cfg.train.batch_size
     total = torch.zeros((), device=device)
     started = time.perf_counter()
     perm = torch.randperm(n, generator=gen, device=device)
-    for i in range(0, n, batch):
+    for step, i in enumerate(range(0, n, batch)):
+        weight = kl_weight(step, objective.beta, objective.warmup_steps,
+                           warmup_epochs=objective.warmup_epochs)
         x = x_all.index_select(0, perm[i:i + batch])
         if dynamic:
             x = torch.empty_like(x).uniform_(generator=gen).lt_(x)

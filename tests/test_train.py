@@ -168,3 +168,30 @@ def test_iwae_schedule_matches_the_paper():
     assert learning_rate(cfg, 1) == learning_rate(cfg, 3) == pytest.approx(1e-3 * 10 ** (-1 / 7))
     assert learning_rate(cfg, 4) == learning_rate(cfg, 12) == pytest.approx(1e-3 * 10 ** (-2 / 7))
     assert learning_rate(cfg, 3279) == pytest.approx(1e-3 * 10 ** (-7 / 7))
+
+
+def test_resume_uses_this_versions_optimizer_implementation(tmp_path, monkeypatch):
+    """foreach / fused are implementation choices, not hyperparameters: a checkpoint saved by
+    an RMSprop without foreach (older vaelab) resumes with this version's foreach."""
+    from vaelab import train as trainer
+
+    cfg = config.resolve(overrides=tiny_overrides(**{
+        "train.optimizer": "rmsprop", "train.lr": 1e-4, "train.epochs": 1}))
+    old = trainer.OPTIMIZERS["rmsprop"]
+    monkeypatch.setitem(trainer.OPTIMIZERS._entries, "rmsprop",
+                        lambda params, c, device: torch.optim.RMSprop(params, lr=c.lr))
+    trainer.train_and_evaluate(cfg, tmp_path, progress=False, echo=lambda _line: None)
+    monkeypatch.setitem(trainer.OPTIMIZERS._entries, "rmsprop", old)
+    seen = []
+    real_epoch = trainer.train_epoch
+
+    def spy(loop, epoch, state):
+        seen.append([g["foreach"] for g in loop.optimizer.param_groups])
+        return real_epoch(loop, epoch, state)
+
+    monkeypatch.setattr(trainer, "train_epoch", spy)
+    resumed = config.resolve(overrides=tiny_overrides(**{
+        "train.optimizer": "rmsprop", "train.lr": 1e-4, "train.epochs": 2}))
+    trainer.train_and_evaluate(resumed, tmp_path, resume=True, progress=False,
+                               echo=lambda _line: None)
+    assert seen == [[True]]

@@ -133,15 +133,20 @@ def blas_reproducibility() -> dict[str, Any]:
     return {"blas": "mkl", "mkl_cbwr": name, "thread_invariant_matmul": strict}
 
 
-def threads_change_results(model: nn.Module, device: torch.device) -> str | None:
+def threads_change_results(model: nn.Module, device: torch.device,
+                           compiled: bool = False) -> str | None:
     """Why the CPU thread count can change ``model``'s float32 results (None: it cannot).
 
     On CUDA the CPU threads do not compute. On the CPU the count is harmless when MKL is
-    strict (:func:`blas_reproducibility`) and the model has no convolutions; otherwise the
-    returned reason names what depends on it.
+    strict (:func:`blas_reproducibility`), the model has no convolutions and the step is not
+    compiled (``compiled``: torch.compile's CPU kernels split their loops and reductions for
+    the thread count they were compiled for); otherwise the returned reason names what
+    depends on it.
     """
     if device.type != "cpu":
         return None
+    if compiled:
+        return "kernels compiled by torch.compile (train.compile)"
     blas = blas_reproducibility()
     if not blas["thread_invariant_matmul"]:
         return (f"MKL's conditional numerical reproducibility is {blas['mkl_cbwr'] or 'unknown'}"
@@ -152,7 +157,8 @@ def threads_change_results(model: nn.Module, device: torch.device) -> str | None
 
 
 def training_threads(requested: int | None, model: nn.Module, device: torch.device,
-                     processes_on_node: int = 1, recorded: int | None = None) -> dict[str, Any]:
+                     processes_on_node: int = 1, recorded: int | None = None,
+                     compiled: bool = False) -> dict[str, Any]:
     """Set the thread count of a training run once its model is built; return what to
     record in its checkpoints.
 
@@ -168,7 +174,7 @@ def training_threads(requested: int | None, model: nn.Module, device: torch.devi
     Raises:
         ConfigError: ``OMP_NUM_THREADS`` is not a positive integer.
     """
-    why = threads_change_results(model, device)
+    why = threads_change_results(model, device, compiled)
     if why is None:
         threads = configure_threads(requested, device, processes_on_node)
     else:

@@ -313,10 +313,62 @@ class _Loop:
         return getattr(getattr(self.model, "likelihood", None), "data_kind", "unit")
 
 
+#: torch.compile's cache entries per function: one per model architecture and batch shape
+#: (dynamo's default, 8, would turn the objective silently eager after a few runs in one
+#: process, e.g. a sweep or benchmarks/train.py --compile).
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def _check_compilable(model: nn.Module, train_set: ImageSet, device: torch.device) -> None:
+    """``train.compile`` draws the noise outside the compiled step, by the rule of a diagonal
+    Gaussian q(z|x) or a flow posterior: refuse other posteriors before anything is written.
+
+    Raises:
+        ConfigError: q(z|x) of one training example is neither.
+    """
+    kind = getattr(getattr(model, "likelihood", None), "data_kind", "unit")
+    one = train_set.inputs(torch.arange(1), kind,
+                           torch.Generator(train_set.images.device).manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()  # one example through the encoder: no batch statistics touched
+    try:
+        with torch.no_grad():
+            q = model.encode(one)
+    finally:
+        model.train(was_training)
+    if not (objectives._is_diagonal_normal(q) or hasattr(q, "push")):
+        raise ConfigError(
+            f"train.compile needs q(z|x) to be a diagonal Gaussian or a flow posterior (the "
+            f"noise is drawn outside the compiled step), but the model's encode returns "
+            f"{type(q).__name__}: set train.compile=false")
+
+
+def _compiled(objective: nn.Module) -> nn.Module:
+    """``train.compile``: ``objective`` through torch.compile, one graph per batch shape (an
+    epoch's last batch is usually smaller: two graphs); train_epoch passes the noise and the
+    KL weight as tensors, so neither a warm-up nor the noise recompiles."""
+    import torch._dynamo  # loaded by torch.compile anyway; its config is set here
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
+    return torch.compile(objective, dynamic=False)
+
+
 def _compile_failed(error: RuntimeError) -> bool:
     """``error`` is torch.compile's backend failing (no C++ compiler, a lowering error); only
     asked when the objective is compiled, so ``torch._dynamo`` is loaded."""
     return isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
+
+
+def _compile_message(error: RuntimeError, device: torch.device) -> str:
+    """One line for a failed compilation: the cause's first line and what the device needs."""
+    cause = getattr(error, "inner_exception", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    needs = ("a working C++ compiler" if device.type == "cpu"
+             else "Triton (pip install triton)" if device.type == "cuda" else "its backend")
+    return (f"train.compile: torch.compile could not compile the objective ({reason}); on "
+            f"{device.type} it needs {needs}: install it or set train.compile=false")
 
 
 def _kl_weight(cfg: config.ObjectiveConfig, step: int, epoch: int) -> float:
@@ -385,11 +437,7 @@ def train_epoch(loop: _Loop, epoch: int, state: dict[str, Any]) -> dict[str, Any
             except RuntimeError as failed:
                 if not (loop.compiled and _compile_failed(failed)):
                     raise
-                reason = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
-                raise ConfigError(
-                    f"train.compile: torch.compile could not compile the objective ({reason}"
-                    "); on a CPU it needs a working C++ compiler: install one or set "
-                    "train.compile=false") from None
+                raise ConfigError(_compile_message(failed, device)) from None
             if first is None:
                 first = float(per_example.detach().sum()) * ctx.world_size / index.numel()
                 state["first_objective"] = first
@@ -559,6 +607,8 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
         model.init_output_bias(train_set.pixel_mean().to(device))
     _check_likelihood_fits(model, cfg, train_set)
     _check_data_once(model, train_set, seed, device)
+    if cfg.train.compile:
+        _check_compilable(model, train_set, device)
     objective = objectives.build_objective(
         model, cfg.objective,
         (lambda t: distributed.sum_over_ranks(t, ctx)) if ctx.enabled else None)
@@ -586,6 +636,12 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
                                           optimizer=optimizer, map_location=device,
                                           restore_global_rng=True)
         state.update(meta["train_state"])
+        # foreach / fused are this version's implementation choices, not hyperparameters:
+        # load_state_dict brought back the checkpoint's (an older run's None: no foreach)
+        for group in optimizer.param_groups:
+            for key in ("foreach", "fused"):
+                if key in optimizer.defaults:
+                    group[key] = optimizer.defaults[key]
         if scaler is not None and meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])  # its scale and growth tracker
         recorded = (meta.get("numerics") or {}).get("threads")
@@ -593,7 +649,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
     # --- CPU threads: when the count can change this model's results, one count for the
     # whole run (resumes included) that does not depend on the machine's load
     numerics = runtime.training_threads(cfg.train.threads, model, device, ctx.local_world_size,
-                                        recorded=recorded)
+                                        recorded=recorded, compiled=cfg.train.compile)
     if ctx.is_main:
         atomic_write_text(run_dir / "config.toml", config.to_toml(cfg))
     # --- data parallelism: DDP averages gradients over ranks (and first copies rank 0's
@@ -604,9 +660,7 @@ def _setup(cfg: RunConfig, run_dir: Path, resume: bool, model: nn.Module | None,
             wrapped = nn.parallel.DistributedDataParallel(
                 objective, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
-        # One graph per batch shape (an epoch's last batch is usually smaller: two graphs);
-        # train_epoch passes the KL weight as a tensor, so a warm-up does not recompile.
-        wrapped = torch.compile(wrapped, dynamic=False)
+        wrapped = _compiled(wrapped)
     loop = _Loop(cfg, model, wrapped, optimizer, train_set, val_set, ctx, device, run_dir,
                  progress, amp_dtype, scaler, compiled=cfg.train.compile)
     state["data"] = {"train": train_set.metadata,

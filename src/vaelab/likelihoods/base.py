@@ -258,7 +258,9 @@ class LikelihoodFamily(nn.Module):
             return [params]
         return list(params.unflatten(1, (p, params.shape[1] // p)).unbind(1))
 
-    # Subclass hooks: elementwise log-density (shaped like x), mean, sample.
+    # Subclass hooks: elementwise log-density (shaped like x), mean, sample. _log_prob_sum
+    # and _log_prob_samples return per-example sums (the latter (S, B)); a family overrides
+    # _log_prob_sum only to reduce before a last elementwise op (Bernoulli's negation).
     def _log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
