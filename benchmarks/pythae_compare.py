@@ -10,9 +10,9 @@ torch thread count (``--threads``, default 1: ``OMP_NUM_THREADS``, ``MKL_NUM_THR
 initial weights (``torch.manual_seed`` before each model is built) and, through them, the
 runs' RNG streams (pythae's trainer then seeds its own with its default 8).
 
-- Data: vaelab's statically binarised MNIST splits (:func:`vaelab.data.load_split` with the
-  preset's ``[data]`` section and seed 0: 50,000 train / 10,000 validation held out of the
-  official training set, one seeded Bernoulli draw), read once here. pythae gets these 0/1
+- Data: the preset's splits (:func:`vaelab.data.load_split` with its ``[data]`` section:
+  Larochelle's binarised MNIST, 50,000 train / 10,000 validation, the files pythae's vae.py
+  reads; ``--data-dir`` names their folder), read once here. pythae gets these 0/1
   pixels as a float32 ``(N, 784)`` array through ``DataProcessor().process_data(...)``,
   reshaped to ``(N, 1, 28, 28)`` and ``DataProcessor.to_dataset`` (as vae.py does); vaelab
   loads the same splits with the same config (the SHA-256 of both splits is recorded).
@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-DEFAULT_DATA_DIR = Path("/work/shared/data/mnist")
+DEFAULT_DATA_DIR = Path("/work/shared/data/binarized-mnist")
 PRESET = "mnist-vae"
 NAME = "pythae_compare"
 #: pythae's vae.py trainer settings (examples/scripts/reproducibility/vae.py).
@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs per run (default 3; smoke 1)")
     parser.add_argument("--dataset", default=None,
-                        help="default: the preset's (mnist); a .npz of 28x28 images for tests")
+                        help="default: the preset's (binarized-mnist); a .npz of 28x28 images for tests")
     parser.add_argument("--data-dir", default=None,
-                        help=f"MNIST files (default {DEFAULT_DATA_DIR} when it exists)")
+                        help=f"the dataset's files (default {DEFAULT_DATA_DIR} when it exists)")
     parser.add_argument("--pythae-python", default=os.environ.get("PYTHAE_PYTHON"),
                         help="an interpreter that can import pythae 0.1.2 (default: this one "
                              "if it can, else $PYTHAE_PYTHON)")
