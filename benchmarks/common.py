@@ -265,12 +265,28 @@ class CpuMonitor:
 
 def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
     """Train one epoch with :func:`vaelab.train.train_and_evaluate`; ``(epoch seconds,
-    metrics record)``."""
-    from vaelab.train import train_and_evaluate
+    metrics record)``. The record gains ``step_seconds``: the time spent inside
+    :func:`vaelab.train.train_step` (forward, backward, optimizer), the rest of the epoch's
+    seconds being the loop's bookkeeping (batches, running sums, schedules)."""
+    import vaelab.train as trainer
 
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
+    step, inside = trainer.train_step, [0.0]
+
+    def timed_step(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - started
+
+    trainer.train_step = timed_step  # the loop looks it up by name at every step
+    try:
+        trainer.train_and_evaluate(cfg, run_dir, progress=False, echo=lambda _line: None)
+    finally:
+        trainer.train_step = step
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    record["step_seconds"] = inside[0]
     return float(record["seconds"]), record
 
 

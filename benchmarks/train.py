@@ -9,7 +9,10 @@ first N images), in one process:
 
 - ``vaelab``: :func:`vaelab.train.train_and_evaluate` with ``train.epochs=1``; the epoch
   time is the ``seconds`` the trainer records in ``metrics.jsonl`` (the batch loop only:
-  not data loading, checkpoints or figures).
+  not data loading, checkpoints or figures). ``vaelab_in_step`` splits it: the time inside
+  :func:`vaelab.train.train_step` (forward, backward, optimizer) and the loop's bookkeeping
+  around it (batches, the float64 running sums of the reported terms, schedules), medians
+  over the repetitions.
 - ``plain_loop``: the fastest plain loop we could write (:func:`plain_epoch`): the images
   as one float tensor on the device (made before the timing), ``randperm`` batches,
   the preset's own encoder and decoder modules (the same layers and initialisation as
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = common.matmul_rate(mm_n, mm_reps)["all_gflops"]
     bf16_rates = (common.matmul_rate(mm_n, mm_reps, dtype=torch.bfloat16)["all_gflops"]
                   if "bf16" in args.precision else [])
-    names = ("vaelab", "plain", "compiled", "loop", "keras")
+    names = ("vaelab", "vaelab_step", "plain", "compiled", "loop", "keras")
     keras_runs = {r: keras_fitter(images[r[0]], r[2]) for r in runs
                   if args.keras and r[0] == "keras-example" and r[1] == "fp32"}
     times: dict[tuple, dict[str, list[float]]] = {r: {k: [] for k in names} for r in runs}
@@ -427,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name in timed[shift:] + timed[:shift]:
                     if name == "vaelab":
                         seconds, records[run] = common.vaelab_epoch(cfg, Path(tmp))
+                        times[run]["vaelab_step"].append(records[run]["step_seconds"])
                     elif name == "compiled":
                         seconds, _ = common.vaelab_epoch(compiled_config(cfg), Path(tmp))
                     else:
@@ -467,6 +471,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "paired_roofline_fractions": [
                 round(n * per_example["training_3x_forward"] / (g * 1e9) / t, 3)
                 for g, t in zip(paired[run], times[run]["vaelab"])],
+            "vaelab_in_step": {
+                "step_seconds": common.median(times[run]["vaelab_step"]),
+                "outside_step_seconds": common.median(
+                    [t - s for t, s in zip(times[run]["vaelab"], times[run]["vaelab_step"])]),
+                "step_vs_plain_loop": round(plain["seconds"]
+                                            / common.median(times[run]["vaelab_step"]), 3)},
             "vaelab_train_objective": records[run]["train_objective"],
             "plain_loop_train_objective": plain_loss[run],
         }

@@ -109,6 +109,13 @@ def test_train_benchmark(tiny_npz, results_dir):
                                                             abs=ROUNDED)
         assert (row["preset"], row["precision"]) == ("pytorch-example", "fp32")
         assert 400 < row["plain_loop_train_objective"] < 700
+        # the epoch split into train_step and the loop's bookkeeping around it
+        split = row["vaelab_in_step"]
+        assert 0 < split["step_seconds"] < ours["seconds"]
+        assert split["outside_step_seconds"] == pytest.approx(
+            ours["seconds"] - split["step_seconds"], rel=1e-9)
+        assert split["step_vs_plain_loop"] == pytest.approx(
+            plain["seconds"] / split["step_seconds"], abs=ROUNDED)
 
 
 def test_train_benchmark_presets_and_precision(tiny_npz, results_dir):
