@@ -111,7 +111,8 @@ def test_train_benchmark(tiny_npz, results_dir):
         assert 400 < row["plain_loop_train_objective"] < 700
         # the epoch split into train_step and the loop's bookkeeping around it
         split = row["vaelab_in_step"]
-        assert 0 < split["step_seconds"] < ours["seconds"]
+        # metrics.jsonl rounds the epoch's seconds to 1 ms; the step time is unrounded
+        assert 0 < split["step_seconds"] < ours["seconds"] + 5e-4
         assert split["outside_step_seconds"] == pytest.approx(
             ours["seconds"] - split["step_seconds"], rel=1e-9)
         assert split["step_vs_plain_loop"] == pytest.approx(
