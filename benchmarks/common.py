@@ -40,6 +40,7 @@ __all__ = [
     "write_result",
     "CpuMonitor",
     "vaelab_epoch",
+    "run_test_nelbo",
     "mean_sd",
     "compare_over_seeds",
     "comparison_table",
@@ -288,6 +289,29 @@ def vaelab_epoch(cfg, workdir: Path) -> tuple[float, dict[str, Any]]:
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     record["step_seconds"] = inside[0]
     return float(record["seconds"]), record
+
+
+def run_test_nelbo(run_dir: Path, cfg, checkpoint: str = "last", batch: int = 500):
+    """The test split's NELBO per example (nats, float64 ``(N,)``) of a run's checkpoint,
+    evaluated on the CPU in float32 (beta = 1, one draw) with noise that depends only on the
+    batch's position: two runs of one config see the same examples and the same noise, so
+    their per-example differences are paired."""
+    import torch
+
+    from vaelab import objectives, runs
+    from vaelab.data import Splits
+
+    model = runs.open_run(run_dir, checkpoint).model.eval()
+    test = Splits(cfg.data, cfg.train.seed, "cpu")["test"]
+    values = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for start in range(0, len(test), batch):
+            index = torch.arange(start, min(start + batch, len(test)))
+            x = test.inputs(index, model.likelihood.data_kind, gen)
+            noise = torch.Generator().manual_seed(start)
+            values.append(-objectives.elbo_terms(model, x, generator=noise).elbo.double())
+    return torch.cat(values)
 
 
 # --------------------------------------------------------------------------- source checks

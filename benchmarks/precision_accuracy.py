@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from vaelab import config, objectives, runs
-    from vaelab.data import Splits
+    from vaelab import config
     from vaelab.train import train_and_evaluate
 
     epochs, limit = (1, 256) if args.smoke else (args.epochs, args.train_limit)
@@ -67,18 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seconds = time.perf_counter() - started
             rows = [json.loads(line) for line in
                     (run_dir / "metrics.jsonl").read_text().splitlines()]
-            model = runs.open_run(run_dir, "last").model.eval()
-            test = Splits(cfg.data, cfg.train.seed, "cpu")["test"]
-            values = []
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                for start in range(0, len(test), 500):
-                    index = torch.arange(start, min(start + 500, len(test)))
-                    x = test.inputs(index, model.likelihood.data_kind, gen)
-                    noise = torch.Generator().manual_seed(start)
-                    values.append(-objectives.elbo_terms(model, x, generator=noise).elbo
-                                  .double())
-            nelbo = torch.cat(values)
+            nelbo = common.run_test_nelbo(run_dir, cfg)
             per_example[precision] = nelbo
             out[precision] = {
                 "test_nelbo": float(nelbo.mean()),

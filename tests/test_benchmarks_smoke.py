@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -153,6 +154,39 @@ def test_train_benchmark_vampprior_plain_loop(tiny_npz, results_dir):
     assert flops == pytest.approx(encoder * 6 + decoder + mixture, rel=1e-12)  # 1 + 500/100
     assert row["plain_loop_train_objective"] == pytest.approx(
         row["vaelab_train_objective"], rel=0.05)
+
+
+def test_cuda_check_benchmark_on_the_cpu(tiny_npz, tmp_path):
+    """The prepared GPU check runs end to end with ``--device cpu`` (no fp16 there): paired
+    test NELBO differences, the precision each run recorded, the plain loop's ratio."""
+    r = _run("cuda_check.py", tmp_path / "cuda_check.json", "--device", "cpu", "--threads", "1",
+             "--dataset", str(tiny_npz))
+    assert r["device"] == "cpu" and r["gpu"] is None
+    assert set(r["matmul"]) == {"fp32 square", "fp32 batch_128_layer", "bf16 square",
+                                "bf16 batch_128_layer"}
+    assert all(m["gflops"] > 0 for m in r["matmul"].values())
+    assert set(r["runs"]) == {"fp32 eager", "bf16 eager"}  # compile: --compile-smoke
+    fp32, bf16 = r["runs"]["fp32 eager"], r["runs"]["bf16 eager"]
+    for name, row in r["runs"].items():
+        assert row["precision_recorded"] == [name.split()[0]]
+        assert len(row["epoch_seconds"]) == 2 and row["test_examples"] == 64
+    # the same 64 test images: the mean of the paired differences is the difference of means
+    assert bf16["test_nelbo_minus_fp32_eager"] == pytest.approx(
+        bf16["test_nelbo"] - fp32["test_nelbo"], abs=1e-9)
+    assert abs(bf16["test_nelbo_minus_fp32_eager"]) < 0.5  # two epochs on 256 images
+    for precision in ("fp32", "bf16"):
+        plain = r["plain_loop"][precision]
+        assert plain["vaelab_vs_plain_loop"] == pytest.approx(
+            plain["seconds"] / r["runs"][f"{precision} eager"]["steady_epoch_seconds"],
+            abs=ROUNDED)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_cuda_check_without_cuda_says_so(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "cuda_check.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "CUDA is not available" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_plain_vampprior_kl_is_vaelabs(tmp_path):
