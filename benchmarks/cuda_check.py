@@ -28,7 +28,7 @@ see benchmarks/README.md for preparing ``.device``)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/*.whl &&
     PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/cuda_check.py
-        --data-dir .device --deadline 420 --out $OUT/cuda_check.json
+        --data-dir .device --deadline 240 --out $OUT/cuda_check.json
 
 ``--smoke``: 256 images, 2 epochs, no compile unless ``--compile-smoke``; figures mean nothing.
 """
@@ -110,10 +110,11 @@ def _matmul_rates(device: torch.device, n: int, repeats: int, min_seconds: float
     return out
 
 
-def _gpu() -> dict[str, Any] | None:
-    if not torch.cuda.is_available():
+def _gpu(device: torch.device) -> dict[str, Any] | None:
+    """The GPU the check runs on (None on the CPU)."""
+    if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(device)
     return {"name": props.name, "capability": f"{props.major}.{props.minor}",
             "multiprocessors": props.multi_processor_count,
             "memory_gib": round(props.total_memory / 2**30, 1),
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="skip the train.compile=true runs")
     parser.add_argument("--compile-smoke", action="store_true",
                         help="with --smoke: run the compiled runs too")
-    parser.add_argument("--deadline", type=float, default=420.0,
-                        help="seconds after which the runs left are skipped (default 420)")
+    parser.add_argument("--deadline", type=float, default=240.0,
+                        help="seconds after which the runs left are skipped (default 240)")
     parser.add_argument("--matmul-n", type=int, default=8192)
     parser.add_argument("--note", default=None, help="a sentence recorded in the JSON")
     args = parser.parse_args(argv)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (1 if smoke else 3)
     monitor = common.CpuMonitor()
     result: dict[str, Any] = {
-        "benchmark": "cuda_check", "smoke": smoke, "device": str(device), "gpu": _gpu(),
+        "benchmark": "cuda_check", "smoke": smoke, "device": str(device), "gpu": _gpu(device),
         "preset": args.preset or "default", "epochs": epochs, "train_limit": limit,
         "matmul": None, "runs": {}, "plain_loop": {}, "machine": common.machine(),
     }
