@@ -12,10 +12,10 @@ On one CUDA device (``--device cpu`` only checks the script, as the smoke test d
    first epoch (which compiles) and the median of the others, the precision
    ``metrics.jsonl`` recorded, fp16's last gradient scale, and the test NELBO evaluated in
    float32 on the CPU with its paired difference to fp32 eager (issue 27: within 0.5 nats).
-   A run that fails with a vaelab error (compile without a working Triton, say) is kept
-   with its one-line message.
+   A run that fails (compile without a working Triton, say) is kept as its exception's
+   type and first line, and the check goes on.
 3. **The plain loop** of ``benchmarks/train.py`` on the device (fp32 and bf16,
-   ``--repeats`` epochs each, the model trained by vaelab's eager run): vaelab's steady
+   ``--repeats`` epochs each, from a fresh model seeded as vaelab seeds it): vaelab's steady
    epoch against it. vaelab reads the loss once per step for its NaN and divergence
    checks; the plain loop never waits for the GPU inside its epoch.
 
