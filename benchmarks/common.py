@@ -197,11 +197,14 @@ def linear_matmul_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def write_result(result: dict[str, Any], out: Path | None, name: str, smoke: bool) -> Path | None:
-    """Print ``result`` as JSON and write it to ``out`` (default ``results/<name>.json``;
-    smoke runs write only when ``out`` is given)."""
+def write_result(result: dict[str, Any], out: Path | None, name: str, smoke: bool,
+                 echo: bool = True) -> Path | None:
+    """Print ``result`` as JSON (unless ``echo`` is False: a partial result written between
+    runs) and write it to ``out`` (default ``results/<name>.json``; smoke runs write only
+    when ``out`` is given)."""
     text = json.dumps(result, indent=2)
-    print(text)
+    if echo:
+        print(text)
     if out is None and smoke:
         return None
     path = out if out is not None else RESULTS_DIR / f"{name}.json"
@@ -209,7 +212,8 @@ def write_result(result: dict[str, Any], out: Path | None, name: str, smoke: boo
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
-    print(f"wrote {path}", file=sys.stderr)
+    if echo:
+        print(f"wrote {path}", file=sys.stderr)
     return path
 
 

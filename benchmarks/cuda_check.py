@@ -211,12 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """The JSON so far, written (printed too at the end) after every run."""
         result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_load"] = monitor.report()
-        if final:
-            common.write_result(result, args.out, "cuda_check", smoke)
-        elif args.out is not None or not smoke:
-            path = args.out if args.out is not None else common.RESULTS_DIR / "cuda_check.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
+        common.write_result(result, args.out, "cuda_check", smoke, echo=final)
 
     n = 256 if smoke else args.matmul_n
     result["matmul"] = _matmul_rates(device, n, repeats=1 if smoke else 5,

@@ -186,17 +186,14 @@ def test_cuda_check_keeps_a_failed_run_as_its_one_line_error(tmp_path):
     and the check goes on, instead of losing the rest of a lent GPU's minutes."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("cuda_check", BENCH / "cuda_check.py")
-        cuda_check = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cuda_check)
+        from cuda_check import _train_one
     finally:
         sys.path.remove(str(BENCH))
     from vaelab import config
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.json").write_text("{}")
-    row, nelbo = cuda_check._train_one(config.resolve(overrides=["train.device=cpu"]), tmp_path,
-                                       None)
+    row, nelbo = _train_one(config.resolve(overrides=["train.device=cpu"]), tmp_path, None)
     assert nelbo is None
     assert row["error"].startswith("CheckpointError: ") and "already holds a run" in row["error"]
     assert "\n" not in row["error"]
