@@ -60,6 +60,11 @@ pythae is not a vaelab dependency: install it in a scratch venv (``pip install
 pythae==0.1.2``; never into vaelab's environment) and pass its interpreter with
 ``--pythae-python`` (or ``PYTHAE_PYTHON``); it is used directly when importable here.
 
+``--vaelab-set KEY=VALUE`` (repeatable) changes vaelab's runs only: ``--vaelab-set
+train.precision=bf16 --vaelab-set train.compile=true`` times vaelab in bfloat16, compiled,
+against pythae's float32 trainer (compilation falls in each run's first epoch: the
+``train_plus_eval_steady`` figures leave the first epochs out).
+
 Run: ``python benchmarks/pythae_compare.py [--epochs 3] [--threads 1] [--repeats 3]``; writes
 ``benchmarks/results/pythae_compare.json``. ``--smoke`` (CI): 200 training and 40 validation
 images, 1 epoch, 1 repetition (``--dataset FILE.npz`` for synthetic 28x28 images).
@@ -227,6 +232,7 @@ def _vaelab_config(spec: dict[str, Any]):
     if spec.get("smoke"):
         overrides += [f"data.train_limit={SMOKE_TRAIN}",
                       f"data.validation_size={SMOKE_VALIDATION}"]
+    overrides += spec.get("vaelab_set") or []  # --vaelab-set: e.g. train.precision=bf16
     return config.resolve(preset=PRESET, overrides=overrides)
 
 
@@ -386,6 +392,9 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["eval"] = common.summarize(evals)
     out["train_plus_eval"] = common.summarize([t + e for t, e in zip(train, evals)])
     out["epoch"] = common.summarize(_per_epoch(runs, "epoch_seconds"))
+    steady = [e["train_seconds"] + e["eval_seconds"] for run in runs for e in run["epochs"][1:]]
+    if steady:  # from each run's second epoch on: without train.compile's compilation
+        out["train_plus_eval_steady"] = common.summarize(steady)
     return out
 
 
@@ -406,6 +415,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "if it can, else $PYTHAE_PYTHON)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the first repetition; repetition r uses seed + r")
+    parser.add_argument("--vaelab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for vaelab's runs only, repeatable (e.g. "
+                             "train.precision=bf16, train.compile=true); pythae trains as "
+                             "its vae.py does")
     args = parser.parse_args(argv)
     smoke = args.smoke
     epochs = args.epochs or (1 if smoke else 3)
@@ -420,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     monitor = common.CpuMonitor()
     base = {"epochs": epochs, "threads": args.threads, "seed": args.seed, "smoke": smoke,
-            "dataset": args.dataset, "data_dir": data_dir}
+            "dataset": args.dataset, "data_dir": data_dir, "vaelab_set": args.vaelab_set}
     runs: dict[str, list[dict[str, Any]]] = {"pythae": [], "vaelab": []}
     order: list[str] = []
     loads: list[dict[str, Any]] = []
@@ -460,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     timings = {lib: _summary(r) for lib, r in runs.items()}
     ratio = {key: round(timings["pythae"][key]["seconds"] / timings["vaelab"][key]["seconds"], 3)
-             for key in ("train", "eval", "train_plus_eval", "epoch")}
+             for key in ("train", "eval", "train_plus_eval", "epoch", "train_plus_eval_steady")
+             if key in timings["vaelab"]}
 
     def rep_median(run: dict[str, Any]) -> float:
         return common.median([e["train_seconds"] + e["eval_seconds"] for e in run["epochs"]])
@@ -506,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epochs_per_run": epochs,
         "repeats": repeats,
         "threads": args.threads,
+        "vaelab_set": args.vaelab_set,
         "order": order,
         "data": data_info,
         "timed": {
@@ -520,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "metrics.jsonl, sample grid)",
             "quoted": "ratio.train_plus_eval = median over epochs of pythae (train + eval) / "
                       "the same for vaelab",
+            "steady": "ratio.train_plus_eval_steady: the same over each run's second and "
+                      "later epochs (without train.compile's compilation in the first)",
         },
         "pythae": {"median": timings["pythae"], "runs": runs["pythae"]},
         "vaelab": {"median": timings["vaelab"], "runs": runs["vaelab"]},

@@ -508,6 +508,33 @@ def test_pythae_compare_benchmark(tiny_npz, tmp_path):
     assert flops["training_executed"] == 3 * flops["forward"] - 2 * 784 * 400
 
 
+def test_pythae_compare_vaelab_set_and_steady_epochs():
+    """``--vaelab-set`` reaches vaelab's config only, and the steady figures leave each run's
+    first epoch (train.compile's compilation) out (no pythae needed)."""
+    sys.path.insert(0, str(BENCH))  # _summary imports common when called
+    try:
+        _check_vaelab_set_and_steady_epochs()
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _check_vaelab_set_and_steady_epochs():
+    from pythae_compare import _summary, _vaelab_config
+
+    spec = {"epochs": 2, "threads": 1, "seed": 0,
+            "vaelab_set": ["train.precision=bf16", "train.compile=true"]}
+    cfg = _vaelab_config(spec)
+    assert (cfg.train.precision, cfg.train.compile, cfg.train.epochs) == ("bf16", True, 2)
+    assert _vaelab_config({**spec, "vaelab_set": []}).train.precision == "fp32"
+    runs = [{"epochs": [{"train_seconds": 20.0, "eval_seconds": 1.0, "epoch_seconds": 22.0},
+                        {"train_seconds": 3.0, "eval_seconds": 0.5, "epoch_seconds": 4.0},
+                        {"train_seconds": 2.0, "eval_seconds": 0.5, "epoch_seconds": 3.0}]}]
+    summary = _summary(runs)
+    assert summary["train_plus_eval"]["seconds"] == pytest.approx(3.5)  # median of 3
+    assert summary["train_plus_eval_steady"]["seconds"] == pytest.approx(3.0)  # of 3.5, 2.5
+    assert "train_plus_eval_steady" not in _summary([{"epochs": runs[0]["epochs"][:1]}])
+
+
 def conv_model_flops(shape, channels, blocks, hidden, latent, p):
     """Forward FLOPs per example of vaelab's conv model, layer by layer (2 per multiply-add;
     a transposed conv costs in_c * out_c * k^2 per *input* pixel)."""
