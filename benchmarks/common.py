@@ -154,36 +154,51 @@ def summarize(seconds: Sequence[float], examples: int | None = None) -> dict[str
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5, min_seconds: float = 0.3,
-                dtype: Any = None) -> dict[str, Any]:
-    r"""The machine's matrix-multiply rate, GFLOP/s (``2 n^3`` FLOPs per product), in
-    float32 (``dtype`` None) or another torch dtype (``torch.bfloat16``).
+                dtype: Any = None, *, shape: tuple[int, int, int] | None = None,
+                device: Any = "cpu", per_read: int | None = None) -> dict[str, Any]:
+    r"""The machine's matrix-multiply rate, GFLOP/s (``2 m k n`` FLOPs per ``(m, k) @ (k, n)``
+    product; ``(n, n) @ (n, n)`` unless ``shape`` gives ``(m, k, n)``), in float32 (``dtype``
+    None) or another torch dtype (``torch.bfloat16``), on ``device``.
 
-    Each repetition times enough ``(n, n) @ (n, n)`` products to take ``min_seconds``,
-    after two warm-up products, with the current torch thread setting; the median of
-    ``repeats`` repetitions is quoted.
+    Each repetition times enough products to take ``min_seconds``, after three warm-up
+    products, with the current torch thread setting; the median of ``repeats`` repetitions
+    is quoted. The clock is read after every ``per_read`` products (default 1 on a CPU; 10
+    on a GPU, where each read waits for the device: ``torch.cuda.synchronize``).
     """
     import torch
 
+    device = torch.device(device)
     dtype = dtype or torch.float32
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    for _ in range(2):
+    m, k, n_out = shape or (n, n, n)
+    per_read = per_read or (1 if device.type == "cpu" else 10)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    b = torch.randn(k, n_out, generator=gen, device=device).to(dtype)
+    out = torch.empty(m, n_out, dtype=dtype, device=device)
+    for _ in range(3):
         torch.mm(a, b, out=out)
-    flops = 2.0 * n**3
+    sync()
+    flops = 2.0 * m * k * n_out
     rates = []
     for _ in range(repeats):
         count, started = 0, time.perf_counter()
         while True:
-            torch.mm(a, b, out=out)
-            count += 1
+            for _ in range(per_read):
+                torch.mm(a, b, out=out)
+            count += per_read
+            sync()
             elapsed = time.perf_counter() - started
             if elapsed >= min_seconds:
                 break
         rates.append(flops * count / elapsed / 1e9)
+    size = {"n": n} if shape is None else {"shape": list(shape)}
     return {"gflops": round(median(rates), 3), "all_gflops": [round(r, 3) for r in rates],
-            "n": n, "dtype": str(dtype).removeprefix("torch.")}
+            **size, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def linear_matmul_flops(fn: Callable[[], Any]) -> int:

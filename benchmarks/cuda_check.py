@@ -53,45 +53,20 @@ __all__ = ["main", "device_matmul_rate"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
                        *, tf32: bool = False, repeats: int = 5, min_seconds: float = 0.2
                        ) -> dict[str, Any]:
-    """GFLOP/s of ``(m, k) @ (k, n)`` products on ``device`` (``2 m k n`` FLOPs each),
-    synchronised before every clock read; the median of ``repeats`` timings of at least
-    ``min_seconds`` each, after three warm-up products. ``tf32``: allow TF32 for float32
+    """GFLOP/s of ``(m, k) @ (k, n)`` products on ``device``: :func:`common.matmul_rate`
+    (synchronised after every 10 products on a GPU) with ``tf32``: TF32 allowed for float32
     (restored after)."""
-    m, k, n = shape
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(m, k, generator=gen, device=device).to(dtype)
-    b = torch.randn(k, n, generator=gen, device=device).to(dtype)
-    out = torch.empty(m, n, dtype=dtype, device=device)
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        _sync(device)
-        rates = []
-        for _ in range(repeats):
-            count, started = 0, time.perf_counter()
-            while True:
-                for _ in range(10):
-                    torch.mm(a, b, out=out)
-                count += 10
-                _sync(device)
-                elapsed = time.perf_counter() - started
-                if elapsed >= min_seconds:
-                    break
-            rates.append(2.0 * m * k * n * count / elapsed / 1e9)
+        rate = common.matmul_rate(repeats=repeats, min_seconds=min_seconds, dtype=dtype,
+                                  shape=shape, device=device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
-    return {"gflops": round(common.median(rates), 1), "all_gflops": [round(r, 1) for r in rates],
-            "shape": [m, k, n], "dtype": str(dtype).removeprefix("torch."), "tf32": tf32}
+    return {**rate, "tf32": tf32}
 
 
 def _matmul_rates(device: torch.device, n: int, repeats: int, min_seconds: float

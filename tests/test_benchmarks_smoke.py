@@ -428,7 +428,9 @@ def test_matmul_rate_and_flop_counter():
     import torch
 
     rate = common.matmul_rate(n=64, repeats=2, min_seconds=0.01)
-    assert rate["gflops"] > 0 and len(rate["all_gflops"]) == 2
+    assert rate["gflops"] > 0 and len(rate["all_gflops"]) == 2 and rate["n"] == 64
+    layer = common.matmul_rate(repeats=1, min_seconds=0.01, shape=(8, 784, 16), per_read=3)
+    assert layer["shape"] == [8, 784, 16] and "n" not in layer and layer["gflops"] > 0
     a, b = torch.ones(8, 16), torch.ones(16, 4)
     assert common.linear_matmul_flops(lambda: a @ b) == 2 * 8 * 16 * 4
     assert common.median([3.0, 1.0, 2.0]) == 2.0
