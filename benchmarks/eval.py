@@ -22,7 +22,9 @@ default chunking, exactly as :func:`vaelab.metrics.nll_metrics` calls it.
   largest and smallest increase differ by at most 16 MB or 10%. The memory runs are made
   twice: with glibc's default allocator settings (``memory``), and with its mmap threshold
   fixed at 1 MB (``memory_fixed_mmap_threshold``), which separates the tensors the
-  evaluation holds from heap fragmentation that builds up over many chunks.
+  evaluation holds from heap fragmentation that builds up over many chunks; and a third
+  time with the settings ``vaelab`` commands run with (``memory_keep_freed``:
+  :func:`vaelab.allocator.keep_freed_memory`'s thresholds, given through the environment).
 
 Run: ``python benchmarks/eval.py [--repeats 3] [--examples 500]``; writes
 ``benchmarks/results/eval.json``. ``--smoke`` (CI): 20 examples, K = 10 and 50 (memory: K = 50 only).
@@ -40,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vaelab import allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -136,6 +140,11 @@ def _memory_child(args) -> None:
 #: largest block freed, up to 32 MB) lets build up over many chunks.
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
+#: What ``vaelab`` commands set (:func:`vaelab.allocator.keep_freed_memory`; the variables
+#: set the same two glibc parameters as its ``mallopt`` calls).
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD),
+              "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD)}
+
 
 def peak_memory(args, k: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run :func:`_memory_child` in a fresh interpreter (ru_maxrss is a process-wide peak),
@@ -212,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     memory = {f"k_{k}": peak_memory(args, k) for k in memory_k}
     memory_fixed = {f"k_{k}": peak_memory(args, k, FIXED_MMAP_THRESHOLD) for k in memory_k}
+    memory_kept = {f"k_{k}": peak_memory(args, k, KEEP_FREED) for k in memory_k}
     result = {
         "benchmark": "eval",
         "smoke": smoke,
@@ -230,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the same with glibc's mmap threshold fixed at 1 MB (no effect off glibc)
         "memory_fixed_mmap_threshold": memory_fixed,
         "memory_flat_in_k_fixed_mmap_threshold": flat_in_k(memory_fixed),
+        # the same with the thresholds vaelab commands set (vaelab.allocator)
+        "memory_keep_freed": memory_kept,
+        "memory_flat_in_k_keep_freed": flat_in_k(memory_kept),
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }

@@ -60,6 +60,12 @@ def _eval_rows(r: dict[str, Any]) -> list[str]:
         mem = ", ".join(f"K = {m['k']}: +{m['eval_increase_mb']:.0f} MB" for m in fixed.values())
         rows.append(f"| the same, glibc mmap threshold fixed at 1 MB | {mem} | flat in K: "
                     f"{'yes' if r['memory_flat_in_k_fixed_mmap_threshold'] else 'NO'} |")
+    kept = r.get("memory_keep_freed")
+    if kept:
+        mem = ", ".join(f"K = {m['k']}: +{m['eval_increase_mb']:.0f} MB" for m in kept.values())
+        rows.append(f"| the same, with `vaelab` commands' allocator settings (freed memory "
+                    f"kept) | {mem} | flat in K: "
+                    f"{'yes' if r['memory_flat_in_k_keep_freed'] else 'NO'} |")
     return rows
 
 

@@ -21,7 +21,8 @@ PACKAGE = Path(vaelab.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads", "options"},
+    {"errors", "registry", "_io", "rng", "schedules", "psis", "threads", "options",
+     "allocator"},
     {"runtime", "distributed"},
     {"likelihoods", "priors", "posteriors", "compat", "audit"},
     {"models"},

@@ -286,6 +286,9 @@ def test_eval_benchmark(tiny_npz, results_dir):
     fixed = r["memory_fixed_mmap_threshold"]["k_50"]
     assert fixed["k"] == 50 and fixed["peak_during_eval_mb"] >= fixed["rss_before_eval_mb"] > 50
     assert isinstance(r["memory_flat_in_k_fixed_mmap_threshold"], bool)
+    kept = r["memory_keep_freed"]["k_50"]
+    assert kept["k"] == 50 and kept["peak_during_eval_mb"] >= kept["rss_before_eval_mb"] > 50
+    assert isinstance(r["memory_flat_in_k_keep_freed"], bool)
 
 
 @pytest.mark.slow  # a whole `vaelab train` under a memory monitor: opt-in with --run-slow, to keep the suite near 5 minutes
@@ -508,6 +511,27 @@ def test_pythae_compare_benchmark(tiny_npz, tmp_path):
     flops = r["roofline"]["flops_per_example"]  # 784-400-40: 2 FLOPs per multiply-add
     assert flops["forward"] == 2 * (784 * 400 + 400 * 80 + 40 * 400 + 400 * 784)
     assert flops["training_executed"] == 3 * flops["forward"] - 2 * 784 * 400
+
+
+def test_allocator_benchmark(tiny_npz, tmp_path):
+    """Both arms evaluate the same run to the same NLL; each process's resources are kept."""
+    from conftest import train
+    from vaelab import config
+
+    run = tmp_path / "run"
+    train(config.resolve(overrides=[f"data.dataset={tiny_npz}", "data.test_size=0",
+                                    "data.validation_size=32",
+                                    "train.epochs=1", "model.hidden=32", "model.latent_dim=3",
+                                    "train.device=cpu"]), run, report=False)
+    r = _run("allocator.py", tmp_path / "allocator.json", "--run-dir", str(run), "--threads",
+             "1", "--", "--split", "all", "--estimator", "is", "--iw-samples", "20")
+    assert r["eval_args"] == ["--split", "all", "--estimator", "is", "--iw-samples", "20"]
+    assert [row["arm"] for row in r["runs"]] == ["off", "on"] and r["repeats"] == 1
+    assert r["same_nll"] and r["runs"][0]["nll_line"].startswith("NLL")
+    for row in r["runs"]:
+        assert row["wall_seconds"] > 0 and row["minor_faults"] > 0 and row["max_rss_mb"] > 0
+    assert r["wall_speedup_on_vs_off"] == pytest.approx(
+        r["runs"][0]["wall_seconds"] / r["runs"][1]["wall_seconds"], abs=ROUNDED)
 
 
 def test_pythae_compare_vaelab_set_and_steady_epochs():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import allocator
 from . import config as config_mod
 from . import threads as cpu_threads
 from .errors import VaelabError
@@ -577,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _OVERRIDE_HINTS:
             # Before any handler imports torch: libgomp reads OMP_WAIT_POLICY only then.
             cpu_threads.startup(_OVERRIDE_HINTS[args.command])
+            allocator.keep_freed_memory()  # no page faults for every batch's tensors
         code = int(args.handler(args) or 0)
         cpu_threads.report()  # after the work: a command stopped by bad input prints one line
         return code
