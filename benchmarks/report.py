@@ -55,17 +55,14 @@ def _eval_rows(r: dict[str, Any]) -> list[str]:
     peak = max(m["peak_rss_mb"] for m in r["memory"].values())
     rows.append(f"| log p(x) memory (added by the evaluation) | {mem} | flat in K: "
                 f"{'yes' if r['memory_flat_in_k'] else 'NO'}; process peak {peak:.0f} MB |")
-    fixed = r.get("memory_fixed_mmap_threshold")
-    if fixed:
-        mem = ", ".join(f"K = {m['k']}: +{m['eval_increase_mb']:.0f} MB" for m in fixed.values())
-        rows.append(f"| the same, glibc mmap threshold fixed at 1 MB | {mem} | flat in K: "
-                    f"{'yes' if r['memory_flat_in_k_fixed_mmap_threshold'] else 'NO'} |")
-    kept = r.get("memory_keep_freed")
-    if kept:
-        mem = ", ".join(f"K = {m['k']}: +{m['eval_increase_mb']:.0f} MB" for m in kept.values())
-        rows.append(f"| the same, with `vaelab` commands' allocator settings (freed memory "
-                    f"kept) | {mem} | flat in K: "
-                    f"{'yes' if r['memory_flat_in_k_keep_freed'] else 'NO'} |")
+    for key, label in (("fixed_mmap_threshold", "glibc mmap threshold fixed at 1 MB"),
+                       ("keep_freed", "with `vaelab` commands' allocator settings (freed "
+                                      "memory kept)")):
+        arm = r.get(f"memory_{key}")
+        if arm:
+            mem = ", ".join(f"K = {m['k']}: +{m['eval_increase_mb']:.0f} MB" for m in arm.values())
+            rows.append(f"| the same, {label} | {mem} | flat in K: "
+                        f"{'yes' if r[f'memory_flat_in_k_{key}'] else 'NO'} |")
     return rows
 
 
