@@ -246,6 +246,40 @@ def test_train_benchmark_against_keras(tiny_npz, tmp_path):
         row["keras_fit"]["seconds"] / row["vaelab"]["seconds"], abs=ROUNDED)
 
 
+def test_precision_accuracy_benchmark(tiny_npz, tmp_path):
+    """Per seed, an fp32 and a bf16 run, each recorded as trained in its precision; the
+    summary's mean difference is the mean of the pairs', with the seeds' spread beside it."""
+    r = _run("precision_accuracy.py", tmp_path / "precision_accuracy.json",
+             "--dataset", str(tiny_npz), "--seeds", "0", "1", "--threads", "1")
+    assert r["seeds"] == [0, 1] and set(r["pairs"]) == {"seed 0", "seed 1"}
+    for pair in r["pairs"].values():
+        for precision in ("fp32", "bf16"):
+            assert pair[precision]["precision_recorded"] == [precision]
+            assert math.isfinite(pair[precision]["test_nelbo"])
+        assert pair["test_nelbo_bf16_minus_fp32"] == pytest.approx(
+            pair["bf16"]["test_nelbo"] - pair["fp32"]["test_nelbo"], rel=1e-6, abs=1e-9)
+        assert pair["paired_stderr"] > 0 and pair["median_epoch_speedup"] > 0
+    diffs = [p["test_nelbo_bf16_minus_fp32"] for p in r["pairs"].values()]
+    assert r["test_nelbo_bf16_minus_fp32"] == pytest.approx(sum(diffs) / 2)
+    assert r["seeds_stderr"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+    fp32 = [p["fp32"]["test_nelbo"] for p in r["pairs"].values()]
+    assert r["fp32_test_nelbo_sd_across_seeds"] == pytest.approx(abs(fp32[0] - fp32[1]) / 2**0.5)
+    assert fp32[0] != fp32[1]  # the seed reached the training
+
+
+def test_precision_step_benchmark(tiny_npz, tmp_path):
+    """Three arms per preset, each with its per-round times; fp32's speed-up over itself
+    is 1."""
+    r = _run("precision_step.py", tmp_path / "precision_step.json", "--dataset", str(tiny_npz),
+             "--presets", "pytorch-example", "--threads", "1")
+    row = r["results"]["pytorch-example"]
+    assert row["batch_size"] == 128 and row["steps_per_block"] == 3 and r["rounds"] == 2
+    assert list(row["arms"]) == ["fp32", "bf16", "fp32, oneDNN bf16 products"]
+    for arm in row["arms"].values():
+        assert len(arm["all_step_ms"]) == 2 and arm["step_ms"] > 0
+    assert row["arms"]["fp32"]["speedup_vs_fp32"] == 1.0
+
+
 def test_profile_step_benchmark(tiny_npz, results_dir):
     r = _run("profile_step.py", results_dir / "profile_step.json", "--dataset", str(tiny_npz),
              "--presets", "pytorch-example", "--top", "8")
