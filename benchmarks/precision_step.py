@@ -45,11 +45,11 @@ def time_arms(preset: str, batch_size: int | None, dataset: str, threads: int | 
 
     matmul = torch.backends.mkldnn.matmul
     before = matmul.fp32_precision
-    loops = {}
-    for name, (precision, _) in ARMS.items():
-        cfg = _config(batch_size, dataset, limit, threads, (), preset, precision)
-        batch_size = cfg.train.batch_size
-        loops[name] = _loop(cfg, Splits(cfg.data, cfg.train.seed, "cpu")["train"])
+    configs = {name: _config(batch_size, dataset, limit, threads, (), preset, precision)
+               for name, (precision, _) in ARMS.items()}
+    fp32 = configs["fp32"]  # the arms differ in precision only: one copy of the data
+    images_set = Splits(fp32.data, fp32.train.seed, "cpu")["train"]
+    loops = {name: _loop(cfg, images_set) for name, cfg in configs.items()}
     times: dict[str, list[float]] = {name: [] for name in ARMS}
     try:
         for name, step in loops.items():  # warm-up, each arm in its own mode
@@ -69,7 +69,7 @@ def time_arms(preset: str, batch_size: int | None, dataset: str, threads: int | 
     arms = {name: {"step_ms": round(common.median(ms), 4), "all_step_ms": ms,
                    "speedup_vs_fp32": round(common.median([b / t for b, t in zip(base, ms)]), 3)}
             for name, ms in times.items()}
-    return {"batch_size": batch_size, "arms": arms}
+    return {"batch_size": fp32.train.batch_size, "arms": arms}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
