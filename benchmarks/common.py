@@ -62,7 +62,8 @@ BUSY_OTHER_SHARE = 0.1
 
 
 def base_parser(description: str, name: str) -> argparse.ArgumentParser:
-    """Arguments shared by every benchmark: ``--smoke``, ``--repeats``, ``--out``, ``--threads``."""
+    """Arguments shared by every benchmark: ``--smoke``, ``--repeats``, ``--out``, ``--threads``,
+    ``--note`` (pass it on to :func:`write_result`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, a few seconds (CI): checks the script, not the speed")
@@ -73,6 +74,9 @@ def base_parser(description: str, name: str) -> argparse.ArgumentParser:
                    f"smoke: not written unless given)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default, the core count)")
+    p.add_argument("--note", default=None,
+                   help="a sentence kept in the JSON: how the run was made when that is not the "
+                        "default (e.g. what else ran on the CPU)")
     return p
 
 
@@ -213,10 +217,12 @@ def linear_matmul_flops(fn: Callable[[], Any]) -> int:
 
 
 def write_result(result: dict[str, Any], out: Path | None, name: str, smoke: bool,
-                 echo: bool = True) -> Path | None:
+                 echo: bool = True, note: str | None = None) -> Path | None:
     """Print ``result`` as JSON (unless ``echo`` is False: a partial result written between
     runs) and write it to ``out`` (default ``results/<name>.json``; smoke runs write only
-    when ``out`` is given)."""
+    when ``out`` is given). ``note`` (``--note``), when given, is kept as ``result["note"]``."""
+    if note:
+        result["note"] = note
     text = json.dumps(result, indent=2)
     if echo:
         print(text)
@@ -575,9 +581,6 @@ def source_check_parser(description: str, name: str, first_seed: int) -> argpars
                         help="registered name or .npz file (default: mnist, the source's)")
     parser.add_argument("--data-dir", default=None, help="where the dataset's files are")
     parser.add_argument("--no-twin", action="store_true", help="skip the twin run")
-    parser.add_argument("--note", default=None,
-                        help="a line kept in the JSON: how the runs were made when that is not "
-                             "the default (e.g. runs reused from parallel invocations)")
     parser.add_argument("--work", type=Path, default=None,
                         help="directory for the runs (default: a new temporary one); finished "
                              "runs found there are reused")
@@ -683,7 +686,6 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
         "runs": {source: source_runs, "vaelab": lab_runs, "twin": twin,
                  **({"hybrids": hybrid_runs} if hybrid_runs else {})},
         "work_dir": str(work),
-        **({"note": args.note} if args.note else {}),
         "threads": args.threads,
         "machine": {**machine(), "vaelab_source_sha256_16": source_digest()},
         "cpu_load": monitor.report(),
@@ -694,5 +696,5 @@ def run_source_check(args: argparse.Namespace, *, script: Path, name: str, prese
     if hybrid:
         print("test loss by initial weights and random streams\n" + hybrid["table"],
               file=sys.stderr)
-    write_result(result, args.out, name, args.smoke)
+    write_result(result, args.out, name, args.smoke, note=args.note)
     return result

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, "conv", smoke)
+    common.write_result(result, args.out, "conv", smoke, note=args.note)
     return result
 
 

@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--deadline", type=float, default=240.0,
                         help="seconds after which the runs left are skipped (default 240)")
     parser.add_argument("--matmul-n", type=int, default=8192)
-    parser.add_argument("--note", default=None, help="a sentence recorded in the JSON")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     from vaelab import config
@@ -179,14 +178,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preset": args.preset or "default", "epochs": epochs, "train_limit": limit,
         "matmul": None, "runs": {}, "plain_loop": {}, "machine": common.machine(),
     }
-    if args.note:
-        result["note"] = args.note
 
     def save(final: bool = False) -> None:
         """The JSON so far, written (printed too at the end) after every run."""
         result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
         result["cpu_load"] = monitor.report()
-        common.write_result(result, args.out, "cuda_check", smoke, echo=final)
+        common.write_result(result, args.out, "cuda_check", smoke, echo=final, note=args.note)
 
     n = 256 if smoke else args.matmul_n
     result["matmul"] = _matmul_rates(device, n, repeats=1 if smoke else 5,

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, "eval", smoke)
+    common.write_result(result, args.out, "eval", smoke, note=args.note)
     return result
 
 

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "source": common.source_digest(),
     }
-    common.write_result(result, args.out, "folder_load", args.smoke)
+    common.write_result(result, args.out, "folder_load", args.smoke, note=args.note)
     return result
 
 

@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="registered name or .npz file (default: the preset's)")
     parser.add_argument("--data-dir", default=None,
                         help="folder holding the preset's dataset files (data.data_dir)")
-    parser.add_argument("--note", default=None, help="a sentence recorded in the JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_nats": 0.5,
         "machine": common.machine(), "cpu_load": monitor.report(),
     }
-    if args.note:
-        result["note"] = args.note
-    common.write_result(result, args.out, "precision_accuracy", args.smoke)
+    common.write_result(result, args.out, "precision_accuracy", args.smoke, note=args.note)
     return result
 
 

@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="registered name or .npz file of 28x28 images (smoke tests)")
-    parser.add_argument("--note", default=None, help="a sentence recorded in the JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "precision_step", "smoke": args.smoke, "rounds": rounds,
               "dataset": args.dataset, "results": results, "machine": common.machine(),
               "cpu_load": monitor.report()}
-    if args.note:
-        result["note"] = args.note
-    common.write_result(result, args.out, "precision_step", args.smoke)
+    common.write_result(result, args.out, "precision_step", args.smoke, note=args.note)
     return result
 
 

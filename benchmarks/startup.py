@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, "startup", args.smoke)
+    common.write_result(result, args.out, "startup", args.smoke, note=args.note)
     return result
 
 

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, "threads", args.smoke)
+    common.write_result(result, args.out, "threads", args.smoke, note=args.note)
     return result
 
 

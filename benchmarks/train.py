@@ -362,8 +362,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "likelihood.output=logits); recorded in the JSON")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="registered name or .npz file of 28x28 images (smoke tests)")
-    parser.add_argument("--note", default=None,
-                        help="a sentence recorded in the JSON (e.g. what else ran on the CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="also time vaelab with train.compile=true (compiled in the "
                              "warm-up, on a whole epoch, so the timed epochs reuse the graphs)")
@@ -530,9 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bf16_rates:
         result["matmul_bf16"] = {"gflops": round(common.median(bf16_rates), 3),
                                  "all_gflops": bf16_rates, "n": mm_n}
-    if args.note:
-        result["note"] = args.note
-    common.write_result(result, args.out, args.out.stem if args.out else "train", smoke)
+    common.write_result(result, args.out, args.out.stem if args.out else "train", smoke,
+                        note=args.note)
     return result
 
 

@@ -271,13 +271,23 @@ def test_precision_step_benchmark(tiny_npz, tmp_path):
     """Three arms per preset, each with its per-round times; fp32's speed-up over itself
     is 1."""
     r = _run("precision_step.py", tmp_path / "precision_step.json", "--dataset", str(tiny_npz),
-             "--presets", "pytorch-example", "--threads", "1")
+             "--presets", "pytorch-example", "--threads", "1", "--note", "a quiet machine")
+    assert r["note"] == "a quiet machine"  # every benchmark's --note reaches its JSON
     row = r["results"]["pytorch-example"]
     assert row["batch_size"] == 128 and row["steps_per_block"] == 3 and r["rounds"] == 2
     assert list(row["arms"]) == ["fp32", "bf16", "fp32, oneDNN bf16 products"]
     for arm in row["arms"].values():
         assert len(arm["all_step_ms"]) == 2 and arm["step_ms"] > 0
     assert row["arms"]["fp32"]["speedup_vs_fp32"] == 1.0
+
+
+def test_write_result_keeps_a_note_only_when_given(tmp_path):
+    common = _bench_common()
+    common.write_result({"benchmark": "x"}, tmp_path / "a.json", "x", True, echo=False,
+                        note="beside a training")
+    common.write_result({"benchmark": "x"}, tmp_path / "b.json", "x", True, echo=False)
+    assert json.loads((tmp_path / "a.json").read_text())["note"] == "beside a training"
+    assert "note" not in json.loads((tmp_path / "b.json").read_text())
 
 
 def test_profile_step_benchmark(tiny_npz, results_dir):
