@@ -168,6 +168,26 @@ def test_metrics_and_report_take_a_tensor_or_batches(own):
     assert report["nll"] <= report["nelbo"] + 3 * report["nelbo_stderr"]
 
 
+def test_elbo_metrics_encode_each_batch_once(own, monkeypatch):
+    """The per-epoch evaluation reuses the ELBO's q(z|x) for the latent means: one encoder
+    pass per batch, and the NELBO is the seeded ELBO's, batch by batch."""
+    from vaelab.rng import Purpose, seeded_generator
+
+    model, x = own
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda batch: calls.append(len(batch)) or encode(batch))
+    got = metrics.elbo_metrics(model, x, batch_size=16, seed=3)
+    assert calls == [16, 16, 8]
+    with torch.no_grad():
+        elbo = torch.cat([objectives.elbo_terms(
+            model, b, generator=seeded_generator(3, n, Purpose.EVAL_NOISE)).elbo
+            for n, b in enumerate(x.split(16))])
+        loc = encode(x).mean.double()
+    assert got["nelbo"] == pytest.approx(-float(elbo.double().mean()), rel=1e-12)
+    assert got["latent_variance"] == pytest.approx(loc.var(0).tolist(), rel=1e-9)
+
+
 def test_figure_functions_take_tensors(own, tmp_path):
     model, x = own
     with torch.no_grad():

@@ -725,6 +725,32 @@ def test_shape_mismatch_names_both_shapes():
         fam(torch.zeros(4, 3, 5))
 
 
+EDGE_VALUES = [0.0, -0.0, 1.0, 0.5, 2.0**-149, 1 - 2.0**-24, 1 + 2.0**-23, -(2.0**-149),
+               2.0, 255.0, -1.0, math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["binary", "unit"])
+def test_the_fast_data_check_agrees_with_the_full_one(kind, dtype):
+    """validate's one-pass gate passes exactly the data the full checks pass, for every edge
+    value (denormals, the floats next to 0 and 1, NaN/Inf), so only errors take the slow path."""
+    from vaelab.likelihoods.base import _check_binary, _check_unit, _in_units
+
+    for value in EDGE_VALUES:
+        x = torch.zeros(3, 5, dtype=dtype)
+        x[1, 2] = value
+        x[2, 4] = 1.0
+        try:
+            _check_unit("f", x)
+            if kind == "binary":
+                _check_binary("f", x)
+            full = True
+        except DataError:
+            full = False
+        assert _in_units(x, kind == "binary") == full, (value, dtype)
+    assert _in_units(torch.zeros(0, 4), binary=True)
+
+
 def test_validation_can_be_skipped_by_the_trainer():
     fam = L.get("bernoulli")
     x, lg = torch.full((1, 2), 0.5), torch.zeros(1, 2)

@@ -162,13 +162,14 @@ def elbo_metrics(model: nn.Module, data: Data, *, batch_size: int = 1000, seed: 
 
     def columns(number: int, x: torch.Tensor) -> torch.Tensor:
         gen = seeded_generator(seed, number, Purpose.EVAL_NOISE, device=x.device)
-        terms = objectives.elbo_terms(model, x, num_samples=1, generator=gen)
+        q = model.encode(x)  # once: the ELBO's posterior and the active units' means
+        terms = objectives.elbo_terms(model, x, num_samples=1, generator=gen, posterior=q)
         nelbo = -terms.elbo.double()
         kl_dims = terms.kl_per_dim
         if kl_dims is None:
             factorised[0] = False
             kl_dims = torch.zeros(x.shape[0], latent, device=x.device)
-        loc = model.encode(x).mean.double()
+        loc = q.mean.double()
         return torch.cat([torch.stack([nelbo, nelbo**2, -terms.recon.double(),
                                        terms.kl.double()], 1),
                           kl_dims.double(), loc, loc**2], 1)

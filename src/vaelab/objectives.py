@@ -314,7 +314,7 @@ def _mc_kl(q: Distribution, prior: Distribution,
 
 def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
                generator: torch.Generator | None = None,
-               eps: torch.Tensor | None = None) -> ELBOTerms:
+               eps: torch.Tensor | None = None, posterior=None) -> ELBOTerms:
     r"""ELBO terms per example (Kingma & Welling 2014), beta = 1, in nats.
 
     .. math::
@@ -335,6 +335,8 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
             (diagonal Gaussian ``q`` only): ``z_s = loc + scale * eps[s]``. Drawing the
             noise for a larger batch and passing slices of it gives every example the
             draws it would get in the larger batch (data-parallel training does this).
+        posterior: ``model.encode(x)`` when the caller has it already (it also needs ``q``'s
+            mean, say): the encoder then runs once, not twice.
 
     Returns:
         :class:`ELBOTerms` with ``(B,)`` tensors (``kl_per_dim`` ``(B, L)`` or ``None``).
@@ -346,7 +348,7 @@ def elbo_terms(model, x: torch.Tensor, num_samples: int = 1, kl: str = "auto",
     _check_count("num_samples", num_samples)
     if kl not in KL_MODES:
         raise ConfigError(f"unknown kl mode {kl!r}: choose one of {', '.join(KL_MODES)}")
-    q = model.encode(x)
+    q = model.encode(x) if posterior is None else posterior
     prior = model.prior(x.device)
     z, _, log_q = _draw_log_q(q, num_samples, generator, eps)
     log_px = _decoder_log_prob(model, x, z)
