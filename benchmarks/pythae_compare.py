@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine(),
         "cpu_load": monitor.report(),
     }
-    common.write_result(result, args.out, NAME, smoke)
+    common.write_result(result, args.out, NAME, smoke, note=args.note)
     return result
 
 
