@@ -503,13 +503,14 @@ def test_the_command_prints_the_url_and_stops_on_ctrl_c(run_dir):
         assert line.startswith("vaelab explore: http://127.0.0.1:"), (line, proc.stderr.read())
         url = line.split()[2]
         port = int(url.rsplit(":", 1)[1].strip("/"))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        # generous timeouts: they only bound a failure, and a loaded CI machine is slow
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/api/meta")
         meta = json.loads(conn.getresponse().read())
         assert meta["n_points"] == 100 and meta["info"]["run"] == run_dir.name
         conn.close()
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=20)
+        code = proc.wait(timeout=60)
         err = proc.stderr.read()
         assert code == 0, err
         assert "stopped" in err and "Traceback" not in err, err
