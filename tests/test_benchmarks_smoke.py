@@ -281,6 +281,17 @@ def test_precision_step_benchmark(tiny_npz, tmp_path):
     assert row["arms"]["fp32"]["speedup_vs_fp32"] == 1.0
 
 
+def test_binarize_benchmark(tmp_path):
+    r = _run("binarize.py", tmp_path / "binarize.json", "--threads", "1")
+    assert r["pixels_per_batch"] == 128 * 784 and r["rounds"] == 2
+    for arm in ("uniform", "bytes"):
+        times = r["arms"][arm]["all_ms_per_batch"]
+        assert len(times) == 2 and r["arms"][arm]["ms_per_batch"] == statistics.median(times)
+    ratios = [u / b for u, b in zip(r["arms"]["uniform"]["all_ms_per_batch"],
+                                    r["arms"]["bytes"]["all_ms_per_batch"])]
+    assert r["bytes_speedup"] == pytest.approx(statistics.median(ratios), abs=ROUNDED)
+
+
 def test_write_result_keeps_a_note_only_when_given(tmp_path):
     common = _bench_common()
     common.write_result({"benchmark": "x"}, tmp_path / "a.json", "x", True, echo=False,

@@ -14,8 +14,10 @@ from vaelab.data import (
     ImageSet,
     bernoulli_binarize,
     derive_seed,
+    dynamic_binarize,
     indices_digest,
     load,
+    random_bytes,
     split_indices,
     validation_indices,
 )
@@ -173,18 +175,56 @@ def test_dynamic_draws_converge_to_grey_over_255():
     assert abs(chi2 - 254) < 5 * math.sqrt(2 * 254)
 
 
-def test_dynamic_draw_is_a_uniform_below_grey_over_255():
-    """The documented draw [u < grey / 255], u ~ U[0, 1) from the caller's generator:
-    float 0./1., exactly 0 at grey 0 and exactly 1 at grey 255."""
-    grey = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+def _documented_draw(grey: torch.Tensor, seed: int) -> tuple[torch.Tensor, int, int]:
+    """The documented dynamic draw, written plainly: bytes of 64-bit draws in order; a 255
+    is replaced, position by position in ascending order, by the bytes of the next draws.
+    Returns the 0/1 draw, the number of rejected bytes and of rejection rounds."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(count):
+        words = torch.empty((count + 7) // 8, dtype=torch.int64)
+        return words.random_(-(2**63), None, generator=generator).view(torch.uint8).tolist()
+
+    flat = grey.reshape(-1).tolist()
+    draws = draw(len(flat))
+    pending = [i for i, b in enumerate(draws) if b == 255]
+    rejected, rounds = len(pending), 0
+    while pending:
+        rounds += 1
+        fresh = draw(len(pending))
+        for i, b in zip(pending, fresh):
+            draws[i] = b
+        pending = [i for i, b in zip(pending, fresh) if b == 255]
+    bits = [float(b < g) for b, g in zip(draws, flat)]
+    return torch.tensor(bits).reshape(grey.shape), rejected, rounds
+
+
+def test_dynamic_draw_is_a_byte_below_grey_with_255_rejected():
+    """The documented draw [b < grey], b uniform on 0..254 (the caller's generator's bytes,
+    255 rejected): exactly Bernoulli(grey / 255); float 0./1., exactly 0 at grey 0 and
+    exactly 1 at grey 255."""
+    grey = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(64, 1, 32, 32)
     images = _grey_set(grey, binarize="dynamic")
-    index = torch.tensor([3, 0, 2, 1, 3])
+    index = torch.arange(63, -1, -1)
     x = images.batch(index, generator=torch.Generator().manual_seed(11))
-    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(11))
-    p = torch.from_numpy(grey)[index].float() / 255
+    expected, rejected, rounds = _documented_draw(torch.from_numpy(grey)[index], seed=11)
+    assert rejected > 100 and rounds >= 2  # the rejection path ran, twice
     assert x.dtype == torch.float32
-    assert torch.equal(x, (u < p).float())
+    assert torch.equal(x, expected)
+    p = torch.from_numpy(grey)[index].float() / 255
     assert x.flatten()[p.flatten() == 0].eq(0).all() and x.flatten()[p.flatten() == 1].eq(1).all()
+    assert dynamic_binarize(torch.zeros(0, 3, dtype=torch.uint8)).shape == (0, 3)
+
+
+def test_random_bytes_cover_every_bit_pattern():
+    """All 8 bytes of each 64-bit draw are uniform, the sign byte too (chi-square, 255
+    degrees of freedom, 8 tests at 5 standard deviations)."""
+    data = random_bytes(8 * 51_200, torch.Generator().manual_seed(3)).view(-1, 8)
+    expected = len(data) / 256
+    for byte in range(8):
+        counts = torch.bincount(data[:, byte].long(), minlength=256).double()
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert abs(chi2 - 255) < 5 * math.sqrt(2 * 255), (byte, chi2)
 
 
 def test_dynamic_same_seed_same_draws_and_fresh_draw_each_call():

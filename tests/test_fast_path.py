@@ -26,6 +26,7 @@ from conftest import train
 from likelihood_examples import CASES as FAMILY_CASES
 from likelihood_examples import EXAMPLES, IDS
 from vaelab import checkpoint, config, likelihoods, objectives
+from vaelab.data import dynamic_binarize
 from vaelab.errors import DataError
 from vaelab.models import build_from_config
 from vaelab.rng import Purpose, seeded_generator
@@ -82,9 +83,11 @@ def reference_loop(cfg: config.RunConfig, images: torch.Tensor):
         noise = seeded_generator(seed, epoch, Purpose.NOISE)
         n = objective = recon_sum = kl_sum = 0.0
         for start in range(0, len(images), batch_size):
-            x = images[perm[start:start + batch_size]].float() / 255.0
-            if cfg.data.binarize == "dynamic":
-                x = torch.bernoulli(x, generator=binarize)
+            grey = images[perm[start:start + batch_size]]
+            if cfg.data.binarize == "dynamic":  # the documented exact draw (test_data_imageset)
+                x = dynamic_binarize(grey, binarize)
+            else:
+                x = grey.float() / 255.0
             loc, raw = model.encoder(x).chunk(2, dim=-1)
             scale = _encoder_scale(cfg, raw)
             z = loc + scale * torch.randn(loc.shape, generator=noise)

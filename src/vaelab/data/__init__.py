@@ -30,7 +30,9 @@ from .imageset import (
     ImageSet,
     bernoulli_binarize,
     derive_seed,
+    dynamic_binarize,
     indices_digest,
+    random_bytes,
     split_indices,
     validation_indices,
 )
@@ -78,6 +80,8 @@ __all__ = [
     "indices_digest",
     "derive_seed",
     "bernoulli_binarize",
+    "dynamic_binarize",
+    "random_bytes",
     "SYSTEM_DATA_DIRS",
     "Resolution",
     "VerifiedFile",

@@ -48,7 +48,8 @@ def binarize_images(
     if binarize == "dynamic" and split != "test":
         return images, 256, "dynamic", {
             "mode": "dynamic",
-            "draw": "u < images / 255, u ~ U[0, 1) drawn from the run's generator at every batch()"}
+            "draw": "b < images, b uniform on 0..254 (the bytes of the run's generator's 64-bit "
+                    "draws, 255 rejected) at every batch(): exactly Bernoulli(images / 255)"}
     draw_seed = seed if binarize == "static" else TEST_BINARIZATION_SEED
     generator_seed = derive_seed(draw_seed, f"static:{part}")
     meta = {

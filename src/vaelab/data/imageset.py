@@ -24,6 +24,8 @@ __all__ = [
     "indices_digest",
     "derive_seed",
     "bernoulli_binarize",
+    "dynamic_binarize",
+    "random_bytes",
 ]
 
 _CHUNK = 8192  # images per chunk in whole-set passes (bounded float32 temporaries)
@@ -112,19 +114,15 @@ class ImageSet:
         """Images ``index`` as float32 ``(B, C, H, W)`` in [0, 1].
 
         Grey levels give ``images / 255``; ``binarize="dynamic"`` gives a fresh draw
-        ``[u < images / 255]``, ``u ~ U[0, 1)``, on every call (pass a generator on the images'
-        device to make it reproducible); 0/1 data gives 0./1.
+        :func:`dynamic_binarize` (exactly Bernoulli(grey / 255)) on every call (pass a generator
+        on the images' device to make it reproducible); 0/1 data gives 0./1.
         """
         x = self._rows(index)
         if self.levels == 2:
             return x.to(torch.float32)
-        p = x.to(torch.float32).div_(255.0)
         if self.binarize == "dynamic":
-            # The values torch.bernoulli(p, generator=generator) gives (it compares the same
-            # uniforms; checked with torch 2.13), 4x faster on CPU (0.3 vs 1.3 ms for 128
-            # images): uniform_ and lt_ are vectorised, bernoulli_ is not.
-            return torch.empty_like(p).uniform_(generator=generator).lt_(p)
-        return p
+            return dynamic_binarize(x, generator)
+        return x.to(torch.float32).div_(255.0)
 
     def inputs(self, index: torch.Tensor | Any, data_kind: str,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -225,6 +223,52 @@ def derive_seed(seed: int, label: str) -> int:
     """
     digest = hashlib.sha256(f"vaelab:{label}:{int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def random_bytes(count: int, generator: torch.Generator | None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform random bytes, uint8 ``(8 * ceil(count / 8),)`` (at least ``count``): the
+    little-endian bytes of ``ceil(count / 8)`` 64-bit draws from ``generator``, in order."""
+    words = torch.empty((count + 7) // 8, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)  # all 2^64 bit patterns
+    return words.view(torch.uint8)
+
+
+def _where_255(draws: torch.Tensor) -> torch.Tensor:
+    """Indices of the bytes 255 in ``draws`` (uint8, length a multiple of 8), ascending:
+    found among the 8-byte words that hold one (3% of them), 2x faster than over all bytes."""
+    is_255 = draws.eq(torch.full_like(draws, 255))  # a tensor, not a scalar: 10x faster
+    words = torch.nonzero(is_255.view(torch.int64)).squeeze(1)
+    rows, cols = torch.nonzero(is_255.view(-1, 8)[words], as_tuple=True)
+    return words[rows] * 8 + cols
+
+
+def dynamic_binarize(grey: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""A fresh draw :math:`x \sim \text{Bernoulli}(\text{grey} / 255)` per sub-pixel, exactly.
+
+    :math:`x = [b < \text{grey}]` with :math:`b` uniform on ``0..254``: the bytes of
+    :func:`random_bytes` from ``generator``, each byte 255 replaced by the next bytes drawn
+    (rejection, 1 in 256), so :math:`P(x = 1) = \text{grey} / 255` with no rounding (a
+    float32 uniform below ``grey / 255`` is within 2^-24 of it). On a CPU 2x faster than
+    ``torch.rand``, which draws one 32-bit number per sub-pixel from the generator, serially.
+
+    Args:
+        grey: uint8 grey levels, any shape.
+        generator: on ``grey``'s device; None: torch's default.
+
+    Returns:
+        float32 0./1. shaped like ``grey``.
+    """
+    flat = grey.reshape(-1)
+    draws = random_bytes(flat.numel(), generator, grey.device)
+    rejected = _where_255(draws)
+    while rejected.numel():  # about n / 256 bytes, then n / 65,536: two or three rounds
+        again = random_bytes(rejected.numel(), generator, grey.device)[:rejected.numel()]
+        draws[rejected] = again
+        rejected = rejected[again == 255]
+    # uint8 -> float32 converts 5x faster than bool -> float32
+    below = draws[:flat.numel()].lt(flat).view(torch.uint8)
+    return below.to(torch.float32).reshape(grey.shape)
 
 
 def bernoulli_binarize(images: torch.Tensor, generator_seed: int) -> torch.Tensor:
