@@ -61,17 +61,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(calls):
                 draw(grey, generators[name])
             seconds[name].append((time.perf_counter() - started) / calls)
+    ms = {name: [t * 1e3 for t in times] for name, times in seconds.items()}
     result: dict[str, Any] = {
         "benchmark": "binarize", "smoke": args.smoke, "batch_size": args.batch_size,
         "pixels_per_batch": grey.numel(), "rounds": rounds, "calls_per_round": calls,
         "threads": torch.get_num_threads(),
-        "arms": {name: {"ms_per_batch": common.median(seconds[name]) * 1e3,
-                        "all_ms_per_batch": [s * 1e3 for s in seconds[name]]}
+        "arms": {name: {"ms_per_batch": common.median(ms[name]), "all_ms_per_batch": ms[name]}
                  for name in arms},
         "machine": common.machine(), "cpu_load": monitor.report(),
     }
     result["bytes_speedup"] = round(
-        common.median([u / b for u, b in zip(seconds["uniform"], seconds["bytes"])]), 3)
+        common.median([u / b for u, b in zip(ms["uniform"], ms["bytes"])]), 3)
     common.write_result(result, args.out, "binarize", args.smoke, note=args.note)
     return result
 
